@@ -1,0 +1,29 @@
+# Set-up included: each target creates/uses the virtualenv .venv.
+# TORCH_SPEC: the CPU build on local disk; on a GPU machine use `TORCH_SPEC=torch make ...` or keep your own venv.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench install clean
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/manu-fast demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests/ -q
+
+bench: $(VENV)/.installed
+	$(PY) -m pytest benchmarks/ -q -s
+
+clean:
+	rm -rf $(VENV) build *.egg-info manu_fast/_C*.so

@@ -1,0 +1,167 @@
+"""The core op, its pure-PyTorch reference, and the single dispatch point.
+
+``act_stats`` computes the MLP intermediate ``h = act(pre) * up`` (gated) or ``h = act(pre)`` (plain),
+zeroes pruned neurons, and merges per-group statistics of ``h`` (and, on request, of ``pre``/``up``)
+into float64 accumulators. Backends:
+
+- ``reference``: float64 PyTorch, the oracle and the fallback (this file);
+- ``cpp``: the C++ CPU kernel (``csrc/``, built into ``manu_fast._C``);
+- ``triton``: the Triton GPU kernel (``kernels/``, installed as ``manu_fast.kernels``).
+
+Backend contract (every implementation): ``fn(pre, up, act, keep, gid, num_groups, tau, hidden_acc,
+pre_acc, up_acc, write_out) -> h | None`` with ``pre``/``up`` 2-D (T, N) of one float dtype (any strides),
+``keep`` a (N,) bool tensor or None, ``gid`` a (T,) int32 tensor (-1 = ignore) or None (all tokens in
+group 0), accumulators float64 (NUM_FIELDS, G, N) or None, updated in place by an exact merge. ``h`` is
+returned in ``pre.dtype``, contiguous, when ``write_out``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .activations import ACTIVATIONS, check_activation
+from .stats import DEFAULT_TAU, NUM_FIELDS, merge_into, segment_stats_reference
+
+BACKENDS = ("reference", "cpp", "triton")
+_warned = set()
+
+
+def reference_backend(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_acc, up_acc, write_out):
+    p64 = pre.to(torch.float64)
+    h = ACTIVATIONS[act](p64)
+    u64 = None
+    if up is not None:
+        u64 = up.to(torch.float64)
+        h = h * u64
+    if keep is not None:
+        h = torch.where(keep.to(h.device), h, 0.0)
+    if gid is None:
+        gid = torch.zeros(pre.shape[0], dtype=torch.int32, device=pre.device)
+    for acc, a in ((hidden_acc, h), (pre_acc, p64), (up_acc, u64)):
+        if acc is not None:
+            merge_into(acc, segment_stats_reference(a, gid, num_groups, tau))
+    return h.to(pre.dtype) if write_out else None
+
+
+def _cpp_backend():
+    from . import cpp_backend  # raises ImportError with build instructions when the extension is missing
+    return cpp_backend.act_stats_cpp
+
+
+def _triton_backend():
+    from .kernels import act_stats_triton
+    return act_stats_triton
+
+
+def cpp_available() -> bool:
+    try:
+        _cpp_backend()
+        return True
+    except ImportError:
+        return False
+
+
+def triton_available() -> bool:
+    try:
+        _triton_backend()
+        return True
+    except ImportError:
+        return False
+
+
+def get_backend(name: str):
+    if name == "reference":
+        return reference_backend
+    if name == "cpp":
+        return _cpp_backend()
+    if name == "triton":
+        return _triton_backend()
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+
+
+def pick_backend(device: torch.device) -> str:
+    """The dispatch rule: MANU_FAST_BACKEND if set, else Triton on CUDA, C++ on CPU, reference otherwise."""
+    forced = os.environ.get("MANU_FAST_BACKEND")
+    if forced:
+        return forced
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    if device.type == "cpu":
+        if cpp_available():
+            return "cpp"
+        if "cpp" not in _warned:
+            _warned.add("cpp")
+            warnings.warn("manu_fast: C++ extension manu_fast._C not built; using the slow PyTorch reference. "
+                          "Build it with `pip install -e .` (needs a C++ compiler and pybind11).", stacklevel=3)
+    return "reference"
+
+
+def _check_acc(acc, name, num_groups, n, device):
+    if acc is None:
+        return
+    if acc.dtype != torch.float64 or acc.shape != (NUM_FIELDS, num_groups, n) or not acc.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float64 tensor of shape {(NUM_FIELDS, num_groups, n)}, "
+                         f"got {tuple(acc.shape)} {acc.dtype}")
+    if acc.device != device:
+        raise ValueError(f"{name} is on {acc.device}, activations on {device}")
+
+
+def act_stats(pre: torch.Tensor, up: torch.Tensor | None = None, *, act: str = "silu",
+              keep: torch.Tensor | None = None, group_ids: torch.Tensor | None = None,
+              stats: torch.Tensor | None = None, pre_stats: torch.Tensor | None = None,
+              up_stats: torch.Tensor | None = None, tau: float = DEFAULT_TAU, write_out: bool = True,
+              backend: str | None = None) -> torch.Tensor | None:
+    """Fused MLP activation + neuron mask + segmented per-neuron statistics.
+
+    Args:
+        pre: (..., N) gate projection (gated MLP) or fc1 output (plain MLP), fp32/fp16/bf16.
+        up: (..., N) up projection for a gated MLP, None for a plain one.
+        act: one of ``manu_fast.activations.ACTIVATIONS``.
+        keep: (N,) bool, False zeroes the neuron in the output (and in the statistics of ``h``).
+        group_ids: (...,) integer group per token, -1 ignores the token; None puts every token in group 0.
+        stats / pre_stats / up_stats: float64 (NUM_FIELDS, G, N) accumulators for ``h``/``pre``/``up``,
+            merged in place; None skips that site.
+        tau: activity threshold for the ``active`` count (|a| > tau).
+        write_out: return ``h`` (False only gathers statistics, e.g. on an MLP output).
+    Returns:
+        ``h`` with shape and dtype of ``pre`` (None when ``write_out`` is False).
+    """
+    check_activation(act)
+    if not isinstance(pre, torch.Tensor) or not pre.is_floating_point() or pre.dim() < 1:
+        raise TypeError("pre must be a floating-point tensor of shape (..., N)")
+    if pre.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"pre has dtype {pre.dtype}; supported: float32, float16, bfloat16")
+    shape = pre.shape
+    n = shape[-1]
+    pre2 = pre.reshape(-1, n)
+    up2 = None
+    if up is not None:
+        if up.shape != shape or up.dtype != pre.dtype or up.device != pre.device:
+            raise ValueError(f"up {tuple(up.shape)} {up.dtype} {up.device} must match pre {tuple(shape)} {pre.dtype} {pre.device}")
+        up2 = up.reshape(-1, n)
+    t = pre2.shape[0]
+    if keep is not None:
+        if keep.shape != (n,):
+            raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({n},) for this layer")
+        keep = keep.to(device=pre.device, dtype=torch.bool)
+    accs = [a for a in (stats, pre_stats, up_stats) if a is not None]
+    num_groups = accs[0].shape[1] if accs else 1
+    for acc, name in ((stats, "stats"), (pre_stats, "pre_stats"), (up_stats, "up_stats")):
+        _check_acc(acc, name, num_groups, n, pre.device)
+    if up_stats is not None and up is None:
+        raise ValueError("up_stats given for a plain MLP (no up projection)")
+    gid = None
+    if group_ids is not None:
+        if group_ids.numel() != t or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+            raise ValueError(f"group_ids must be an integer tensor with {t} elements (one per token), "
+                             f"got {tuple(group_ids.shape)} {group_ids.dtype}")
+        gid = group_ids.reshape(-1).to(device=pre.device, dtype=torch.int32)
+        if accs and gid.device.type != "cuda" and t:  # on CUDA the profiler validates once per batch (no sync here)
+            lo, hi = int(gid.min()), int(gid.max())
+            if lo < -1 or hi >= num_groups:
+                raise ValueError(f"group ids must lie in [-1, {num_groups - 1}], found [{lo}, {hi}]")
+    name = backend or pick_backend(pre.device)
+    h = get_backend(name)(pre2, up2, act, keep, gid, num_groups, float(tau), stats, pre_stats, up_stats, write_out)
+    return h.reshape(shape) if write_out else None

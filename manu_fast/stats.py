@@ -1,0 +1,197 @@
+"""Per-neuron, per-group sufficient statistics and their exact merge.
+
+One statistics block is a float64 tensor of shape ``(NUM_FIELDS, G, N)`` (G token groups, N neurons)
+whose rows are FIELDS. ``count`` counts the finite values seen, ``mean``/``m2`` are the running mean and
+sum of squared deviations (merged with Chan's formula, so the variance stays accurate when
+|mean| >> std), ``nonfinite`` counts NaN/Inf values, which are excluded from every other field.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+FIELDS = ("count", "mean", "m2", "sum_abs", "sum_sq", "active", "nonfinite")
+F = {name: i for i, name in enumerate(FIELDS)}
+NUM_FIELDS = len(FIELDS)
+FORMAT = "manu_fast.stats/1"
+DEFAULT_TAU = 0.1
+
+
+class StatsFileError(ValueError):
+    """A statistics or mask file that cannot be used (corrupt, wrong format, other model)."""
+
+
+def empty_stats(num_groups: int, num_neurons: int, device=None) -> torch.Tensor:
+    return torch.zeros(NUM_FIELDS, num_groups, num_neurons, dtype=torch.float64, device=device)
+
+
+def segment_stats_reference(a: torch.Tensor, group_ids: torch.Tensor, num_groups: int, tau: float) -> torch.Tensor:
+    """Statistics of ``a`` (T, N) for each group, in float64, two-pass: the oracle every backend is tested against."""
+    a = a.to(torch.float64)
+    out = empty_stats(num_groups, a.shape[1], a.device)
+    gid = group_ids.reshape(-1).to(a.device)
+    for k in range(num_groups):
+        x = a[gid == k]
+        finite = torch.isfinite(x)
+        n = finite.sum(0, dtype=torch.float64)
+        x0 = torch.where(finite, x, 0.0)
+        mean = torch.where(n > 0, x0.sum(0) / n.clamp(min=1), 0.0)
+        dev = torch.where(finite, x - mean, 0.0)
+        out[F["count"], k] = n
+        out[F["mean"], k] = mean
+        out[F["m2"], k] = (dev * dev).sum(0)
+        out[F["sum_abs"], k] = x0.abs().sum(0)
+        out[F["sum_sq"], k] = (x0 * x0).sum(0)
+        out[F["active"], k] = (x0.abs() > tau).sum(0, dtype=torch.float64)
+        out[F["nonfinite"], k] = (~finite).sum(0, dtype=torch.float64)
+    return out
+
+
+def merge_partials(parts: torch.Tensor) -> torch.Tensor:
+    """Merge C partial blocks (C, NUM_FIELDS, G, N) into one (NUM_FIELDS, G, N), exactly, in float64.
+
+    Uses the parallel form of Chan's update: mean = sum n_i m_i / n, M2 = sum M2_i + sum n_i (m_i - mean)^2.
+    Deterministic: a fixed-order reduction over the leading axis.
+    """
+    p = parts.to(torch.float64)
+    n_i = p[:, F["count"]]
+    n = n_i.sum(0)
+    mean = torch.where(n > 0, (n_i * p[:, F["mean"]]).sum(0) / n.clamp(min=1), 0.0)
+    d = p[:, F["mean"]] - mean
+    out = p.sum(0)
+    out[F["mean"]] = mean
+    out[F["m2"]] = p[:, F["m2"]].sum(0) + (n_i * d * d).sum(0)
+    return out
+
+
+def merge_into(acc: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """acc <- merge(acc, part), in place (acc is float64)."""
+    acc.copy_(merge_partials(torch.stack([acc, part.to(acc.device, torch.float64)])))
+    return acc
+
+
+def pool_groups(block: torch.Tensor, groups) -> torch.Tensor:
+    """Pool several groups of one block (NUM_FIELDS, G, N) into a single (NUM_FIELDS, N) block."""
+    idx = torch.as_tensor(list(groups), dtype=torch.long, device=block.device)
+    return merge_partials(block[:, idx].permute(1, 0, 2).unsqueeze(2)).squeeze(1)
+
+
+def metrics(block: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Derived per-neuron metrics of a pooled block (NUM_FIELDS, ..., N). Empty groups give NaN."""
+    n = block[F["count"]]
+    nan = torch.full_like(n, float("nan"))
+    safe = n.clamp(min=1)
+    var = torch.where(n > 0, block[F["m2"]] / safe, nan)  # population variance
+    return {
+        "count": n,
+        "mean": torch.where(n > 0, block[F["mean"]], nan),
+        "abs": torch.where(n > 0, block[F["sum_abs"]] / safe, nan),
+        "freq": torch.where(n > 0, block[F["active"]] / safe, nan),
+        "var": var,
+        "std": var.sqrt(),
+        "rms": torch.where(n > 0, (block[F["sum_sq"]] / safe).sqrt(), nan),
+        "sum_sq": block[F["sum_sq"]],
+    }
+
+
+def group_label(split: str, modality: str, kind: str) -> str:
+    return f"{split}/{modality}/{kind}"
+
+
+@dataclass
+class NeuronStats:
+    """Statistics of every profiled (layer, site): ``blocks[f"{layer}::{site}"]`` is (NUM_FIELDS, G, N) float64.
+
+    ``groups`` are the labels of the group ids (e.g. ``forget/multimodal/image``); ``fingerprint`` describes
+    the model the statistics came from (see ``manu_fast.adapters.fingerprint``).
+    """
+
+    groups: list[str]
+    fingerprint: dict
+    tau: float = DEFAULT_TAU
+    blocks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def key(layer: str, site: str) -> str:
+        return f"{layer}::{site}"
+
+    def block(self, layer: str, site: str = "hidden") -> torch.Tensor:
+        return self.blocks[self.key(layer, site)]
+
+    def layers(self, site: str = "hidden") -> list[str]:
+        suffix = f"::{site}"
+        return [k[: -len(suffix)] for k in self.blocks if k.endswith(suffix)]
+
+    def group_ids(self, split=None, modality=None, kind=None) -> list[int]:
+        out = []
+        for i, label in enumerate(self.groups):
+            s, m, k = label.split("/")
+            if (split in (None, s)) and (modality in (None, m)) and (kind in (None, k) if isinstance(kind, (str, type(None))) else k in kind):
+                out.append(i)
+        return out
+
+    def pooled(self, layer: str, site: str, groups) -> dict[str, torch.Tensor]:
+        """Metrics of one (layer, site) pooled over the given group ids."""
+        return metrics(pool_groups(self.block(layer, site), groups))
+
+    def to(self, device) -> "NeuronStats":
+        return NeuronStats(list(self.groups), self.fingerprint, self.tau, {k: v.to(device) for k, v in self.blocks.items()})
+
+    def merge(self, other: "NeuronStats") -> "NeuronStats":
+        """Exact merge of two statistics of the same model, groups and tau (e.g. two shards)."""
+        if other.groups != self.groups or other.tau != self.tau:
+            raise ValueError("cannot merge statistics with different groups or tau")
+        check_fingerprint(self.fingerprint, other.fingerprint)
+        if set(other.blocks) != set(self.blocks):
+            raise ValueError("cannot merge statistics of different layers/sites")
+        for k, v in other.blocks.items():
+            merge_into(self.blocks[k], v)
+        return self
+
+    def metadata(self) -> dict[str, str]:
+        return {"format": FORMAT, "groups": json.dumps(self.groups), "tau": repr(float(self.tau)),
+                "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
+
+    def save(self, path) -> None:
+        """Write to ``path`` atomically (temp file + rename) in safetensors."""
+        from .io import save_tensors
+        save_tensors({k: v.detach().cpu().contiguous() for k, v in self.blocks.items()}, path, self.metadata())
+
+    @classmethod
+    def load(cls, path, expect_fingerprint: dict | None = None) -> "NeuronStats":
+        from .io import load_tensors
+        tensors, meta = load_tensors(path, FORMAT, "statistics")
+        try:
+            groups = json.loads(meta["groups"])
+            fp = json.loads(meta["fingerprint"])
+            tau = float(meta["tau"])
+        except (KeyError, ValueError) as e:
+            raise StatsFileError(f"{path}: statistics file metadata is damaged ({e})") from None
+        for k, v in tensors.items():
+            layer = k.split("::")[0]
+            info = fp.get("layers", {}).get(layer)
+            if v.dtype != torch.float64 or v.dim() != 3 or v.shape[0] != NUM_FIELDS or v.shape[1] != len(groups) or info is None:
+                raise StatsFileError(f"{path}: block {k!r} has shape {tuple(v.shape)}/{v.dtype}, inconsistent with the file's own header")
+        if expect_fingerprint is not None:
+            check_fingerprint(expect_fingerprint, fp, path)
+        return cls(groups, fp, tau, tensors)
+
+
+def check_fingerprint(expected: dict, found: dict, path=None) -> None:
+    """Raise StatsFileError naming the first difference between two model fingerprints."""
+    where = f"{path}: " if path else ""
+    if expected == found:
+        return
+    if expected.get("model_type") != found.get("model_type"):
+        raise StatsFileError(f"{where}made for model type {found.get('model_type')!r}, this model is {expected.get('model_type')!r}")
+    el, fl = expected.get("layers", {}), found.get("layers", {})
+    missing = sorted(set(el) - set(fl))
+    extra = sorted(set(fl) - set(el))
+    if missing or extra:
+        raise StatsFileError(f"{where}made for another model: layers missing {missing[:3]}, unknown {extra[:3]}")
+    for name in el:
+        if el[name] != fl[name]:
+            raise StatsFileError(f"{where}layer {name!r} differs: file has {fl[name]}, model has {el[name]}")
+    raise StatsFileError(f"{where}model fingerprint differs")
