@@ -1,0 +1,111 @@
+"""Elementwise fused kernel: h = act(pre) [* up], neuron mask, optional write of h, segmented statistics of h
+(and of pre/up on request) in one read of the inputs. Implements the backend contract of manu_fast.ops."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (accumulate_tile_stats, act_code, apply_activation, group_args, interpreting, keep_args,
+                     merge_scratch, new_scratch, plan_chunks)
+
+
+@triton.jit
+def _act_stats_kernel(
+    pre_ptr, up_ptr, out_ptr, keep_ptr, gid_ptr, scratch_ptr,
+    T, N, num_groups, tiles_per_chunk, tau,
+    stride_pre_t, stride_pre_n, stride_up_t, stride_up_n,
+    part_stride, pre_site_offset, up_site_offset,
+    ACT: tl.constexpr, HAS_UP: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_GID: tl.constexpr,
+    WRITE_OUT: tl.constexpr, STATS_H: tl.constexpr, STATS_PRE: tl.constexpr, STATS_UP: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + cols, mask=col_ok, other=0) != 0
+    # This program's partial blocks (NUM_FIELDS, G, N): one per site, at site offset + chunk * part_stride.
+    part_ptr = scratch_ptr + chunk * part_stride
+    pre_part = part_ptr + pre_site_offset
+    up_part = part_ptr + up_site_offset
+    t_begin = chunk * tiles_per_chunk * BLOCK_T
+    t_end = tl.minimum(t_begin + tiles_per_chunk * BLOCK_T, T)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < t_end
+        rows64 = rows.to(tl.int64)
+        mask = row_ok[:, None] & col_ok[None, :]
+        p = tl.load(pre_ptr + rows64[:, None] * stride_pre_t + cols[None, :] * stride_pre_n, mask=mask, other=0.0)
+        p = p.to(tl.float32)
+        h = apply_activation(p, ACT)
+        if HAS_UP:
+            u = tl.load(up_ptr + rows64[:, None] * stride_up_t + cols[None, :] * stride_up_n, mask=mask, other=0.0)
+            u = u.to(tl.float32)
+            h = h * u
+        if HAS_KEEP:
+            h = tl.where(keep[None, :], h, 0.0)
+        if WRITE_OUT:
+            tl.store(out_ptr + rows64[:, None] * N + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_GID:
+            gid = tl.load(gid_ptr + rows, mask=row_ok, other=-1)
+        else:
+            gid = tl.zeros([BLOCK_T], dtype=tl.int32)
+        if STATS_H:
+            accumulate_tile_stats(h, gid, row_ok, cols, col_ok, part_ptr, num_groups, N, tau)
+        if STATS_PRE:
+            accumulate_tile_stats(p, gid, row_ok, cols, col_ok, pre_part, num_groups, N, tau)
+        if STATS_UP:
+            accumulate_tile_stats(u, gid, row_ok, cols, col_ok, up_part, num_groups, N, tau)
+
+
+def _default_blocks(n: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_N, num_warps). GPU values are a memory-bound default (not yet tuned on hardware);
+    under the interpreter every tl op costs Python time, so tiles there are as large as the tensor allows."""
+    if interpreting():
+        return 16, min(128, triton.next_power_of_2(max(n, 1))), 4
+    return 64, 64, 4
+
+
+def act_stats_triton(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_acc, up_acc, write_out, *,
+                     block_t: int | None = None, block_n: int | None = None, tiles_per_chunk: int | None = None):
+    """Triton backend of ``manu_fast.ops.act_stats`` (see the backend contract there).
+
+    ``block_t``/``block_n``/``tiles_per_chunk`` override the launch configuration (tests use them to cover
+    several chunks and partial tiles); statistics are bit-identical for a fixed configuration.
+    """
+    if pre.dim() != 2 or pre.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"pre must be a 2-D fp32/fp16/bf16 tensor, got {tuple(pre.shape)} {pre.dtype}")
+    if up is not None and (up.shape != pre.shape or up.dtype != pre.dtype or up.device != pre.device):
+        raise ValueError(f"up {tuple(up.shape)} {up.dtype} must match pre {tuple(pre.shape)} {pre.dtype}")
+    if up_acc is not None and up is None:
+        raise ValueError("up_acc given without up")
+    T, N = pre.shape
+    device = pre.device
+    out = torch.empty((T, N), dtype=pre.dtype, device=device) if write_out else None
+    accs = (hidden_acc, pre_acc, up_acc)
+    if T == 0 or N == 0 or (out is None and all(a is None for a in accs)):
+        return out
+    default_t, default_n, num_warps = _default_blocks(N)
+    block_t, block_n = block_t or default_t, block_n or default_n
+    gid_t, has_gid = group_args(gid, T, device)
+    keep_t, has_keep = keep_args(keep, N, device)
+    n_blocks = triton.cdiv(N, block_n)
+    tiles_per_chunk, chunks = plan_chunks(T, block_t, n_blocks, device, tiles_per_chunk)
+    scratch = new_scratch(accs, chunks, num_groups, N, device)
+    up_arg = up if up is not None else pre
+    site_stride = scratch[0].numel()
+    pre_site_offset = site_stride * (hidden_acc is not None)
+    up_site_offset = pre_site_offset + site_stride * (pre_acc is not None)
+    _act_stats_kernel[(n_blocks, chunks)](
+        pre, up_arg, out if out is not None else pre, keep_t, gid_t, scratch,
+        T, N, num_groups, tiles_per_chunk, float(tau),
+        pre.stride(0), pre.stride(1), up_arg.stride(0), up_arg.stride(1),
+        scratch[0, 0].numel(), pre_site_offset, up_site_offset,
+        ACT=act_code(act), HAS_UP=up is not None, HAS_KEEP=has_keep, HAS_GID=has_gid,
+        WRITE_OUT=out is not None, STATS_H=hidden_acc is not None, STATS_PRE=pre_acc is not None,
+        STATS_UP=up_acc is not None, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    merge_scratch(scratch, accs)
+    return out
