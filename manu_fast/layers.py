@@ -1,0 +1,157 @@
+"""Drop-in fused MLP layers: the HF MLP's forward, plus neuron masks and in-pass statistics.
+
+The layers reuse the HF ``nn.Linear`` children under their original names (state_dict keys are unchanged,
+no weight is copied) and the original activation module, so with no mask and no profiler attached the
+forward is the HF forward, bit for bit. With a mask or a profiler attached the intermediate goes through
+the fused op (``manu_fast.ops``): activation, mask and statistics in one pass.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .activations import activation_name
+from .ops import act_stats
+
+
+class FusedMLP(nn.Module):
+    """Common part of the gated and plain fused MLPs: masks and the profiler hook point."""
+
+    kind: str
+
+    def _init_common(self, act_module: nn.Module, act_attr: str):
+        self.act_name = activation_name(act_module)
+        self.act_attr = act_attr
+        self.add_module(act_attr, act_module)
+        self._masks: dict[str, torch.Tensor] = {}
+        self._enabled: set[str] = set()
+        self.register_buffer("keep", None, persistent=False)
+        self.recorder = None  # set by manu_fast.profiler.Profiler while profiling
+
+    @property
+    def num_neurons(self) -> int:
+        return self.out_proj.in_features
+
+    @property
+    def hidden_size(self) -> int:
+        return self.out_proj.out_features
+
+    # ---- reversible masks (O(N), no weight copy) ----
+    def set_mask(self, name: str, keep: torch.Tensor, enabled: bool = True) -> None:
+        keep = torch.as_tensor(keep)
+        if keep.shape != (self.num_neurons,):
+            raise ValueError(f"mask {name!r} has shape {tuple(keep.shape)}, this layer has {self.num_neurons} neurons")
+        self._masks[name] = keep.to(device=self.out_proj.weight.device, dtype=torch.bool)
+        self.enable_mask(name, enabled)
+
+    def remove_mask(self, name: str) -> None:
+        self._masks.pop(name, None)
+        self._enabled.discard(name)
+        self._refresh_keep()
+
+    def enable_mask(self, name: str, enabled: bool = True) -> None:
+        if name not in self._masks:
+            raise KeyError(f"no mask named {name!r} on this layer (have: {sorted(self._masks)})")
+        (self._enabled.add if enabled else self._enabled.discard)(name)
+        self._refresh_keep()
+
+    def compact(self) -> "FusedMLP":
+        """A smaller copy without the masked neurons (same outputs, less work); see DESIGN.md §5."""
+        return _compact(self)
+
+    def mask_names(self) -> list[str]:
+        return sorted(self._masks)
+
+    def _refresh_keep(self) -> None:
+        keep = None
+        for name in sorted(self._enabled):
+            keep = self._masks[name] if keep is None else keep & self._masks[name]
+        self.keep = keep
+
+    # ---- forward ----
+    def _hidden(self, x: torch.Tensor, pre: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+        rec = self.recorder
+        if rec is None and self.keep is None:  # plain HF path
+            act = getattr(self, self.act_attr)(pre)
+            return act if up is None else act * up
+        kw = rec.op_kwargs(self, pre.shape[:-1].numel()) if rec is not None else {}
+        return act_stats(pre, up, act=self.act_name, keep=self.keep, **kw)
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        rec = self.recorder
+        if rec is not None:
+            rec.record_output(self, y)
+        return y
+
+
+class FusedGatedMLP(FusedMLP):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama, Mistral, Qwen2, Idefics2 connector, Qwen2.5-VL vision)."""
+
+    kind = "gated"
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, act_module: nn.Module,
+                 act_attr: str = "act_fn"):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self._init_common(act_module, act_attr)
+
+    @property
+    def in_proj(self) -> list[nn.Linear]:
+        return [self.gate_proj, self.up_proj]
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._hidden(x, self.gate_proj(x), self.up_proj(x))
+        return self._output(self.down_proj(h))
+
+
+class FusedPlainMLP(FusedMLP):
+    """``fc2(act(fc1(x)))`` (CLIP / SigLIP / Idefics vision MLPs, LLaVA projector, Qwen2-VL vision)."""
+
+    kind = "plain"
+
+    def __init__(self, fc1: nn.Linear, fc2: nn.Linear, act_module: nn.Module, fc1_name: str = "fc1",
+                 fc2_name: str = "fc2", act_attr: str = "activation_fn"):
+        super().__init__()
+        self.fc1_name, self.fc2_name = fc1_name, fc2_name
+        self.add_module(fc1_name, fc1)
+        self.add_module(fc2_name, fc2)
+        self._init_common(act_module, act_attr)
+
+    @property
+    def in_proj(self) -> list[nn.Linear]:
+        return [getattr(self, self.fc1_name)]
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return getattr(self, self.fc2_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._hidden(x, self.in_proj[0](x), None)
+        return self._output(self.out_proj(h))
+
+
+def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
+    w = lin.weight.detach().index_select(dim, idx)
+    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias if dim == 1 else lin.bias.detach().index_select(0, idx))
+    return new
+
+
+def _compact(layer: FusedMLP) -> FusedMLP:
+    """A smaller copy of ``layer`` without its masked neurons (same outputs, less work)."""
+    if layer.keep is None:
+        raise ValueError("layer has no active mask to compact")
+    idx = layer.keep.nonzero().flatten()
+    act_module = getattr(layer, layer.act_attr)
+    if layer.kind == "gated":
+        return FusedGatedMLP(_slice_linear(layer.gate_proj, idx, 0), _slice_linear(layer.up_proj, idx, 0),
+                             _slice_linear(layer.down_proj, idx, 1), act_module, layer.act_attr)
+    return FusedPlainMLP(_slice_linear(layer.in_proj[0], idx, 0), _slice_linear(layer.out_proj, idx, 1), act_module,
+                         layer.fc1_name, layer.fc2_name, layer.act_attr)
