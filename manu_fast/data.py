@@ -1,0 +1,348 @@
+"""Data for unlearning experiments: a seeded synthetic fictitious-profile benchmark and real-benchmark loaders.
+
+Synthetic benchmark (``SyntheticProfiles``), shaped like MLLMU-Bench: N fictitious people, each with a face-like
+image (a random 4x4 grid of colours, bilinearly upsampled: smooth, low-frequency, learnt fast by a tiny ViT) and
+one value per attribute (birthplace, occupation, ...). Every attribute value, name and question phrasing is one
+token, so a multiple-choice answer is the argmax over the option tokens' logits at the answer position.
+Each question is asked two ways:
+
+- multimodal: ``<bos> <image>*P <this-person> <question> <answer>`` (the face stands for the person);
+- text-only:  ``<bos> <name> <question> <answer>`` (the person's name instead of the image).
+
+Questions come in several phrasings ("templates") per attribute and faces in several noisy renderings
+("variants"): the training loop uses all of them, profiling uses ``PROFILE_TEMPLATES``/``PROFILE_VARIANT`` and the
+reported evaluation uses ``EVAL_TEMPLATES``/``EVAL_VARIANT``, so pruning is never tuned on the reported questions.
+
+Real benchmarks: ``load_mllmu_profiles`` / ``load_mllmu_classification`` (MLLMU-Bench parquet) and ``load_clear``
+(CLEAR parquet) return ``BenchmarkItem`` records with multimodal and text-only prompts built the way the reference
+code does (text-only: the person's name substituted for "this person"); tokenization is left to the model's
+processor.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+MODALITIES = ("multimodal", "text")
+FORGET_PERCENTS = (5, 10, 15)
+ATTRIBUTES = ("birthplace", "occupation", "hobby", "education", "pet", "employer", "vehicle", "instrument")
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<image>", "<this-person>", "<answer>")
+PROFILE_MODES = ("answer", "question", "all")
+PROFILE_TEMPLATES = (0, 1)
+EVAL_TEMPLATES = (2, 3)
+PROFILE_VARIANT = 1
+EVAL_VARIANT = 2
+FACE_GRID = 4
+
+
+@dataclass(frozen=True)
+class Question:
+    """One multiple-choice question about one person's attribute; ``options`` are value indices of that attribute."""
+
+    person: int
+    attribute: int
+    template: int
+    options: tuple[int, ...]
+    answer_index: int
+
+    @property
+    def answer(self) -> int:
+        return self.options[self.answer_index]
+
+
+@dataclass
+class Batch:
+    """Model kwargs (``inputs``, with an optional ``profile_mask``) plus what scoring needs.
+
+    ``answer_position`` (B,): index of the token whose next-token logits answer the question;
+    ``option_ids`` (B, K): token ids of the options; ``answer_index`` (B,): which option is right;
+    ``target_ids`` (B,): the right token id (``option_ids[b, answer_index[b]]``).
+    """
+
+    inputs: dict
+    answer_position: torch.Tensor
+    option_ids: torch.Tensor
+    answer_index: torch.Tensor
+    questions: list[Question] = field(repr=False)
+
+    @property
+    def target_ids(self) -> torch.Tensor:
+        return self.option_ids.gather(1, self.answer_index[:, None]).squeeze(1)
+
+    def to(self, device) -> "Batch":
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        return Batch(moved, self.answer_position.to(device), self.option_ids.to(device),
+                     self.answer_index.to(device), self.questions)
+
+
+def num_image_tokens(config) -> int:
+    """How many ``<image>`` placeholders one image needs in a LlavaForConditionalGeneration prompt."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    if config.vision_feature_select_strategy == "full":
+        return patches + 1
+    if config.vision_feature_select_strategy == "default":
+        return patches
+    raise ValueError(f"unknown vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
+
+
+def _check_modality(modality: str) -> None:
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+
+
+class SyntheticProfiles:
+    """A seeded synthetic fictitious-profile benchmark (see the module docstring)."""
+
+    def __init__(self, num_people: int = 40, num_attributes: int = 6, values_per_attribute: int = 8,
+                 num_templates: int = 4, num_options: int = 4, image_size: int = 16, image_noise: float = 0.05,
+                 seed: int = 0):
+        if num_people < 2:
+            raise ValueError(f"num_people must be >= 2, got {num_people}")
+        if not 1 <= num_attributes <= len(ATTRIBUTES):
+            raise ValueError(f"num_attributes must be in [1, {len(ATTRIBUTES)}], got {num_attributes}")
+        if not 2 <= num_options <= values_per_attribute:
+            raise ValueError(f"num_options must be in [2, values_per_attribute={values_per_attribute}], "
+                             f"got {num_options}")
+        needed = max(EVAL_TEMPLATES + PROFILE_TEMPLATES) + 1
+        if num_templates < needed:
+            raise ValueError(f"num_templates must be >= {needed} (profiling and evaluation phrasings), "
+                             f"got {num_templates}")
+        if image_size % FACE_GRID:
+            raise ValueError(f"image_size must be a multiple of {FACE_GRID}, got {image_size}")
+        self.num_people, self.num_attributes = num_people, num_attributes
+        self.values_per_attribute, self.num_templates, self.num_options = values_per_attribute, num_templates, num_options
+        self.image_size, self.image_noise, self.seed = image_size, image_noise, seed
+        self.attributes = ATTRIBUTES[:num_attributes]
+        g = torch.Generator().manual_seed(seed)
+        self.faces = torch.rand(num_people, 3, FACE_GRID, FACE_GRID, generator=g) * 2 - 1
+        self.facts = torch.randint(0, values_per_attribute, (num_people, num_attributes), generator=g)
+        self.tokens = list(SPECIAL_TOKENS)
+        self.tokens += [f"person{p}" for p in range(num_people)]
+        self.tokens += [f"q:{a}:{t}" for a in self.attributes for t in range(num_templates)]
+        self.tokens += [f"{a}={v}" for a in self.attributes for v in range(values_per_attribute)]
+        self.token_id = {t: i for i, t in enumerate(self.tokens)}
+        self.pad_id, self.bos_id, self.image_id, self.this_person_id, self.answer_id = range(len(SPECIAL_TOKENS))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def name_id(self, person: int) -> int:
+        return self.token_id[f"person{person}"]
+
+    def question_id(self, attribute: int, template: int) -> int:
+        return self.token_id[f"q:{self.attributes[attribute]}:{template}"]
+
+    def value_id(self, attribute: int, value: int) -> int:
+        return self.token_id[f"{self.attributes[attribute]}={value}"]
+
+    def split(self, forget_percent: float) -> tuple[list[int], list[int]]:
+        """(forget, retain) person indices: a seeded ``forget_percent`` % of the people (at least one) and the rest."""
+        if not 0 < forget_percent < 100:
+            raise ValueError(f"forget_percent must be in (0, 100), got {forget_percent}")
+        k = max(1, round(self.num_people * forget_percent / 100))
+        order = torch.randperm(self.num_people, generator=torch.Generator().manual_seed(self.seed + 1)).tolist()
+        return sorted(order[:k]), sorted(order[k:])
+
+    def questions(self, people, templates) -> list[Question]:
+        """Every (person, attribute, template) question, options drawn per question from a seed (deterministic)."""
+        out = []
+        for p in people:
+            for a in range(self.num_attributes):
+                for t in templates:
+                    if not 0 <= t < self.num_templates:
+                        raise ValueError(f"template {t} out of range [0, {self.num_templates})")
+                    g = torch.Generator().manual_seed(((self.seed * 1009 + p) * 101 + a) * 31 + t)
+                    right = int(self.facts[p, a])
+                    wrong = [v for v in torch.randperm(self.values_per_attribute, generator=g).tolist() if v != right]
+                    options = wrong[: self.num_options - 1]
+                    slot = int(torch.randint(0, self.num_options, (1,), generator=g))
+                    options.insert(slot, right)
+                    out.append(Question(p, a, t, tuple(options), slot))
+        return out
+
+    def images(self, people, variant: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Faces of ``people`` (B, 3, S, S): the 4x4 colour grid upsampled, plus noise that depends on ``variant``
+        (a fixed rendering) or, when ``variant`` is None, on ``generator`` (fresh noise, for training)."""
+        idx = torch.as_tensor(list(people), dtype=torch.long)
+        base = F.interpolate(self.faces[idx], size=(self.image_size, self.image_size), mode="bilinear",
+                             align_corners=True)
+        if variant is not None:
+            generator = torch.Generator().manual_seed(self.seed * 1000 + 7919 * (variant + 1))
+            noise = torch.randn(self.num_people, *base.shape[1:], generator=generator)[idx]
+        else:
+            noise = torch.randn(base.shape, generator=generator)
+        return base + self.image_noise * noise
+
+    def batch(self, questions: list[Question], modality: str, image_tokens: int, *, variant: int | None = None,
+              generator: torch.Generator | None = None, profile: str | None = None) -> Batch:
+        """One batch of ``questions`` asked in ``modality``. ``profile`` (one of PROFILE_MODES) adds a
+        ``profile_mask``: "answer" = the answer position only, "question" = the question and answer tokens,
+        "all" = every token (image placeholders included)."""
+        _check_modality(modality)
+        if not questions:
+            raise ValueError("batch() needs at least one question")
+        if profile is not None and profile not in PROFILE_MODES:
+            raise ValueError(f"profile must be one of {PROFILE_MODES} or None, got {profile!r}")
+        people = [q.person for q in questions]
+        if modality == "multimodal":
+            prefix = [[self.bos_id] + [self.image_id] * image_tokens + [self.this_person_id] for _ in questions]
+        else:
+            prefix = [[self.bos_id, self.name_id(p)] for p in people]
+        ids = torch.tensor([pre + [self.question_id(q.attribute, q.template), self.answer_id]
+                            for pre, q in zip(prefix, questions)])
+        b, length = ids.shape
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if modality == "multimodal":
+            inputs["pixel_values"] = self.images(people, variant, generator)
+        if profile is not None:
+            mask = torch.zeros(b, length, dtype=torch.bool)
+            mask[:, {"answer": length - 1, "question": length - 2, "all": 0}[profile]:] = True
+            inputs["profile_mask"] = mask
+        options = torch.tensor([[self.value_id(q.attribute, v) for v in q.options] for q in questions])
+        return Batch(inputs, torch.full((b,), length - 1), options,
+                     torch.tensor([q.answer_index for q in questions]), questions)
+
+    def batches(self, questions: list[Question], modality: str, image_tokens: int, batch_size: int = 64,
+                **kwargs) -> list[Batch]:
+        """``questions`` in order, cut into batches of at most ``batch_size`` (kwargs as in ``batch``)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return [self.batch(questions[i:i + batch_size], modality, image_tokens, **kwargs)
+                for i in range(0, len(questions), batch_size)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real benchmarks (MLLMU-Bench, CLEAR), read from parquet.
+
+THIS_PERSON = re.compile(r"\b(this person|the person in the image|the person shown in the image)\b", re.IGNORECASE)
+OPTION_LETTERS = ("A", "B", "C", "D", "E", "F")
+
+
+@dataclass
+class BenchmarkItem:
+    """One question (or caption) about one person, in one modality, ready for a processor.
+
+    ``prompt`` holds no image placeholder: add the processor's own (e.g. "<image>\\n") for multimodal items.
+    For multiple-choice items ``options`` maps letters to texts and ``answer`` is the right letter.
+    """
+
+    person_id: str
+    name: str | None
+    modality: str
+    prompt: str
+    answer: str
+    image: object | None = None
+    options: dict[str, str] | None = None
+
+
+def substitute_name(text: str, name: str) -> str:
+    """The text-only form of a multimodal question: the person's name in place of "this person" (as MANU does)."""
+    return THIS_PERSON.sub(name, text)
+
+
+def mc_prompt(question: str, options: dict[str, str]) -> str:
+    lines = [f"Question: {question}"] + [f"{k}. {v}" for k, v in options.items()] + ["Answer:"]
+    return "\n".join(lines)
+
+
+def decode_image(value):
+    """A PIL image from what parquet holds: a HF-datasets dict {"bytes", "path"}, raw bytes, a PIL image, or None."""
+    from PIL import Image
+
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value)).convert("RGB")
+    if isinstance(value, str):
+        return Image.open(value).convert("RGB")
+    if hasattr(value, "convert"):
+        return value.convert("RGB")
+    raise ValueError(f"cannot decode an image from {type(value).__name__}")
+
+
+def _read_rows(path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _json(value):
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+def _require(row: dict, column: str, path) -> object:
+    if column not in row:
+        raise ValueError(f"{path}: missing column {column!r} (has {sorted(row)})")
+    return row[column]
+
+
+def _person_name(row: dict, names: dict | None) -> str | None:
+    if names is not None and str(row.get("ID")) in names:
+        return names[str(row.get("ID"))]
+    for column in ("name", "Name"):
+        if row.get(column):
+            return row[column]
+    bio = _json(row.get("biography")) if row.get("biography") else None
+    return bio.get("Name") if isinstance(bio, dict) else None
+
+
+def load_mllmu_profiles(path, names: dict | None = None) -> list[BenchmarkItem]:
+    """MLLMU-Bench profile rows (``image``, ``ID``, ``metadata`` = JSON list of {Question, Answer}) as one multimodal
+    and one text-only item per question. The name comes from ``names[ID]``, a ``name`` column or ``biography``."""
+    items = []
+    for row in _read_rows(path):
+        pid = str(_require(row, "ID", path))
+        image = decode_image(_require(row, "image", path))
+        name = _person_name(row, names)
+        if name is None:
+            raise ValueError(f"{path}: no name for person {pid}: pass names={{ID: name}} or add a 'name' column")
+        for qa in _json(_require(row, "metadata", path)):
+            question, answer = qa["Question"], str(qa["Answer"])
+            items.append(BenchmarkItem(pid, name, "multimodal", question, answer, image))
+            items.append(BenchmarkItem(pid, name, "text", substitute_name(question, name), answer))
+    return items
+
+
+def load_mllmu_classification(path, names: dict | None = None) -> list[BenchmarkItem]:
+    """MLLMU-Bench evaluation rows: ``Classification_Task`` = {"Image_Textual_Questions": [...],
+    "Pure_Text_Questions": [...]}, each {Question, Options: {letter: text}, Correct_Answer: letter}."""
+    sections = {"Image_Textual_Questions": "multimodal", "Pure_Text_Questions": "text"}
+    items = []
+    for row in _read_rows(path):
+        pid = str(_require(row, "ID", path))
+        task = _json(_require(row, "Classification_Task", path))
+        image = decode_image(row.get("image"))
+        name = _person_name(row, names)
+        for section, modality in sections.items():
+            for q in task.get(section) or []:
+                options = {k: str(v) for k, v in _json(q["Options"]).items()}
+                answer = str(q["Correct_Answer"]).strip()
+                if answer not in options:
+                    raise ValueError(f"{path}: person {pid}: answer {answer!r} is not one of options {list(options)}")
+                question = q["Question"] if modality == "multimodal" or name is None else \
+                    substitute_name(q["Question"], name)
+                items.append(BenchmarkItem(pid, name, modality, mc_prompt(question, options), answer,
+                                           image if modality == "multimodal" else None, options))
+    return items
+
+
+def load_clear(path) -> list[BenchmarkItem]:
+    """CLEAR rows (``image``, ``caption``, ``name``): the multimodal item describes "this person" in the image,
+    the text-only item names the person; the target is the caption with the name."""
+    items = []
+    for row in _read_rows(path):
+        name, caption = _require(row, "name", path), _require(row, "caption", path)
+        image = decode_image(_require(row, "image", path))
+        anonymous = re.sub(re.escape(name), "this person", caption)
+        items.append(BenchmarkItem(name, name, "multimodal", "Describe this person.", anonymous, image))
+        items.append(BenchmarkItem(name, name, "text", f"Describe {name}.", caption))
+    return items
