@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .common import (accumulate_tile_stats, act_code, apply_activation, group_args, interpreting, keep_args,
-                     merge_scratch, new_scratch, plan_chunks)
+                     merge_scratch, new_scratch, plan_chunks, scratch_offsets)
 
 
 @triton.jit
@@ -95,14 +95,11 @@ def act_stats_triton(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_a
     tiles_per_chunk, chunks = plan_chunks(T, block_t, n_blocks, device, tiles_per_chunk)
     scratch = new_scratch(accs, chunks, num_groups, N, device)
     up_arg = up if up is not None else pre
-    site_stride = scratch[0].numel()
-    pre_site_offset = site_stride * (hidden_acc is not None)
-    up_site_offset = pre_site_offset + site_stride * (pre_acc is not None)
     _act_stats_kernel[(n_blocks, chunks)](
         pre, up_arg, out if out is not None else pre, keep_t, gid_t, scratch,
         T, N, num_groups, tiles_per_chunk, float(tau),
         pre.stride(0), pre.stride(1), up_arg.stride(0), up_arg.stride(1),
-        scratch[0, 0].numel(), pre_site_offset, up_site_offset,
+        *scratch_offsets(scratch, accs),
         ACT=act_code(act), HAS_UP=up is not None, HAS_KEEP=has_keep, HAS_GID=has_gid,
         WRITE_OUT=out is not None, STATS_H=hidden_acc is not None, STATS_PRE=pre_acc is not None,
         STATS_UP=up_acc is not None, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,

@@ -152,6 +152,15 @@ def new_scratch(accs, num_chunks: int, num_groups: int, n: int, device) -> torch
     return torch.zeros(max(sites, 1), num_chunks, NUM_FIELDS, num_groups, n, dtype=torch.float32, device=device)
 
 
+def scratch_offsets(scratch: torch.Tensor, accs) -> tuple[int, int, int]:
+    """(elements per chunk partial, offset of the pre site, offset of the up site) in the scratch buffer;
+    sites are packed in (hidden, pre, up) order, skipping those without an accumulator."""
+    site_stride = scratch[0].numel()
+    pre_offset = site_stride * (accs[0] is not None)
+    up_offset = pre_offset + site_stride * (accs[1] is not None)
+    return scratch[0, 0].numel(), pre_offset, up_offset
+
+
 def merge_scratch(scratch: torch.Tensor, accs) -> None:
     """Exact float64 merge of each site's C partials into its accumulator (in place), fixed order."""
     site = 0

@@ -165,3 +165,46 @@ def act_stats(pre: torch.Tensor, up: torch.Tensor | None = None, *, act: str = "
     name = backend or pick_backend(pre.device)
     h = get_backend(name)(pre2, up2, act, keep, gid, num_groups, float(tau), stats, pre_stats, up_stats, write_out)
     return h.reshape(shape) if write_out else None
+
+
+def gated_linear_act_stats(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | None, w_up: torch.Tensor,
+                           b_up: torch.Tensor | None, *, act: str, keep: torch.Tensor | None = None,
+                           group_ids: torch.Tensor | None = None, stats: torch.Tensor | None = None,
+                           pre_stats: torch.Tensor | None = None, up_stats: torch.Tensor | None = None,
+                           tau: float = DEFAULT_TAU, backend: str | None = None) -> torch.Tensor:
+    """Front half of a gated MLP with statistics: ``h = act(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up)``.
+
+    With the ``triton`` backend (the default on CUDA) the gate/up projections and ``act_stats`` run as one
+    fused Triton GEMM when ``manu_fast.kernels.prefer_fused_gemm`` says so for the shape (env override
+    ``MANU_FAST_GATED_PATH=fused|unfused``); otherwise, and on every other backend, the projections run
+    through F.linear and ``act_stats`` does the rest. Arguments as in ``act_stats``; weights are (N, D)
+    (nn.Linear layout). Returns ``h`` of shape (..., N) in ``x.dtype``. The fused path keeps g and u in fp32,
+    so its statistics are slightly more accurate than the unfused path's (which sees g, u rounded to x.dtype).
+    """
+    name = backend or pick_backend(x.device)
+    if name == "triton":
+        from .kernels import gated_act_stats_triton, prefer_fused_gemm
+        n = w_gate.shape[0]
+        if x.dim() >= 1 and prefer_fused_gemm(x.numel() // max(x.shape[-1], 1), x.shape[-1], n):
+            check_activation(act)
+            x2 = x.reshape(-1, x.shape[-1])
+            keep_n = None if keep is None else keep.to(device=x.device, dtype=torch.bool)
+            if keep_n is not None and keep_n.shape != (n,):
+                raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({n},) for this layer")
+            accs = [a for a in (stats, pre_stats, up_stats) if a is not None]
+            num_groups = accs[0].shape[1] if accs else 1
+            for acc, acc_name in ((stats, "stats"), (pre_stats, "pre_stats"), (up_stats, "up_stats")):
+                _check_acc(acc, acc_name, num_groups, n, x.device)
+            gid = None
+            if group_ids is not None:
+                if group_ids.numel() != x2.shape[0] or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+                    raise ValueError(f"group_ids must be an integer tensor with {x2.shape[0]} elements (one per token), "
+                                     f"got {tuple(group_ids.shape)} {group_ids.dtype}")
+                gid = group_ids.reshape(-1).to(device=x.device, dtype=torch.int32)
+            h = gated_act_stats_triton(x2, w_gate, b_gate, w_up, b_up, act, keep_n, gid, num_groups, float(tau),
+                                       stats, pre_stats, up_stats)
+            return h.reshape(*x.shape[:-1], n)
+    gate = torch.nn.functional.linear(x, w_gate, b_gate)
+    up = torch.nn.functional.linear(x, w_up, b_up)
+    return act_stats(gate, up, act=act, keep=keep, group_ids=group_ids, stats=stats, pre_stats=pre_stats,
+                     up_stats=up_stats, tau=tau, backend=name)
