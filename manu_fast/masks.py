@@ -1,0 +1,206 @@
+"""Neuron masks: the container, its safetensors file, reversible masks on fused layers, permanent pruning.
+
+A ``Masks`` holds, for each MLP layer, a ``keep`` vector (True = neuron kept) for one **site**:
+
+- ``"hidden"`` (default): the MLP intermediate neuron ``h`` (input of down_proj / fc2). Pruning neuron j
+  zeroes row j of gate_proj/up_proj/fc1 (and bias) and column j of down_proj/fc2.
+- ``"pre"`` / ``"up"``: the outputs of gate_proj/fc1 (pre-activation) / up_proj, the official MANU code's
+  convention (it hooks Linear outputs). Pruning zeroes the output row j of that Linear (weight row and
+  bias). Since every supported activation has act(0) = 0, this also zeroes h_j, so these masks can be
+  applied reversibly as hidden masks.
+- ``"out"``: the MLP output (outputs of down_proj/fc2, length = hidden size). Pruning zeroes output row
+  j of down_proj/fc2 (weight row and bias); there is no reversible form (the fused layers mask h only).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from .activations import ACTIVATIONS
+from .stats import StatsFileError, check_fingerprint
+
+FORMAT = "manu_fast.masks/1"
+SITES = ("hidden", "pre", "up", "out")
+
+
+def site_length(layer_info: dict, site: str) -> int:
+    """Length of a keep vector of one layer (a fingerprint entry) at ``site``."""
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
+    if site == "up" and layer_info.get("kind") != "gated":
+        raise ValueError(f"site 'up' exists only on gated MLPs, this layer is {layer_info.get('kind')!r}")
+    return int(layer_info["hidden"] if site == "out" else layer_info["neurons"])
+
+
+@dataclass
+class Masks:
+    """``keep[layer]`` is a bool (N,) tensor on the CPU (True = kept) for the layers of one model at one site.
+
+    Layers absent from ``keep`` are left untouched. ``fingerprint`` is the model's
+    (``manu_fast.adapters.fingerprint``); ``description`` records how the masks were made (strategy, alpha...).
+    """
+
+    keep: dict[str, torch.Tensor]
+    fingerprint: dict
+    site: str = "hidden"
+    description: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        layers = self.fingerprint.get("layers", {})
+        checked = {}
+        for name, k in self.keep.items():
+            if name not in layers:
+                raise ValueError(f"mask for layer {name!r}, which the model fingerprint does not have")
+            k = torch.as_tensor(k)
+            n = site_length(layers[name], self.site)
+            if k.dtype != torch.bool or k.shape != (n,):
+                raise ValueError(f"mask of layer {name!r} must be bool of shape ({n},), got {k.dtype} {tuple(k.shape)}")
+            checked[name] = k.detach().cpu()
+        self.keep = checked
+
+    @classmethod
+    def all_kept(cls, fingerprint: dict, site: str = "hidden", layers=None) -> "Masks":
+        """Masks that keep every neuron of ``layers`` (default: every layer of the fingerprint that has ``site``)."""
+        info = fingerprint["layers"]
+        if layers is None:
+            layers = [n for n, i in info.items() if site != "up" or i.get("kind") == "gated"]
+        return cls({n: torch.ones(site_length(info[n], site), dtype=torch.bool) for n in layers}, fingerprint, site)
+
+    def tower(self, layer: str) -> str:
+        return self.fingerprint["layers"][layer].get("tower", "unknown")
+
+    def _layers(self, tower):
+        return [n for n in self.keep if tower is None or self.tower(n) == tower]
+
+    def num_pruned(self, tower: str | None = None) -> int:
+        """Number of pruned entries, over every masked layer or those of one tower."""
+        return sum(int((~self.keep[n]).sum()) for n in self._layers(tower))
+
+    def num_total(self, tower: str | None = None) -> int:
+        return sum(self.keep[n].numel() for n in self._layers(tower))
+
+    def fraction(self, tower: str | None = None) -> float:
+        """Pruned fraction of the masked layers (of one tower); 0.0 when there are none."""
+        total = self.num_total(tower)
+        return self.num_pruned(tower) / total if total else 0.0
+
+    def by_tower(self) -> dict[str, tuple[int, int]]:
+        """tower -> (pruned, total)."""
+        towers = dict.fromkeys(self.tower(n) for n in self.keep)
+        return {t: (self.num_pruned(t), self.num_total(t)) for t in towers}
+
+    def pruned_indices(self, layer: str) -> torch.Tensor:
+        return (~self.keep[layer]).nonzero().flatten()
+
+    def combine(self, other: "Masks") -> "Masks":
+        """AND of two masks of the same model and site: a neuron is kept only if both keep it."""
+        check_fingerprint(self.fingerprint, other.fingerprint)
+        if other.site != self.site:
+            raise ValueError(f"cannot combine masks of site {self.site!r} with masks of site {other.site!r}")
+        keep = dict(self.keep)
+        for n, k in other.keep.items():
+            keep[n] = keep[n] & k if n in keep else k
+        return Masks(keep, self.fingerprint, self.site, {"combined": [self.description, other.description]})
+
+    __and__ = combine
+
+    def save(self, path) -> None:
+        """Write to ``path`` atomically in safetensors (bool tensors + JSON metadata, no pickle)."""
+        from .io import save_tensors
+        meta = {"format": FORMAT, "site": self.site, "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+                "description": json.dumps(self.description, sort_keys=True, default=str)}
+        save_tensors({n: k.contiguous() for n, k in self.keep.items()}, path, meta)
+
+    @classmethod
+    def load(cls, path, expect_fingerprint: dict | None = None) -> "Masks":
+        """Read a masks file; refuse (StatsFileError) a damaged file or one made for another model."""
+        from .io import load_tensors
+        tensors, meta = load_tensors(path, FORMAT, "masks")
+        try:
+            fp = json.loads(meta["fingerprint"])
+            description = json.loads(meta.get("description", "{}"))
+            site = meta["site"]
+        except (KeyError, ValueError) as e:
+            raise StatsFileError(f"{path}: masks file metadata is damaged ({e})") from None
+        if expect_fingerprint is not None:
+            check_fingerprint(expect_fingerprint, fp, path)
+        try:
+            return cls(tensors, fp, site, description)
+        except (ValueError, KeyError) as e:
+            raise StatsFileError(f"{path}: {e}") from None
+
+
+def _model_fingerprint(model) -> dict:
+    from .adapters import fingerprint
+    return fingerprint(model)
+
+
+def apply_masks(model, masks: Masks, name: str = "forget"):
+    """Set ``masks`` on the model's fused layers as the reversible mask ``name`` (O(N) per layer, no weight copy).
+
+    Patches the model first if needed (``manu_fast.adapters.patch_model``) and returns the Patch. Several
+    names compose (a neuron is active only if every enabled mask keeps it); ``remove_masks`` undoes one.
+    """
+    from .adapters import patch_model
+    check_fingerprint(_model_fingerprint(model), masks.fingerprint)
+    if masks.site == "out":
+        raise ValueError("masks of site 'out' (down_proj/fc2 output rows) have no reversible form; use prune_weights")
+    patch = patch_model(model)
+    if masks.site == "pre":  # zeroing gate/fc1 outputs zeroes h only where act(0) == 0
+        for layer in masks.keep:
+            act = patch.layers[layer].act
+            if float(ACTIVATIONS[act](torch.zeros(1, dtype=torch.float64))) != 0.0:
+                raise ValueError(f"layer {layer!r}: activation {act!r} has act(0) != 0, so a 'pre' mask is not a hidden mask")
+    for layer, keep in masks.keep.items():
+        fused = patch.layers[layer]
+        fused.set_mask(name, keep.to(fused.out_proj.weight.device))
+    return patch
+
+
+def remove_masks(model, name: str = "forget") -> None:
+    """Remove the reversible mask ``name`` from every fused layer that has it."""
+    from .adapters import get_patch
+    patch = get_patch(model)
+    holders = [] if patch is None else [layer for layer in patch.layers.values() if name in layer.mask_names()]
+    if not holders:
+        raise ValueError(f"the model has no mask named {name!r}")
+    for layer in holders:
+        layer.remove_mask(name)
+
+
+@torch.no_grad()
+def _zero_rows(linear, rows: torch.Tensor) -> None:
+    rows = rows.to(linear.weight.device)
+    linear.weight[rows] = 0
+    if linear.bias is not None:
+        linear.bias[rows] = 0
+
+
+@torch.no_grad()
+def prune_weights(model, masks: Masks) -> None:
+    """Permanently zero the weights of pruned entries (see the module docstring for each site).
+
+    Works on a stock HF model or a patched one; afterwards ``save_pretrained`` / ``from_pretrained`` with
+    stock transformers reproduces the pruned outputs (the weights are zero; no custom module is needed).
+    """
+    from .adapters import get_patch, patch_model
+    check_fingerprint(_model_fingerprint(model), masks.fingerprint)
+    owned = get_patch(model) is None
+    patch = patch_model(model)  # the fused layers reuse the HF Linear modules: zeroing them zeroes the model's
+    try:
+        for layer, keep in masks.keep.items():
+            fused = patch.layers[layer]
+            idx = (~keep).nonzero().flatten()
+            if masks.site == "hidden":
+                for lin in fused.in_proj:
+                    _zero_rows(lin, idx)
+                fused.out_proj.weight[:, idx.to(fused.out_proj.weight.device)] = 0
+            elif masks.site == "out":
+                _zero_rows(fused.out_proj, idx)
+            else:
+                _zero_rows(fused.in_proj[0 if masks.site == "pre" else 1], idx)
+    finally:
+        if owned:
+            patch.unpatch()

@@ -1,0 +1,269 @@
+"""Neuron selection: importance scores from NeuronStats, then a deterministic top-alpha % (DESIGN.md §4).
+
+Strategies (metrics of a (split, modality) are pooled over the chosen token kinds; eps = 1e-5):
+
+- ``manu-code`` (the official code, without its bugs): per modality
+  ``S_m = sum_k w_k (F_k / (R_k + eps) - 1)``, ``w = {abs: 2, freq: 0, std: 2, rms: 2}``, F = forget,
+  R = retain. The vision tower and projector are scored on multimodal data, the language model on
+  text-only data; top alpha % per tower, the union is pruned.
+- ``manu-paper``: per split D, cross-modal importance ``I = I_abs + I_freq + I_var + I_rms`` with
+  ``I_abs = |Zm - Zt| / (Zm + Zt + eps)`` (Z = mean |a|), ``I_freq = |Nm - Nt| / (Nm + Nt + eps)``
+  (N = frequency of |a| > tau), ``I_var = sqrt(Var_m + Var_t)``,
+  ``I_rms = sqrt(|Z2m - Z2t| / (Z2m + Z2t + eps))`` (Z2 = sum a^2, as in DESIGN.md);
+  ``S = I(forget) / (I(retain) + eps)``; global top alpha %. Only the language model sees both
+  modalities (text-only inputs never reach the vision tower), so it is the default tower set.
+- ``selective-pruning`` (Pochinkov & Schoots 2024): one modality, ``S = M(forget) / (M(retain) + eps)``
+  for one metric M in freq/abs/std/rms; global top alpha %.
+- ``random``: i.i.d. uniform scores from a seeded generator, top alpha % per tower: the same count as
+  ``manu-code`` with the same towers, uniformly chosen (``random_like`` matches any other Masks).
+
+Top-k: ``k = floor(alpha / 100 * n + 0.5)`` for each pool of n neurons (a tower, all considered layers, or
+one layer with ``per_layer``), counting already pruned neurons in n; only neurons that ``alive`` keeps are
+candidates. Ties: higher score first, then earlier layer (natural order of layer names, numbers compared
+as numbers), then lower neuron index.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+
+from .masks import Masks
+from .stats import NeuronStats
+
+STRATEGIES = ("manu-code", "manu-paper", "selective-pruning", "random")
+EPS = 1e-5
+MANU_CODE_WEIGHTS = {"abs": 2.0, "freq": 0.0, "std": 2.0, "rms": 2.0}
+METRICS = ("abs", "freq", "std", "rms")
+MODALITIES = ("multimodal", "text")
+SPLITS = ("forget", "retain")
+IMAGE_TOWERS = ("vision", "projector")
+
+
+def natural_key(name: str):
+    """Sort key that orders 'layers.2' before 'layers.10'."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def _tower(stats: NeuronStats, layer: str) -> str:
+    return stats.fingerprint["layers"][layer].get("tower", "unknown")
+
+
+def default_towers(stats: NeuronStats, strategy: str, modality: str | None, site: str = "hidden") -> tuple[str, ...]:
+    """Towers a strategy scores when the caller names none: every profiled tower its data reaches."""
+    present = tuple(dict.fromkeys(_tower(stats, n) for n in sorted(stats.layers(site), key=natural_key)))
+    if strategy == "manu-paper" or (strategy == "selective-pruning" and modality == "text"):
+        return tuple(t for t in present if t not in IMAGE_TOWERS)
+    return present
+
+
+def considered_layers(stats: NeuronStats, site: str, towers: Iterable[str]) -> list[str]:
+    towers = set(towers)
+    layers = sorted((n for n in stats.layers(site) if _tower(stats, n) in towers), key=natural_key)
+    if not layers:
+        raise ValueError(f"no statistics at site {site!r} for towers {sorted(towers)}; "
+                         f"the file has {sorted(stats.blocks)[:4]}...")
+    return layers
+
+
+class _Metrics:
+    """Pooled metrics of each (split, modality) over the chosen token kinds, with clear errors for empty groups."""
+
+    def __init__(self, stats: NeuronStats, site: str, token_kinds):
+        self.stats, self.site = stats, site
+        self.kinds = None if token_kinds is None else ([token_kinds] if isinstance(token_kinds, str) else list(token_kinds))
+
+    def __call__(self, layer: str, split: str, modality: str) -> dict[str, torch.Tensor]:
+        ids = self.stats.group_ids(split, modality, self.kinds)
+        kinds = "/".join(self.kinds) if self.kinds else "*"
+        what = f"{split}/{modality}/{kinds}"
+        if not ids:
+            raise ValueError(f"the statistics have no group {what} (groups: {', '.join(self.stats.groups)})")
+        m = self.stats.pooled(layer, self.site, ids)
+        if bool((m["count"] == 0).any()):
+            raise ValueError(f"group {what} is empty at layer {layer!r} (no tokens profiled there); "
+                             "profile that split and modality, or choose other towers/token kinds")
+        return m
+
+
+def _manu_code(get, layer, modality, weights):
+    f, r = get(layer, "forget", modality), get(layer, "retain", modality)
+    return sum(w * (f[k] / (r[k] + EPS) - 1.0) for k, w in weights.items() if w != 0.0)
+
+
+def _cross_modal_importance(get, layer, split):
+    m, t = get(layer, split, "multimodal"), get(layer, split, "text")
+    i_abs = (m["abs"] - t["abs"]).abs() / (m["abs"] + t["abs"] + EPS)
+    i_freq = (m["freq"] - t["freq"]).abs() / (m["freq"] + t["freq"] + EPS)
+    i_var = (m["var"] + t["var"]).sqrt()
+    i_rms = ((m["sum_sq"] - t["sum_sq"]).abs() / (m["sum_sq"] + t["sum_sq"] + EPS)).sqrt()
+    return i_abs + i_freq + i_var + i_rms
+
+
+def _check_options(strategy, metric, modality, weights):
+    _check_strategy(strategy)
+    if metric is not None and strategy != "selective-pruning":
+        raise ValueError(f"metric applies to selective-pruning only, not {strategy!r}")
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    if modality is not None and strategy != "selective-pruning":
+        raise ValueError(f"modality applies to selective-pruning only ({strategy!r} chooses it per tower or uses both)")
+    if modality is not None and modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+    if weights is not None:
+        if strategy != "manu-code":
+            raise ValueError(f"weights apply to manu-code only, not {strategy!r}")
+        bad = set(weights) - set(METRICS)
+        if bad:
+            raise ValueError(f"unknown metric weights {sorted(bad)}; expected keys among {METRICS}")
+
+
+def scores(stats: NeuronStats, strategy: str = "manu-code", *, site: str = "hidden", metric: str | None = None,
+           modality: str | None = None, token_kinds=None, towers=None, seed: int = 0,
+           weights: dict | None = None) -> dict[str, torch.Tensor]:
+    """Per-neuron scores (float64, higher = prune first) of every considered layer, in natural layer order."""
+    _check_options(strategy, metric, modality, weights)
+    if strategy == "selective-pruning":
+        modality = modality or "text"
+        metric = metric or "freq"
+    towers = default_towers(stats, strategy, modality, site) if towers is None else tuple(towers)
+    layers = considered_layers(stats, site, towers)
+    if strategy == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return {n: torch.rand(stats.block(n, site).shape[-1], generator=gen, dtype=torch.float64) for n in layers}
+    get = _Metrics(stats, site, token_kinds)
+    out = {}
+    for n in layers:
+        if strategy == "manu-code":
+            mod = "multimodal" if _tower(stats, n) in IMAGE_TOWERS else "text"
+            s = _manu_code(get, n, mod, MANU_CODE_WEIGHTS if weights is None else weights)
+        elif strategy == "manu-paper":
+            s = _cross_modal_importance(get, n, "forget") / (_cross_modal_importance(get, n, "retain") + EPS)
+        else:
+            s = get(n, "forget", modality)[metric] / (get(n, "retain", modality)[metric] + EPS)
+        out[n] = s.cpu()
+    return out
+
+
+def top_k_count(alpha: float, n: int) -> int:
+    return int(math.floor(alpha / 100.0 * n + 0.5))
+
+
+def _check_alpha(alpha) -> float:
+    alpha = float(alpha)
+    if not 0.0 < alpha < 100.0:
+        raise ValueError(f"alpha is a percentage in (0, 100), got {alpha}")
+    return alpha
+
+
+def _select_in_pool(score: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Indices of the k best alive neurons of one pool (layers in order), per layer. Deterministic ties."""
+    layers = list(score)
+    flat = torch.cat([score[n] for n in layers])
+    owner = torch.cat([torch.full((score[n].numel(),), i) for i, n in enumerate(layers)])
+    local = torch.cat([torch.arange(score[n].numel()) for n in layers])
+    cand = torch.cat([alive[n] for n in layers]).nonzero().flatten()
+    if k > cand.numel():
+        raise ValueError(f"asked to prune {k} neurons of layers {layers[0]}..{layers[-1]}, only {cand.numel()} are alive")
+    if bool(torch.isnan(flat[cand]).any()):
+        raise ValueError(f"NaN scores in layers {layers[0]}..{layers[-1]}: the statistics are damaged")
+    # stable sort of a pool laid out in (layer order, index) order: equal scores keep that order
+    order = torch.sort(flat[cand], descending=True, stable=True).indices[:k]
+    chosen = cand[order]
+    return {n: local[chosen[owner[chosen] == i]] for i, n in enumerate(layers)}
+
+
+def _pools(layers, towers_of, per_layer: bool, by_tower: bool) -> list[list[str]]:
+    if per_layer:
+        return [[n] for n in layers]
+    if by_tower:
+        return [[n for n in layers if towers_of[n] == t] for t in dict.fromkeys(towers_of[n] for n in layers)]
+    return [list(layers)]
+
+
+def _alive_keep(stats, site, alive: Masks | None, layers) -> dict[str, torch.Tensor]:
+    if alive is None:
+        return {n: torch.ones(stats.block(n, site).shape[-1], dtype=torch.bool) for n in layers}
+    from .stats import check_fingerprint
+    check_fingerprint(stats.fingerprint, alive.fingerprint)
+    if alive.site != site:
+        raise ValueError(f"alive masks are for site {alive.site!r}, selection is at site {site!r}")
+    return {n: alive.keep[n] if n in alive.keep else torch.ones(stats.block(n, site).shape[-1], dtype=torch.bool)
+            for n in layers}
+
+
+def select_neurons(stats: NeuronStats, strategy: str = "manu-code", alpha: float = 2.0, *, per_layer: bool = False,
+                   site: str = "hidden", metric: str | None = None, modality: str | None = None, token_kinds=None,
+                   towers=None, alive: Masks | None = None, seed: int = 0, weights: dict | None = None) -> Masks:
+    """Masks pruning the top ``alpha`` % neurons by ``scores(...)`` (see the module docstring for the rules).
+
+    With ``alive`` (iterative rounds), only neurons it keeps are candidates and the result is cumulative:
+    it prunes what ``alive`` prunes plus the new selection.
+    """
+    alpha = _check_alpha(alpha)
+    sc = scores(stats, strategy, site=site, metric=metric, modality=modality, token_kinds=token_kinds,
+                towers=towers, seed=seed, weights=weights)
+    keep = _alive_keep(stats, site, alive, sc)
+    towers_of = {n: _tower(stats, n) for n in sc}
+    new_keep = {n: k.clone() for n, k in keep.items()}
+    for pool in _pools(list(sc), towers_of, per_layer, by_tower=strategy in ("manu-code", "random")):
+        total = sum(sc[n].numel() for n in pool)
+        chosen = _select_in_pool({n: sc[n] for n in pool}, {n: keep[n] for n in pool}, top_k_count(alpha, total))
+        for n, idx in chosen.items():
+            new_keep[n][idx] = False
+    if alive is not None:
+        new_keep = {**alive.keep, **new_keep}
+    description = {"strategy": strategy, "alpha": alpha, "per_layer": per_layer, "site": site, "metric": metric,
+                   "modality": modality, "token_kinds": token_kinds, "towers": sorted(set(towers_of.values())),
+                   "seed": seed if strategy == "random" else None, "weights": weights, "tau": stats.tau,
+                   "groups": stats.groups, "previous": alive.description if alive is not None else None}
+    return Masks(new_keep, stats.fingerprint, site, description)
+
+
+def random_like(masks: Masks, seed: int = 0) -> Masks:
+    """The random control of ``masks``: the same number of pruned neurons per tower, chosen uniformly."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = sorted(masks.keep, key=natural_key)
+    keep = {n: torch.ones_like(masks.keep[n]) for n in layers}
+    for tower in dict.fromkeys(masks.tower(n) for n in layers):
+        pool = [n for n in layers if masks.tower(n) == tower]
+        sc = {n: torch.rand(masks.keep[n].numel(), generator=gen, dtype=torch.float64) for n in pool}
+        chosen = _select_in_pool(sc, {n: keep[n] for n in pool}, masks.num_pruned(tower))
+        for n, idx in chosen.items():
+            keep[n][idx] = False
+    return Masks(keep, masks.fingerprint, masks.site, {"strategy": "random", "like": masks.description, "seed": seed})
+
+
+def iterative_prune(model, data, rounds: int, strategy: str = "manu-code", alpha_per_round: float = 2.0, *,
+                    mask_name: str = "forget", site: str = "hidden", profile_kwargs: dict | None = None,
+                    seed: int = 0, **select_kwargs) -> Masks:
+    """``rounds`` of profile -> select -> mask: each round profiles the model with the masks so far applied
+    (reversibly, as mask ``mask_name``) and prunes ``alpha_per_round`` % more of the still-alive neurons
+    (alpha counted on every neuron of a pool). Returns the cumulative masks, left applied on the model.
+
+    ``data`` is the profiler's dict (split, modality) -> batches; each value is iterated once per round, so
+    it must be re-iterable (a list, a DataLoader), not a one-shot generator.
+    """
+    from .masks import apply_masks
+    from .profiler import profile
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    for key, batches in data.items():
+        if iter(batches) is batches:
+            raise ValueError(f"data[{key}] is a one-shot iterator; iterative pruning needs a re-iterable (list, DataLoader)")
+    _check_alpha(alpha_per_round)
+    masks = None
+    for r in range(rounds):
+        if masks is not None:
+            apply_masks(model, masks, mask_name)
+        stats = profile(model, data, sites=(site,), **(profile_kwargs or {}))
+        masks = select_neurons(stats, strategy, alpha_per_round, site=site, alive=masks, seed=seed + r, **select_kwargs)
+    apply_masks(model, masks, mask_name)
+    return masks
