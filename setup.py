@@ -26,7 +26,7 @@ if sources and os.environ.get("MANU_FAST_NO_EXT") != "1":
     flags = ["-O3", "-fopenmp", "-std=c++17"]
     if os.environ.get("MANU_FAST_NATIVE", "0") == "1":
         flags.append("-march=native")
-    ext_modules = [Pybind11Extension("manu_fast._C", sources, extra_compile_args=flags,
+    ext_modules = [Pybind11Extension("manu_fast._C", sources, depends=sorted(glob.glob("csrc/*.h")), extra_compile_args=flags,
                                      extra_link_args=["-fopenmp"], cxx_std=17)]
     cmdclass = {"build_ext": OptionalBuildExt}
 
