@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .activations import activation_name
-from .ops import act_stats
+from .ops import act_stats, gated_linear_act_stats
 
 
 class FusedMLP(nn.Module):
@@ -104,7 +104,15 @@ class FusedGatedMLP(FusedMLP):
         return self.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._hidden(x, self.gate_proj(x), self.up_proj(x))
+        rec = self.recorder
+        if x.is_cuda and (rec is not None or self.keep is not None) and not hasattr(self.gate_proj, "_hf_hook"):
+            # CUDA: gate/up GEMMs and act+mask+stats may fuse into one kernel (ops picks per shape). Modules with
+            # accelerate hooks (offloaded weights) keep the module calls below so their hooks still run.
+            g, u = self.gate_proj, self.up_proj
+            kw = rec.op_kwargs(self, x.shape[:-1].numel()) if rec is not None else {}
+            h = gated_linear_act_stats(x, g.weight, g.bias, u.weight, u.bias, act=self.act_name, keep=self.keep, **kw)
+        else:
+            h = self._hidden(x, self.gate_proj(x), self.up_proj(x))
         return self._output(self.down_proj(h))
 
 
