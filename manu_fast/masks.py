@@ -150,7 +150,7 @@ def apply_masks(model, masks: Masks, name: str = "forget"):
     patch = patch_model(model)
     if masks.site == "pre":  # zeroing gate/fc1 outputs zeroes h only where act(0) == 0
         for layer in masks.keep:
-            act = patch.layers[layer].act
+            act = patch.layers[layer].act_name
             if float(ACTIVATIONS[act](torch.zeros(1, dtype=torch.float64))) != 0.0:
                 raise ValueError(f"layer {layer!r}: activation {act!r} has act(0) != 0, so a 'pre' mask is not a hidden mask")
     for layer, keep in masks.keep.items():
