@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (accumulate_tile_stats, act_code, apply_activation, group_args, interpreting, keep_args,
-                     merge_scratch, new_scratch, plan_chunks, scratch_offsets)
+from .common import (accumulate_tile_stats, act_code, apply_activation, fp32_threshold, group_args, interpreting, keep_args,
+                     merge_scratch, new_scratch, plan_chunks, rtne_by_hand, scratch_offsets, to_output_dtype)
 
 
 @triton.jit
@@ -18,7 +18,7 @@ def _act_stats_kernel(
     part_stride, pre_site_offset, up_site_offset,
     ACT: tl.constexpr, HAS_UP: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_GID: tl.constexpr,
     WRITE_OUT: tl.constexpr, STATS_H: tl.constexpr, STATS_PRE: tl.constexpr, STATS_UP: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    RTNE_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -47,7 +47,7 @@ def _act_stats_kernel(
         if HAS_KEEP:
             h = tl.where(keep[None, :], h, 0.0)
         if WRITE_OUT:
-            tl.store(out_ptr + rows64[:, None] * N + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + rows64[:, None] * N + cols[None, :], to_output_dtype(h, out_ptr, RTNE_BF16), mask=mask)
         if HAS_GID:
             gid = tl.load(gid_ptr + rows, mask=row_ok, other=-1)
         else:
@@ -97,12 +97,12 @@ def act_stats_triton(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_a
     up_arg = up if up is not None else pre
     _act_stats_kernel[(n_blocks, chunks)](
         pre, up_arg, out if out is not None else pre, keep_t, gid_t, scratch,
-        T, N, num_groups, tiles_per_chunk, float(tau),
+        T, N, num_groups, tiles_per_chunk, fp32_threshold(tau),
         pre.stride(0), pre.stride(1), up_arg.stride(0), up_arg.stride(1),
         *scratch_offsets(scratch, accs),
         ACT=act_code(act), HAS_UP=up is not None, HAS_KEEP=has_keep, HAS_GID=has_gid,
         WRITE_OUT=out is not None, STATS_H=hidden_acc is not None, STATS_PRE=pre_acc is not None,
-        STATS_UP=up_acc is not None, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
+        STATS_UP=up_acc is not None, RTNE_BF16=rtne_by_hand(pre.dtype), BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
     )
     merge_scratch(scratch, accs)
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -100,6 +101,32 @@ def accumulate_tile_stats(x, gid, row_ok, cols, col_ok, part_ptr, num_groups, N,
             tl.store(p + 4 * field, tl.load(p + 4 * field, mask=col_ok, other=0.0) + sum_sq_b, mask=col_ok)
             tl.store(p + 5 * field, tl.load(p + 5 * field, mask=col_ok, other=0.0) + active_b, mask=col_ok)
             tl.store(p + 6 * field, tl.load(p + 6 * field, mask=col_ok, other=0.0) + nonfinite_b, mask=col_ok)
+
+
+@triton.jit
+def to_output_dtype(h, out_ptr, RTNE_BF16: tl.constexpr):
+    """h (fp32) in the output's dtype, rounded to nearest even. RTNE_BF16 rounds bf16 by hand: Triton's CPU
+    interpreter truncates fp32 -> bf16 (compiled code rounds correctly), and tests compare to PyTorch."""
+    if RTNE_BF16:
+        bits = h.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(h == h, rounded, h.to(tl.bfloat16))  # NaN payloads must not round into Inf
+    else:
+        return h.to(out_ptr.dtype.element_ty)
+
+
+def rtne_by_hand(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def fp32_threshold(tau: float) -> float:
+    """The largest fp32 value <= tau. For any fp32 x, ``x > fp32_threshold(tau)`` equals the float64 test
+    ``x > tau`` of the reference (a plain fp32 cast of tau may round up and miss values just above tau)."""
+    lo = np.float32(tau)
+    if float(lo) > tau:
+        lo = np.nextafter(lo, np.float32(-np.inf))
+    return float(lo)
 
 
 def num_sms(device: torch.device) -> int:

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (accumulate_tile_stats, act_code, apply_activation, group_args, interpreting, keep_args,
-                     merge_scratch, new_scratch, plan_chunks, scratch_offsets)
+from .common import (accumulate_tile_stats, act_code, apply_activation, fp32_threshold, group_args, interpreting, keep_args,
+                     merge_scratch, new_scratch, plan_chunks, rtne_by_hand, scratch_offsets, to_output_dtype)
 
 GATED_PATH_ENV = "MANU_FAST_GATED_PATH"  # "fused" | "unfused" | "auto" (default)
 FUSED_MAX_D_ENV = "MANU_FAST_FUSED_MAX_D"
@@ -56,7 +56,7 @@ def _gated_gemm_act_stats_kernel(
     part_stride, pre_site_offset, up_site_offset,
     ACT: tl.constexpr, HAS_BIAS_G: tl.constexpr, HAS_BIAS_U: tl.constexpr, HAS_KEEP: tl.constexpr,
     HAS_GID: tl.constexpr, STATS_H: tl.constexpr, STATS_PRE: tl.constexpr, STATS_UP: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -102,7 +102,7 @@ def _gated_gemm_act_stats_kernel(
         h = apply_activation(acc_g, ACT) * acc_u
         if HAS_KEEP:
             h = tl.where(keep[None, :], h, 0.0)
-        tl.store(out_ptr + rows64[:, None] * N + cols[None, :], h.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + rows64[:, None] * N + cols[None, :], to_output_dtype(h, out_ptr, RTNE_BF16),
                  mask=row_ok[:, None] & col_ok[None, :])
         if HAS_GID:
             gid = tl.load(gid_ptr + rows, mask=row_ok, other=-1)
@@ -168,12 +168,12 @@ def gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_gr
     _gated_gemm_act_stats_kernel[(n_blocks, chunks)](
         x, w_gate, b_gate if b_gate is not None else w_gate, w_up, b_up if b_up is not None else w_up,
         out, keep_t, gid_t, scratch,
-        T, N, D, num_groups, tiles_per_chunk, float(tau),
+        T, N, D, num_groups, tiles_per_chunk, fp32_threshold(tau),
         x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
         *scratch_offsets(scratch, accs),
         ACT=act_code(act), HAS_BIAS_G=b_gate is not None, HAS_BIAS_U=b_up is not None, HAS_KEEP=has_keep,
         HAS_GID=has_gid, STATS_H=hidden_acc is not None, STATS_PRE=pre_acc is not None,
-        STATS_UP=up_acc is not None, DOT_FP32=_dot_in_fp32(x.dtype),
+        STATS_UP=up_acc is not None, DOT_FP32=_dot_in_fp32(x.dtype), RTNE_BF16=rtne_by_hand(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
     merge_scratch(scratch, accs)
