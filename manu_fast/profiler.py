@@ -3,12 +3,21 @@
 Each batch is homogeneous in (split, modality); within it, language-model tokens are labelled by kind
 (``image`` at image-token positions, ``text`` elsewhere, padding ignored) and every vision-tower and
 projector token is ``image``. Group labels are ``f"{split}/{modality}/{kind}"``. Statistics live in
-float64 accumulators of O(neurons) per layer on that layer's device, so memory does not grow with tokens.
+float64 accumulators of O(neurons) per layer on that layer's (execution) device, so memory does not grow
+with tokens and a model split over devices (accelerate ``device_map``, CPU/disk offload) keeps every
+layer's statistics next to it until they are saved.
+
+``profile`` can checkpoint its statistics every K batches and resume a killed run exactly (the
+checkpoint records how many batches of each (split, modality) it holds), count or refuse non-finite
+activations, and run data-parallel on ``torch.distributed`` (see ``manu_fast.distributed``).
 """
 from __future__ import annotations
 
 import inspect
+import json
+import warnings
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,20 +25,28 @@ from tqdm.auto import tqdm
 
 from .adapters import fingerprint, image_token_id, patch_model
 from .ops import act_stats
-from .stats import DEFAULT_TAU, NeuronStats, empty_stats, group_label
+from .stats import DEFAULT_TAU, F, NeuronStats, StatsFileError, empty_stats, group_label
 
 SITES = ("hidden", "pre", "up", "out")
 KINDS = ("image", "text")
+NONFINITE_POLICIES = ("count", "error")
+CHECKPOINT_KEY = "checkpoint"  # safetensors metadata entry holding the resume position
+
+
+class NonFiniteActivationError(FloatingPointError):
+    """NaN/Inf activations met while profiling with ``on_nonfinite="error"``."""
 
 
 class _LayerRecorder:
     """Attached to one FusedMLP while profiling: hands the op its group ids and accumulators."""
 
-    def __init__(self, profiler: "Profiler", tower: str, accs: dict[str, torch.Tensor]):
-        self.profiler, self.tower, self.accs = profiler, tower, accs
+    def __init__(self, profiler: "Profiler", tower: str, accs: dict[str, torch.Tensor], device: torch.device):
+        self.profiler, self.tower, self.accs, self.device = profiler, tower, accs, device
 
     def op_kwargs(self, layer, num_tokens: int) -> dict:
-        gid = self.profiler.group_ids(self.tower, num_tokens, layer.out_proj.weight.device)
+        # the accumulators' device, not out_proj.weight.device: under accelerate offload that weight is on
+        # "meta" until down_proj's own pre-forward hook loads it, which is after this call
+        gid = self.profiler.group_ids(self.tower, num_tokens, self.device)
         if gid is None:
             return {}
         return {"group_ids": gid, "stats": self.accs.get("hidden"), "pre_stats": self.accs.get("pre"),
@@ -42,6 +59,20 @@ class _LayerRecorder:
         gid = self.profiler.group_ids(self.tower, y.shape[:-1].numel(), y.device)
         if gid is not None:
             act_stats(y, act="identity", group_ids=gid, stats=acc, tau=self.profiler.tau, write_out=False)
+
+
+def execution_device(layer: nn.Module) -> torch.device:
+    """Where ``layer`` computes: its weights' device or, for weights offloaded by accelerate (on "meta"
+    until a hook loads them), the hook's execution device."""
+    dev = layer.out_proj.weight.device
+    if dev.type != "meta":
+        return dev
+    for module in (layer.out_proj, layer, *layer.in_proj):
+        hook_dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if hook_dev is not None:
+            return torch.device(f"cuda:{hook_dev}" if isinstance(hook_dev, int) else hook_dev)
+    raise ValueError("an MLP's weights are on the 'meta' device with no accelerate hook to load them: load the model's "
+                     "weights (or dispatch it with accelerate) before profiling")
 
 
 class Profiler:
@@ -73,14 +104,14 @@ class Profiler:
             tower = self.patch.towers[name]
             if towers is not None and tower not in towers:
                 continue
-            dev = layer.out_proj.weight.device
+            dev = execution_device(layer)
             accs = {}
             for site in sites:
                 if site == "up" and layer.kind != "gated":
                     continue
                 width = layer.hidden_size if site == "out" else layer.num_neurons
                 accs[site] = self.stats.blocks[NeuronStats.key(name, site)] = empty_stats(len(groups), width, dev)
-            self._recorders[name] = _LayerRecorder(self, tower, accs)
+            self._recorders[name] = _LayerRecorder(self, tower, accs, dev)
         self._lm = None
         self._vision = None
         self._cache: dict = {}
@@ -155,31 +186,209 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return extra
 
 
+def _data_key(split: str, modality: str) -> str:
+    return f"{split}/{modality}"
+
+
+def _block_sums(stats: NeuronStats, field: str, per_group: bool) -> dict[str, list[float] | float]:
+    """Sum of one field of every block (per group or in total), with one device->host copy per device."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for key, block in stats.blocks.items():
+        row = block[F[field]]
+        by_device.setdefault(block.device, []).append((key, row.sum(-1) if per_group else row.sum()))
+    out = {}
+    for items in by_device.values():
+        values = torch.stack([v for _, v in items]).cpu().tolist()
+        out.update(zip((k for k, _ in items), values))
+    return out
+
+
+def _checkpoint_state(stats: NeuronStats, position: dict[str, int], complete: bool, rank: int, world: int) -> dict:
+    return {"progress": position, "complete": complete, "rank": rank, "world_size": world,
+            "blocks": sorted(stats.blocks)}
+
+
+def save_checkpoint(path, stats: NeuronStats, position: dict[str, int], *, complete: bool = False,
+                    rank: int = 0, world_size: int = 1) -> None:
+    """Write ``stats`` and the resume position ({"split/modality": batches done}) atomically to ``path``.
+
+    The file is an ordinary statistics file (``NeuronStats.load`` reads it) with one more metadata entry."""
+    from .io import save_tensors
+    meta = stats.metadata()
+    meta[CHECKPOINT_KEY] = json.dumps(_checkpoint_state(stats, position, complete, rank, world_size), sort_keys=True)
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in stats.blocks.items()}, path, meta)
+
+
+def load_checkpoint(path, stats: NeuronStats, *, rank: int = 0, world_size: int = 1) -> dict[str, int]:
+    """Load the checkpoint at ``path`` into ``stats`` (in place, on each block's device); return its position.
+
+    Refuses (StatsFileError) a checkpoint of another model, other data keys, sites, towers, tau or launch."""
+    from safetensors import safe_open
+    saved = NeuronStats.load(path, expect_fingerprint=stats.fingerprint)
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(CHECKPOINT_KEY)
+    if raw is None:
+        raise StatsFileError(f"{path}: a statistics file but not a profiling checkpoint (no resume position)")
+    try:
+        state = json.loads(raw)
+        position = {str(k): int(v) for k, v in state["progress"].items()}
+        ckpt_rank, ckpt_world = int(state["rank"]), int(state["world_size"])
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise StatsFileError(f"{path}: checkpoint metadata is damaged ({e})") from None
+    if saved.groups != stats.groups:
+        raise StatsFileError(f"{path}: checkpoint groups {saved.groups} differ from this run's {stats.groups}: "
+                             "resume with the same data keys (split, modality), in the same order, and token kinds")
+    if saved.tau != stats.tau:
+        raise StatsFileError(f"{path}: checkpoint was made with tau={saved.tau}, this run uses tau={stats.tau}")
+    if set(saved.blocks) != set(stats.blocks):
+        diff = sorted(set(saved.blocks) ^ set(stats.blocks))
+        raise StatsFileError(f"{path}: checkpoint profiles other layers/sites ({diff[:3]} ...): "
+                             "resume with the same sites and towers")
+    if (ckpt_rank, ckpt_world) != (rank, world_size):
+        raise StatsFileError(f"{path}: checkpoint of rank {ckpt_rank} of {ckpt_world}, this process is rank {rank} "
+                             f"of {world_size}: resume with the same number of processes")
+    if any(n < 0 for n in position.values()):
+        raise StatsFileError(f"{path}: checkpoint metadata is damaged (negative position {position})")
+    for key, block in stats.blocks.items():
+        block.copy_(saved.blocks[key])
+    return position
+
+
+def _first_nonfinite(stats: NeuronStats, before: dict[str, float]) -> tuple[str, float] | None:
+    now = _block_sums(stats, "nonfinite", per_group=False)
+    for key, total in now.items():
+        if total > before.get(key, 0.0):
+            return key, total - before.get(key, 0.0)
+    return None
+
+
+def _warn_about_results(stats: NeuronStats, data_keys: list[tuple[str, str]]) -> None:
+    """Warn about (split, modality) data that profiled no token, and about counted NaN/Inf activations."""
+    counts = _block_sums(stats, "count", per_group=True)
+    for split, modality in data_keys:
+        ids = stats.group_ids(split=split, modality=modality)
+        if counts and not any(c[i] > 0 for c in counts.values() for i in ids):
+            warnings.warn(f"manu_fast.profile: no token of {split}/{modality} was profiled (every position masked out "
+                          "by attention_mask/profile_mask, or no profiled tower sees it); its groups are empty and "
+                          "selection will refuse them", stacklevel=3)
+    nonfinite = {k: v for k, v in _block_sums(stats, "nonfinite", per_group=False).items() if v > 0}
+    if nonfinite:
+        worst = ", ".join(f"{k}: {int(v)}" for k, v in list(nonfinite.items())[:3])
+        warnings.warn(f"manu_fast.profile: {int(sum(nonfinite.values()))} non-finite activation values (NaN/Inf) were "
+                      f"excluded from the statistics and counted in the 'nonfinite' field ({worst}"
+                      f"{' ...' if len(nonfinite) > 3 else ''}); pass on_nonfinite='error' to stop at the first",
+                      stacklevel=3)
+
+
+def _no_batch_error(key: str) -> ValueError:
+    return ValueError(f"the {key} data yielded no batch: nothing to profile (an empty forget/retain set?)")
+
+
+def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], progress: bool, on_nonfinite: str,
+                     checkpoint, checkpoint_every: int, rank: int, world: int, require_batches: bool) -> dict[str, int]:
+    """Run every batch not yet in ``prof.stats`` (``position``: batches done per data key); return batches per key."""
+    extra = _forward_kwargs(model)
+    since_save = 0
+    nonfinite_before = _block_sums(prof.stats, "nonfinite", per_group=False) if on_nonfinite == "error" else {}
+    for (split, modality), batches in data.items():
+        key = _data_key(split, modality)
+        done = position.get(key, 0)
+        seen = 0
+        for batch in tqdm(batches, desc=f"profile {key}", disable=not progress, leave=False):
+            seen += 1
+            if seen <= done:  # in the checkpoint already: read (the data must be the same) but not run
+                continue
+            batch = dict(batch)
+            pm = batch.pop("profile_mask", None)
+            prof.set_batch(split, modality, batch.get("input_ids"), batch.get("attention_mask"), pm)
+            model(**batch, **extra)
+            position[key] = seen
+            since_save += 1
+            if on_nonfinite == "error":
+                found = _first_nonfinite(prof.stats, nonfinite_before)
+                if found is not None:
+                    where = (f"; the checkpoint {checkpoint} holds the statistics saved before it" if checkpoint else "")
+                    raise NonFiniteActivationError(
+                        f"{int(found[1])} non-finite activation values (NaN/Inf) in {found[0]} at batch {seen} of "
+                        f"{key}{where}. Check the inputs and the model dtype (fp16 overflow?), or pass "
+                        "on_nonfinite='count' to exclude and count them")
+            if checkpoint is not None and since_save >= checkpoint_every:
+                save_checkpoint(checkpoint, prof.stats, position, rank=rank, world_size=world)
+                since_save = 0
+        if seen < done:
+            raise ValueError(f"the checkpoint holds {done} batches of {key} but the data now yields only {seen}: "
+                             "resume needs the same data in the same order")
+        position[key] = seen
+        if require_batches and not seen:
+            raise _no_batch_error(key)
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, prof.stats, position, complete=True, rank=rank, world_size=world)
+    return position
+
+
 def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, sites=("hidden",),
-            tau: float = DEFAULT_TAU, towers=None, token_kinds=KINDS, progress: bool = True) -> NeuronStats:
+            tau: float = DEFAULT_TAU, towers=None, token_kinds=KINDS, progress: bool = True, checkpoint=None,
+            checkpoint_every: int = 50, resume: bool = False, on_nonfinite: str = "count",
+            distributed: bool = False) -> NeuronStats:
     """Profile ``model`` over ``data`` ({(split, modality): batches}) and return its NeuronStats.
 
     A batch is a dict of model kwargs on the model's device, with an optional ``profile_mask`` (B, L) bool
     selecting the language-model positions to profile. Groups: every (split, modality) x token kind.
+
+    Args:
+        checkpoint: path of a checkpoint written atomically (temp file + rename) every ``checkpoint_every``
+            batches and at the end; it is a statistics file whose metadata also records how many batches of
+            each (split, modality) it holds. With ``distributed`` each rank writes its own
+            (``manu_fast.distributed.rank_path``).
+        resume: continue from ``checkpoint`` when it exists (start afresh when it does not): its statistics
+            are loaded and the batches it holds are read but not run, so ``data`` must yield the same batches
+            in the same order as the interrupted run. The result equals an uninterrupted run bit for bit.
+        on_nonfinite: ``"count"`` excludes NaN/Inf activations from every statistic and counts them in the
+            ``nonfinite`` field (a warning gives the total); ``"error"`` raises NonFiniteActivationError at
+            the first batch that has any (one device sync per batch).
+        distributed: profile on ``torch.distributed`` (launched by torchrun; initialised here if needed): each
+            rank runs the batches it is given (shard them with ``manu_fast.distributed.Shard``) and the
+            statistics are merged exactly across ranks, so every rank returns the whole-data statistics.
     """
     if not data:
         raise ValueError("no data to profile: give at least one (split, modality) -> batches entry")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive number of batches, got {checkpoint_every!r}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=<path> to resume from")
+    rank, world = 0, 1
+    if distributed:
+        from . import distributed as dist_mod
+        rank, world = dist_mod.init()
+        if checkpoint is not None:
+            checkpoint = dist_mod.rank_path(checkpoint, rank, world)
     groups = [group_label(s, m, k) for (s, m) in data for k in token_kinds]
-    extra = _forward_kwargs(model)
     was_training = model.training
     model.eval()
+    error = None
     try:
         with Profiler(model, groups, sites=sites, tau=tau, towers=towers, token_kinds=token_kinds) as prof, torch.no_grad():
-            for (split, modality), batches in data.items():
-                seen = 0
-                for batch in tqdm(batches, desc=f"profile {split}/{modality}", disable=not progress, leave=False):
-                    batch = dict(batch)
-                    pm = batch.pop("profile_mask", None)
-                    prof.set_batch(split, modality, batch.get("input_ids"), batch.get("attention_mask"), pm)
-                    model(**batch, **extra)
-                    seen += 1
-                if not seen:
-                    raise ValueError(f"the {split}/{modality} data yielded no batch: nothing to profile")
+            position = {}
+            if resume and Path(checkpoint).is_file():
+                position = load_checkpoint(checkpoint, prof.stats, rank=rank, world_size=world)
+            batches_per_key = _profile_batches(
+                model, data, prof, position=position, progress=progress, on_nonfinite=on_nonfinite,
+                checkpoint=checkpoint, checkpoint_every=checkpoint_every, rank=rank, world=world,
+                require_batches=not distributed)
+    except Exception as e:
+        if not distributed:
+            raise
+        error = e  # every rank must reach the collective below, or the others would wait forever
     finally:
         model.train(was_training)
+    if distributed:
+        dist_mod.raise_if_any_rank_failed(error)
+        totals = dist_mod.sum_counts(batches_per_key)
+        empty = [key for key, n in totals.items() if n == 0]
+        if empty:
+            raise _no_batch_error(empty[0])
+        dist_mod.all_reduce_stats(prof.stats)
+    _warn_about_results(prof.stats, list(data))
     return prof.stats
