@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One-shot check on a GPU machine (no internet needed): install, GPU tests (Triton compiled), kernel-level
+# MLP timing, benchmark suite. Logs and results.md go to $1, else $OUT, else ./gpu_check_out.
+# Every step has its own `timeout`; the steps' limits add up to under 8 minutes.
+# Without CUDA the GPU steps are recorded as SKIPPED and the script exits 0.
+# GPU_CHECK_DRY_RUN=1 prints each step's command instead of running it (to check the script's logic).
+# PYTHON selects the interpreter (default: python3).
+set -u
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-$PWD/gpu_check_out}}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+PY="${PYTHON:-python3}"
+RESULTS="$OUT_DIR/results.md"
+START=$(date +%s)
+
+echo "# manu_fast gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$RESULTS"
+{ echo; echo "| step | status | seconds | limit s | log |"; echo "| --- | --- | --- | --- | --- |"; } >> "$RESULTS"
+
+# run_step NAME LIMIT_S NEEDS_GPU COMMAND...: runs COMMAND under timeout, logs to $OUT_DIR/NAME.log.
+run_step() {
+    local name="$1" limit="$2" needs_gpu="$3"; shift 3
+    local log="$OUT_DIR/$name.log" status rc t0=$(date +%s)
+    if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
+        echo "dry run: timeout $limit $*" | tee "$log"; status="DRY RUN"
+    elif [ "$needs_gpu" = 1 ] && [ "$HAVE_GPU" != 1 ]; then
+        echo "skipped: no CUDA device" > "$log"; status="SKIPPED (no CUDA)"
+    else
+        echo "== $name (limit ${limit}s): $*"
+        timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1; rc=$?
+        case $rc in
+            0) status="ok" ;;
+            124|137) status="TIMEOUT" ;;
+            *) status="FAILED (rc $rc)" ;;
+        esac
+        tail -n 3 "$log"
+    fi
+    echo "| $name | $status | $(( $(date +%s) - t0 )) | $limit | $name.log |" >> "$RESULTS"
+}
+
+HAVE_GPU=0
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then HAVE_GPU=1; fi
+
+{
+    echo "python: $("$PY" --version 2>&1)"
+    "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)" 2>&1
+    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    echo "cuda available: $HAVE_GPU"
+} > "$OUT_DIR/env.log" 2>&1
+cat "$OUT_DIR/env.log"
+
+export MANU_FAST_BENCH_MODE=full MANU_FAST_BENCH_OUT="$OUT_DIR/bench"
+mkdir -p "$MANU_FAST_BENCH_OUT"
+run_step install 90 1 "$PY" -m pip install --no-deps --no-build-isolation -e .
+run_step tests 150 1 "$PY" -m pytest tests/ -q --durations=10
+run_step kernels_mlp 90 1 "$PY" -m manu_fast.kernels.bench_mlp --out "$OUT_DIR/kernels_mlp.md"
+run_step benchmarks 130 1 "$PY" -m pytest benchmarks/ -q -s
+
+{
+    echo
+    echo "total: $(( $(date +%s) - START )) s"
+    echo
+    sed 's/^/    /' "$OUT_DIR/env.log"
+    for f in "$OUT_DIR/kernels_mlp.md" "$MANU_FAST_BENCH_OUT"/*.md; do
+        [ -f "$f" ] && { echo; echo "## $(basename "$f")"; echo; cat "$f"; }
+    done
+    [ -f "$OUT_DIR/tests.log" ] && { echo; echo "## tests"; echo; tail -n 1 "$OUT_DIR/tests.log"; }
+} >> "$RESULTS"
+echo "results: $RESULTS"
+cat "$RESULTS"
