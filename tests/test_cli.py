@@ -1,0 +1,105 @@
+"""CLI end to end on a tiny (untrained) demo LLaVA: profile -> select -> report -> prune, one-line errors, --help.
+Also the iterative pruning helper against the real profiler."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from manu_fast import demo
+from manu_fast.cli import DEMO_CONFIG, main
+from manu_fast.masks import Masks, apply_masks
+from manu_fast.select import iterative_prune, top_k_count
+
+TINY = demo.ModelConfig(num_people=6, vision_hidden=16, vision_intermediate=24, text_hidden=16, text_intermediate=40,
+                        heads=2, train_steps=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llava")
+    demo.build_tiny_llava(TINY, demo.benchmark(TINY)).save_pretrained(path)
+    (path / DEMO_CONFIG).write_text(json.dumps(dataclasses.asdict(TINY)))
+    return path
+
+
+def run(capsys, *argv):
+    capsys.readouterr()  # drop what earlier steps printed
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(capsys, *argv, match):
+    rc, _, err = run(capsys, *argv)
+    last = err.rstrip("\n").split("\n")[-1]  # model loading may draw progress bars first
+    assert rc == 2 and last.startswith("manu-fast: error:") and "Traceback" not in err, err
+    assert match in last, err
+
+
+def test_pipeline_profile_select_report_prune(model_dir, tmp_path, capsys):
+    stats, masks, pruned = tmp_path / "stats.safetensors", tmp_path / "masks.safetensors", tmp_path / "pruned"
+    assert run(capsys, "profile", model_dir, stats, "--synthetic", "--forget-percent", 20, "--no-progress")[0] == 0
+    rc, out, _ = run(capsys, "report", stats)
+    assert rc == 0 and "layers: vision 2, projector 1, language 2" in out and "forget/text/text" in out
+    assert run(capsys, "select", stats, masks, "--strategy", "manu-code", "--alpha", 10)[0] == 0
+    m = Masks.load(masks)
+    expected = {"vision": top_k_count(10, 2 * 24), "projector": top_k_count(10, 16), "language": top_k_count(10, 2 * 40)}
+    assert {t: p for t, (p, _) in m.by_tower().items()} == expected
+    rc, out, _ = run(capsys, "report", masks)
+    assert rc == 0 and "strategy=manu-code, alpha=10.0" in out
+    assert out.splitlines()[-1].split() == ["total", str(len(m.keep)), str(m.num_pruned()), str(m.num_total()),
+                                            f"{100 * m.fraction():.2f}"]
+    assert run(capsys, "prune", model_dir, masks, pruned)[0] == 0
+    assert (pruned / DEMO_CONFIG).is_file()  # non-weight files travel with the pruned weights
+    # the stock reload of the pruned model equals the original with the masks applied reversibly
+    data = demo.benchmark(TINY)
+    original = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    batch = demo.question_sets(data, original, 20, "question")[1]["forget", "multimodal"][0].inputs
+    apply_masks(original, m)
+    reloaded = LlavaForConditionalGeneration.from_pretrained(pruned).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, original(**batch).logits, rtol=1e-5, atol=1e-5)
+    one_line_error(capsys, "prune", model_dir, masks, model_dir, match="must differ")
+
+
+def test_one_line_errors(model_dir, tmp_path, capsys):
+    one_line_error(capsys, "select", tmp_path / "missing.safetensors", tmp_path / "m.safetensors", match="not found")
+    one_line_error(capsys, "select", "a", "b", "--alpha", "lots", match="invalid float value")
+    one_line_error(capsys, "frobnicate", match="invalid choice")
+    one_line_error(capsys, "profile", model_dir, tmp_path / "s.safetensors", match="--synthetic or both")
+    one_line_error(capsys, "profile", tmp_path / "no_model", tmp_path / "s.safetensors", "--synthetic", match="not found")
+    bad = tmp_path / "junk.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    one_line_error(capsys, "report", bad, match="junk.safetensors")
+    # masks made for another model are refused
+    other = Masks({"model.layers.0.mlp": torch.ones(4, dtype=torch.bool)},
+                  {"model_type": "llama", "layers": {"model.layers.0.mlp": {"kind": "gated", "tower": "language",
+                                                                           "neurons": 4, "hidden": 2}}})
+    other.save(tmp_path / "other.safetensors")
+    one_line_error(capsys, "prune", model_dir, tmp_path / "other.safetensors", tmp_path / "out", match="model type 'llama'")
+    one_line_error(capsys, "demo", "--alphas", "x", match="invalid float value")
+
+
+@pytest.mark.parametrize("command", [[], ["profile"], ["select"], ["prune"], ["report"], ["demo"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(command + ["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "usage: manu-fast" in out
+    for option in {"profile": ["--synthetic", "--sites", "--tau"], "select": ["--strategy", "--alpha", "--per-layer"],
+                   "prune": ["--device", "--dtype"], "demo": ["--alphas"]}.get((command or [""])[0], []):
+        assert option in out
+
+
+def test_iterative_prune_with_the_profiler(model_dir):
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    profiling, _ = demo.question_sets(demo.benchmark(TINY), model, 20, "question")
+    data = {k: [b.inputs for b in v] for k, v in profiling.items()}
+    masks = iterative_prune(model, data, 2, "manu-code", 10, profile_kwargs={"progress": False})
+    per_round = {"vision": top_k_count(10, 48), "projector": top_k_count(10, 16), "language": top_k_count(10, 80)}
+    assert {t: p for t, (p, _) in masks.by_tower().items()} == {t: 2 * k for t, k in per_round.items()}
+    assert masks.description["previous"]["strategy"] == "manu-code"
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        iterative_prune(model, {k: iter(v) for k, v in data.items()}, 2)
