@@ -6,8 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (accumulate_tile_stats, act_code, apply_activation, fp32_threshold, group_args, interpreting, keep_args,
-                     merge_scratch, new_scratch, plan_chunks, rtne_by_hand, scratch_offsets, to_output_dtype)
+from .common import (accumulate_tile_stats, act_code, apply_activation, fp32_threshold, group_args,
+                     interpreting, keep_args, merge_scratch, new_scratch, plan_chunks, rtne_by_hand,
+                     scratch_offsets, to_output_dtype)
 
 
 @triton.jit
@@ -102,7 +103,8 @@ def act_stats_triton(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_a
         *scratch_offsets(scratch, accs),
         ACT=act_code(act), HAS_UP=up is not None, HAS_KEEP=has_keep, HAS_GID=has_gid,
         WRITE_OUT=out is not None, STATS_H=hidden_acc is not None, STATS_PRE=pre_acc is not None,
-        STATS_UP=up_acc is not None, RTNE_BF16=rtne_by_hand(pre.dtype), BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
+        STATS_UP=up_acc is not None, RTNE_BF16=rtne_by_hand(pre.dtype), BLOCK_T=block_t, BLOCK_N=block_n,
+        num_warps=num_warps,
     )
     merge_scratch(scratch, accs)
     return out

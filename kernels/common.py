@@ -111,9 +111,10 @@ def to_output_dtype(h, out_ptr, RTNE_BF16: tl.constexpr):
         bits = h.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(h == h, rounded, h.to(tl.bfloat16))  # NaN payloads must not round into Inf
+        out = tl.where(h == h, rounded, h.to(tl.bfloat16))  # NaN payloads must not round into Inf
     else:
-        return h.to(out_ptr.dtype.element_ty)
+        out = h.to(out_ptr.dtype.element_ty)
+    return out
 
 
 def rtne_by_hand(dtype: torch.dtype) -> bool:
@@ -136,16 +137,19 @@ def num_sms(device: torch.device) -> int:
 
 
 def plan_chunks(num_tokens: int, block_t: int, num_neuron_blocks: int, device: torch.device,
-                tiles_per_chunk: int | None = None) -> tuple[int, int]:
+                tiles_per_chunk: int | None = None, min_chunks: int = 1) -> tuple[int, int]:
     """(tiles per chunk, number of chunks C) for a (neuron blocks, C) grid.
 
-    Aims for PROGRAMS_PER_SM programs per SM (one program per neuron block on CPU/interpreter), keeps every
+    Aims for PROGRAMS_PER_SM programs per SM (one program per neuron block on CPU/interpreter) and at least
+    ``min_chunks`` chunks on CUDA (the GEMM's weight-reuse factor, see gated_gemm.py), keeps every
     chunk under MAX_CHUNK_TOKENS so fp32 counts stay exact. Depends only on the shape and the device, so a
     given input always gets the same configuration (and therefore bit-identical statistics).
     """
     tiles = triton.cdiv(num_tokens, block_t)
     if tiles_per_chunk is None:
         want_chunks = max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms(device), num_neuron_blocks))
+        if device.type == "cuda":
+            want_chunks = max(want_chunks, min_chunks)
         tiles_per_chunk = triton.cdiv(tiles, want_chunks)
     tiles_per_chunk = max(1, min(tiles_per_chunk, MAX_CHUNK_TOKENS // block_t))
     return tiles_per_chunk, triton.cdiv(tiles, tiles_per_chunk)

@@ -2,9 +2,11 @@
 epilogue computes h = act(g) * u, applies the neuron mask, writes h and accumulates the segmented statistics
 of h (and of g/u on request). g and u never go to memory.
 
-Grid (neuron blocks, token chunks): a program keeps its BLOCK_N rows of both weight matrices hot in L2 while
-it walks the BLOCK_M token tiles of its chunk, and owns its slice of the fp32 partial-statistics scratch
-exactly as the elementwise kernel does (see kernels/common.py), so the statistics are deterministic.
+Programs: one per (neuron block, token chunk); a program walks the BLOCK_M token tiles of its chunk and owns
+its slice of the fp32 partial-statistics scratch exactly as the elementwise kernel does (kernels/common.py),
+so the statistics are deterministic. The 1-D launch order puts the chunk index fastest: the C programs of one
+neuron block run side by side and share each weight slab through L2, so the weights are read from memory
+about T / (BLOCK_M * C) times (C >= GEMM_MIN_CHUNKS on CUDA) rather than once per token tile.
 
 When to use it instead of cuBLAS + the elementwise kernel: see ``prefer_fused_gemm``.
 """
@@ -16,13 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (accumulate_tile_stats, act_code, apply_activation, fp32_threshold, group_args, interpreting, keep_args,
-                     merge_scratch, new_scratch, plan_chunks, rtne_by_hand, scratch_offsets, to_output_dtype)
+from .common import (accumulate_tile_stats, act_code, apply_activation, fp32_threshold, group_args,
+                     interpreting, keep_args, merge_scratch, new_scratch, plan_chunks, rtne_by_hand,
+                     scratch_offsets, to_output_dtype)
 
 GATED_PATH_ENV = "MANU_FAST_GATED_PATH"  # "fused" | "unfused" | "auto" (default)
 FUSED_MAX_D_ENV = "MANU_FAST_FUSED_MAX_D"
 FUSED_MAX_D_DEFAULT = 2048
 FUSED_MIN_TOKENS = 128
+GEMM_MIN_CHUNKS = 8
 
 
 def prefer_fused_gemm(num_tokens: int, d_model: int, n_inter: int) -> bool:
@@ -51,15 +55,17 @@ def prefer_fused_gemm(num_tokens: int, d_model: int, n_inter: int) -> bool:
 @triton.jit
 def _gated_gemm_act_stats_kernel(
     x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, out_ptr, keep_ptr, gid_ptr, scratch_ptr,
-    T, N, D, num_groups, tiles_per_chunk, tau,
+    T, N, D, num_groups, num_chunks, tiles_per_chunk, tau,
     stride_xt, stride_xd, stride_wgn, stride_wgd, stride_wun, stride_wud,
     part_stride, pre_site_offset, up_site_offset,
     ACT: tl.constexpr, HAS_BIAS_G: tl.constexpr, HAS_BIAS_U: tl.constexpr, HAS_KEEP: tl.constexpr,
     HAS_GID: tl.constexpr, STATS_H: tl.constexpr, STATS_PRE: tl.constexpr, STATS_UP: tl.constexpr,
-    DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, RTNE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    chunk = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_n = pid // num_chunks
+    chunk = pid % num_chunks
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
@@ -133,9 +139,11 @@ def _default_blocks() -> tuple[int, int, int, int, int]:
 
 def _check_linear(w, b, name, n, d, x):
     if w.dim() != 2 or w.shape != (n, d) or w.dtype != x.dtype or w.device != x.device:
-        raise ValueError(f"{name} weight must be ({n}, {d}) {x.dtype} on {x.device}, got {tuple(w.shape)} {w.dtype} {w.device}")
+        raise ValueError(f"{name} weight must be ({n}, {d}) {x.dtype} on {x.device}, "
+                         f"got {tuple(w.shape)} {w.dtype} {w.device}")
     if b is not None and (b.shape != (n,) or b.dtype != x.dtype or b.device != x.device):
-        raise ValueError(f"{name} bias must be ({n},) {x.dtype} on {x.device}, got {tuple(b.shape)} {b.dtype} {b.device}")
+        raise ValueError(f"{name} bias must be ({n},) {x.dtype} on {x.device}, "
+                         f"got {tuple(b.shape)} {b.dtype} {b.device}")
 
 
 def gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc,
@@ -163,12 +171,12 @@ def gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_gr
     gid_t, has_gid = group_args(gid, T, device)
     keep_t, has_keep = keep_args(keep, N, device)
     n_blocks = triton.cdiv(N, block_n)
-    tiles_per_chunk, chunks = plan_chunks(T, block_m, n_blocks, device, tiles_per_chunk)
+    tiles_per_chunk, chunks = plan_chunks(T, block_m, n_blocks, device, tiles_per_chunk, GEMM_MIN_CHUNKS)
     scratch = new_scratch(accs, chunks, num_groups, N, device)
-    _gated_gemm_act_stats_kernel[(n_blocks, chunks)](
+    _gated_gemm_act_stats_kernel[(n_blocks * chunks,)](
         x, w_gate, b_gate if b_gate is not None else w_gate, w_up, b_up if b_up is not None else w_up,
         out, keep_t, gid_t, scratch,
-        T, N, D, num_groups, tiles_per_chunk, fp32_threshold(tau),
+        T, N, D, num_groups, chunks, tiles_per_chunk, fp32_threshold(tau),
         x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
         *scratch_offsets(scratch, accs),
         ACT=act_code(act), HAS_BIAS_G=b_gate is not None, HAS_BIAS_U=b_up is not None, HAS_KEEP=has_keep,

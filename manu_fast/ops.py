@@ -181,13 +181,15 @@ def gated_linear_act_stats(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.
     (nn.Linear layout). Returns ``h`` of shape (..., N) in ``x.dtype``. The fused path keeps g and u in fp32,
     so its statistics are slightly more accurate than the unfused path's (which sees g, u rounded to x.dtype).
     """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or w_gate.dim() != 2:
+        raise TypeError("x must be a tensor of shape (..., D) and w_gate a (N, D) weight")
     name = backend or pick_backend(x.device)
     if name == "triton":
         from .kernels import gated_act_stats_triton, prefer_fused_gemm
         n = w_gate.shape[0]
-        if x.dim() >= 1 and prefer_fused_gemm(x.numel() // max(x.shape[-1], 1), x.shape[-1], n):
+        x2 = x.reshape(-1, x.shape[-1])
+        if prefer_fused_gemm(x2.shape[0], x2.shape[1], n):
             check_activation(act)
-            x2 = x.reshape(-1, x.shape[-1])
             keep_n = None if keep is None else keep.to(device=x.device, dtype=torch.bool)
             if keep_n is not None and keep_n.shape != (n,):
                 raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({n},) for this layer")
@@ -197,8 +199,9 @@ def gated_linear_act_stats(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.
                 _check_acc(acc, acc_name, num_groups, n, x.device)
             gid = None
             if group_ids is not None:
-                if group_ids.numel() != x2.shape[0] or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
-                    raise ValueError(f"group_ids must be an integer tensor with {x2.shape[0]} elements (one per token), "
+                t = x2.shape[0]
+                if group_ids.numel() != t or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+                    raise ValueError(f"group_ids must be an integer tensor with {t} elements (one per token), "
                                      f"got {tuple(group_ids.shape)} {group_ids.dtype}")
                 gid = group_ids.reshape(-1).to(device=x.device, dtype=torch.int32)
             h = gated_act_stats_triton(x2, w_gate, b_gate, w_up, b_up, act, keep_n, gid, num_groups, float(tau),
