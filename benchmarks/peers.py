@@ -1,0 +1,291 @@
+"""The peers manu_fast's fused profiling is measured against, each a real implementation a user could ship.
+
+Statistics peers take the MLP intermediate ``a`` (T, N) and per-token group ids (T,) int32 (-1 = ignore) and
+produce the same float64 (NUM_FIELDS, G, N) block as manu_fast (FIELDS order), so every peer is checked
+against the fused result:
+
+- ``hooks-stream`` (:class:`StreamStats`): what a competent PyTorch user writes: running float64 totals of
+  per-group sums of a, a^2, |a| and [|a| > tau], each one vectorised expression per batch (a one-hot (G, T)
+  fp32 matmul with the batch), no Python loop over tokens. Variance comes from the sums (sum_sq/n - mean^2),
+  cheaper than Welford/Chan and less accurate when |mean| >> std: the accuracy such code usually accepts.
+- ``welford`` (:class:`WelfordStats`): the ``welford-torch`` package (what taker and the MANU code import), one
+  float64 ``Welford`` per group fed with ``add_all`` on that group's rows, plus float64 sums of |a|, a^2, [|a|>tau].
+- ``hooks-store`` (:class:`StoreStats`): the MANU reference style: keep every activation as the model produced
+  it, concatenate and reduce (two-pass, fp32) at the end. Memory O(tokens x neurons).
+
+Model peers run a profiling pass (a list of batches) over a model with those statistics in forward pre-hooks on
+each MLP's down_proj/fc2 (whose input is the neuron activation ``h``), or with manu_fast's Profiler (``fused``),
+or with nothing (``plain``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from manu_fast.adapters import find_mlps, get_patch
+from manu_fast.profiler import Profiler
+from manu_fast.stats import DEFAULT_TAU, F, empty_stats
+
+GROUP_LABELS = ("forget/multimodal/image", "forget/multimodal/text")
+IMAGE_GROUP, TEXT_GROUP = 0, 1
+SPLIT, MODALITY = "forget", "multimodal"
+
+
+def one_hot_groups(gid: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(G, T) fp32 indicator of each token's group; ignored tokens (-1) are all-zero columns."""
+    return (gid.unsqueeze(0) == torch.arange(num_groups, device=gid.device, dtype=gid.dtype).unsqueeze(1)).float()
+
+
+class StreamStats:
+    name = "hooks-stream"
+
+    def __init__(self, num_groups: int, num_neurons: int, tau: float = DEFAULT_TAU, device=None):
+        self.g, self.n, self.tau = num_groups, num_neurons, tau
+        self.count = torch.zeros(num_groups, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(4, num_groups, num_neurons, dtype=torch.float64, device=device)  # a, a^2, |a|, active
+
+    def update(self, a: torch.Tensor, gid: torch.Tensor) -> None:
+        a = a.reshape(-1, self.n).float()
+        onehot = one_hot_groups(gid, self.g)
+        absa = a.abs()
+        self.count += onehot.sum(1)
+        self.sums[0] += onehot @ a
+        self.sums[1] += onehot @ (a * a)
+        self.sums[2] += onehot @ absa
+        self.sums[3] += onehot @ (absa > self.tau).float()
+
+    def block(self) -> torch.Tensor:
+        out = empty_stats(self.g, self.n, self.count.device)
+        n = self.count.unsqueeze(1).expand(self.g, self.n)
+        mean = self.sums[0] / n.clamp(min=1)
+        out[F["count"]] = n
+        out[F["mean"]] = mean
+        out[F["m2"]] = self.sums[1] - n * mean * mean
+        out[F["sum_abs"]], out[F["sum_sq"]], out[F["active"]] = self.sums[2], self.sums[1], self.sums[3]
+        return out
+
+    def held_bytes(self) -> int:
+        return self.count.nbytes + self.sums.nbytes
+
+
+class WelfordStats:
+    name = "welford"
+
+    def __init__(self, num_groups: int, num_neurons: int, tau: float = DEFAULT_TAU, device=None):
+        from welford_torch import Welford
+
+        self.g, self.n, self.tau = num_groups, num_neurons, tau
+        self.welford = [Welford(dtype=torch.float64, device=device) for _ in range(num_groups)]
+        self.sums = torch.zeros(3, num_groups, num_neurons, dtype=torch.float64, device=device)  # |a|, a^2, active
+
+    def update(self, a: torch.Tensor, gid: torch.Tensor) -> None:
+        a = a.reshape(-1, self.n)
+        for k, acc in enumerate(self.welford):
+            x = a[gid == k].to(torch.float64)
+            if x.shape[0] == 0:  # welford-torch divides by the running count: skip empty groups
+                continue
+            acc.add_all(x)
+            absx = x.abs()
+            self.sums[0, k] += absx.sum(0)
+            self.sums[1, k] += (x * x).sum(0)
+            self.sums[2, k] += (absx > self.tau).sum(0)
+
+    def block(self) -> torch.Tensor:
+        out = empty_stats(self.g, self.n, self.sums.device)
+        for k, acc in enumerate(self.welford):
+            if acc.count:
+                out[F["count"], k] = acc.count
+                out[F["mean"], k] = acc.mean
+                out[F["m2"], k] = acc.var_p * acc.count
+        out[F["sum_abs"]], out[F["sum_sq"]], out[F["active"]] = self.sums[0], self.sums[1], self.sums[2]
+        return out
+
+    def held_bytes(self) -> int:
+        # mean, M2 and welford-torch's two rollback copies of them, per group
+        return self.sums.nbytes + sum(4 * acc.mean.nbytes for acc in self.welford if acc.mean is not None)
+
+
+class StoreStats:
+    name = "hooks-store"
+
+    def __init__(self, num_groups: int, num_neurons: int, tau: float = DEFAULT_TAU, device=None):
+        self.g, self.n, self.tau, self.device = num_groups, num_neurons, tau, device
+        self.acts: list[torch.Tensor] = []
+        self.gids: list[torch.Tensor] = []
+
+    def update(self, a: torch.Tensor, gid: torch.Tensor) -> None:
+        self.acts.append(a.detach().reshape(-1, self.n))
+        self.gids.append(gid)
+
+    def block(self) -> torch.Tensor:
+        out = empty_stats(self.g, self.n, self.device)
+        if not self.acts:
+            return out
+        acts, gid = torch.cat(self.acts), torch.cat(self.gids)
+        for k in range(self.g):
+            x = acts[gid == k].float()
+            if x.shape[0] == 0:
+                continue
+            mean = x.mean(0)
+            absx = x.abs()
+            out[F["count"], k] = x.shape[0]
+            out[F["mean"], k] = mean
+            out[F["m2"], k] = ((x - mean) ** 2).sum(0)
+            out[F["sum_abs"], k] = absx.sum(0)
+            out[F["sum_sq"], k] = (x * x).sum(0)
+            out[F["active"], k] = (absx > self.tau).sum(0)
+        return out
+
+    def held_bytes(self) -> int:
+        return sum(t.nbytes for t in self.acts) + sum(t.nbytes for t in self.gids)
+
+
+STATS_PEERS = {cls.name: cls for cls in (StreamStats, WelfordStats, StoreStats)}
+
+
+def lm_group_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int) -> torch.Tensor:
+    """Per-position group of the language model's tokens: image / text, -1 for padding (flattened, int32)."""
+    gid = torch.where(input_ids == image_token, IMAGE_GROUP, TEXT_GROUP).to(torch.int32)
+    if attention_mask is not None:
+        gid = gid.masked_fill(attention_mask == 0, -1)
+    return gid.reshape(-1)
+
+
+@dataclass
+class Batch:
+    """One forward of a profiling pass: the model kwargs, and the language-model token layout for the groups."""
+
+    kwargs: dict
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+
+    @property
+    def lm_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+@dataclass
+class RunResult:
+    blocks: dict[str, torch.Tensor] | None  # MLP module name -> (NUM_FIELDS, G, N) block of its hidden activation
+    held_bytes: int                          # statistics state held at the end of the pass (before reduction)
+
+
+class PlainPeer:
+    """The uninstrumented forward: the lower bound."""
+
+    name = "plain"
+
+    def run(self, model: nn.Module, batches: list[Batch]) -> RunResult:
+        with torch.no_grad():
+            for b in batches:
+                model(**b.kwargs)
+        return RunResult(None, 0)
+
+
+class HookPeer:
+    """A statistics peer in forward pre-hooks on every MLP's output projection (its input is the hidden activation)."""
+
+    def __init__(self, stats_name: str, image_token: int, tau: float = DEFAULT_TAU):
+        self.stats_cls = STATS_PEERS[stats_name]
+        self.name, self.image_token, self.tau = stats_name, image_token, tau
+
+    def run(self, model: nn.Module, batches: list[Batch]) -> RunResult:
+        stats, handles, state = {}, [], {}
+
+        def make_hook(name: str, tower: str):
+            def hook(_module, args):
+                a = args[0]
+                t = a.shape[:-1].numel()
+                if tower == "language":
+                    gid = state["lm"]
+                    if gid.numel() != t:
+                        raise RuntimeError(f"{name}: {t} tokens, batch layout has {gid.numel()}")
+                else:  # vision tower and projector tokens are all image tokens
+                    gid = state.setdefault(("vision", t), torch.full((t,), IMAGE_GROUP, dtype=torch.int32, device=a.device))
+                stats[name].update(a, gid)
+            return hook
+
+        for info in find_mlps(model):
+            out_proj = getattr(info.module, info.linears[-1])
+            stats[info.name] = self.stats_cls(len(GROUP_LABELS), info.neurons, self.tau, out_proj.weight.device)
+            handles.append(out_proj.register_forward_pre_hook(make_hook(info.name, info.tower)))
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    state.clear()
+                    state["lm"] = lm_group_ids(b.input_ids, b.attention_mask, self.image_token)
+                    model(**b.kwargs)
+                held = sum(s.held_bytes() for s in stats.values())
+                return RunResult({name: s.block() for name, s in stats.items()}, held)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class FusedPeer:
+    """manu_fast: patch the model's MLPs with the fused layers and profile with ``Profiler`` (C++ on CPU, Triton on
+    CUDA via the dispatch). The model is unpatched afterwards if it was not patched before."""
+
+    name = "fused"
+
+    def __init__(self, tau: float = DEFAULT_TAU):
+        self.tau = tau
+
+    def run(self, model: nn.Module, batches: list[Batch]) -> RunResult:
+        was_patched = get_patch(model) is not None
+        try:
+            with Profiler(model, list(GROUP_LABELS), tau=self.tau) as prof, torch.no_grad():
+                for b in batches:
+                    prof.set_batch(SPLIT, MODALITY, b.input_ids, b.attention_mask)
+                    model(**b.kwargs)
+            blocks = {key.split("::")[0]: block for key, block in prof.stats.blocks.items()}
+            return RunResult(blocks, sum(block.nbytes for block in blocks.values()))
+        finally:
+            if not was_patched and get_patch(model) is not None:
+                get_patch(model).unpatch()
+
+
+def model_peers(image_token: int) -> list:
+    return [PlainPeer(), HookPeer("hooks-stream", image_token), HookPeer("welford", image_token),
+            HookPeer("hooks-store", image_token), FusedPeer()]
+
+
+def tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, active_rtol) for comparing statistics of the same activations computed by two implementations.
+
+    fp32: both see h to within a few ulp and sum in >= fp32, so 1e-4 is far above rounding. bf16: HF rounds
+    act(g) and act(g)*u to bf16 (two roundings of 2^-8 each) while the fused op keeps h in fp32 until its output,
+    so sum a^2 may differ by up to 4 * 2^-8 relative; about that fraction of |a| > tau decisions near tau may flip.
+    """
+    if dtype == torch.float32:
+        return 1e-4, 1e-4
+    return 4 * 2.0 ** -8, 1e-2
+
+
+def assert_blocks_close(ref: torch.Tensor, got: torch.Tensor, rtol: float, active_rtol: float, what: str) -> None:
+    """Sanity check of one statistics block against another (fused vs a peer).
+
+    Counts must match exactly; mean within rtol of mean |a|; sum |a| and sum a^2 within rtol; variance within rtol of
+    the mean square; the |a| > tau counts within active_rtol of the token count (values near tau may round across it).
+    """
+    ref, got = ref.double().cpu(), got.double().cpu()
+    n = ref[F["count"]]
+    if not torch.equal(n, got[F["count"]]):
+        raise AssertionError(f"{what}: token counts differ: {n[:, 0].tolist()} vs {got[F['count'], :, 0].tolist()}")
+    safe = n.clamp(min=1)
+    mean_abs, mean_sq = ref[F["sum_abs"]] / safe, ref[F["sum_sq"]] / safe
+    checks = {
+        "mean": ((got[F["mean"]] - ref[F["mean"]]).abs(), rtol * mean_abs + 1e-12),
+        "sum_abs": ((got[F["sum_abs"]] - ref[F["sum_abs"]]).abs(), rtol * ref[F["sum_abs"]] + 1e-12),
+        "sum_sq": ((got[F["sum_sq"]] - ref[F["sum_sq"]]).abs(), rtol * ref[F["sum_sq"]] + 1e-12),
+        "var": ((got[F["m2"]] - ref[F["m2"]]).abs() / safe, rtol * mean_sq + 1e-12),
+        "active": ((got[F["active"]] - ref[F["active"]]).abs(), active_rtol * n + 2),
+    }
+    for field_name, (err, tol) in checks.items():
+        bad = err > tol
+        if bad.any():
+            i = int(bad.flatten().nonzero()[0])
+            raise AssertionError(f"{what}: field {field_name} differs at {int(bad.sum())} places, e.g. flat index {i}: "
+                                 f"|diff| {err.flatten()[i]:.3g} > tol {tol.flatten()[i]:.3g}")

@@ -1,0 +1,76 @@
+"""Level "layer": one real HF MLP with statistics gathered on its hidden neurons, all peers.
+
+Cases: LLaVA-1.5-7B's language MLP (LlamaMLP 4096/11008, SiLU) and its CLIP ViT-L/14 MLP (1024/4096, quick_gelu);
+bf16 on GPU, fp32 and bf16 on CPU. On GPU, Liger-Kernel's SwiGLU MLP (fused activation, no statistics) is
+added for the gated MLP when it is importable. The layer is hosted as a one-MLP model so every peer runs
+exactly as it would on a whole model (hooks on down_proj/fc2, or manu_fast's Profiler).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .harness import available_bytes, measure, peak_extra_bytes
+from .peers import assert_blocks_close, model_peers, tolerances
+from .workloads import IMAGE_TOKEN, LLAVA_LM, MLPHost, build_mlp, dtype_name, mlp_batches
+
+CASES = ("llava-lm-mlp", "clip-vit-l-mlp")
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def liger_swiglu(mlp, device):
+    """Liger-Kernel's SwiGLU MLP with ``mlp``'s weights, or None where it is not installed (or not on CUDA)."""
+    if device.type != "cuda":
+        return None
+    try:
+        import transformers as tf
+        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    except ImportError:
+        return None
+    liger = LigerSwiGLUMLP(tf.LlamaConfig(**LLAVA_LM)).to(device, mlp.down_proj.weight.dtype)
+    liger.load_state_dict(mlp.state_dict())
+    return liger.eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", CASES)
+def test_layer(results, device, sizes, case, dtype):
+    if dtype not in sizes.layer_dtypes:
+        pytest.skip(f"{dtype_name(dtype)} not benchmarked on {device.type} in this mode")
+    tokens = sizes.layer_tokens[case]
+    mlp = build_mlp(case, device, dtype)
+    host = MLPHost(mlp)
+    neurons, hidden = mlp.fc2.in_features if hasattr(mlp, "fc2") else mlp.down_proj.in_features, \
+        (mlp.fc2 if hasattr(mlp, "fc2") else mlp.down_proj).out_features
+    batches = mlp_batches(case, tokens, hidden, 1, device, dtype)
+    shapes = f"{tokens}x{hidden}->{neurons}"
+
+    peers = model_peers(IMAGE_TOKEN)
+    runs = {p.name: p.run(host, batches) for p in peers}
+    rtol, active_rtol = tolerances(dtype)
+    for name, run in runs.items():
+        if run.blocks is not None and name != "fused":
+            assert_blocks_close(runs["fused"].blocks["mlp"], run.blocks["mlp"], rtol, active_rtol,
+                                f"{case} {dtype_name(dtype)}: fused vs {name}")
+
+    entries = []
+    for p in peers:
+        held = runs[p.name].held_bytes
+        if held > available_bytes(device) // 2:
+            entries.append({"peer": p.name, "held_bytes": held, "note": "skipped: would not fit"})
+            continue
+        fn = lambda p=p: p.run(host, batches)  # noqa: E731
+        entries.append({"peer": p.name, "timing": measure(fn, device, sizes.time_s), "held_bytes": held,
+                        "peak_bytes": peak_extra_bytes(fn, device)})
+    liger = liger_swiglu(mlp, device) if case == "llava-lm-mlp" else None
+    if liger is not None:
+        x = batches[0].kwargs["x"]
+
+        def liger_fn():
+            with torch.no_grad():
+                liger(x)
+        entries.append({"peer": "liger-swiglu", "timing": measure(liger_fn, device, sizes.time_s), "held_bytes": 0,
+                        "peak_bytes": peak_extra_bytes(liger_fn, device), "note": "fused act, no statistics"})
+    for e in entries:
+        e.update(shapes=shapes, dtype=dtype_name(dtype))
+    results.report("layer", case, f"One MLP layer ({case}), {tokens} tokens, statistics of the hidden neurons", entries)

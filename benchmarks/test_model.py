@@ -1,0 +1,52 @@
+"""Level "model": a whole LlavaForConditionalGeneration forward with statistics of every MLP (CLIP vision tower,
+projector, Llama language model), random weights, built on the device.
+
+Full mode and GPU: the real LLaVA-1.5-7B widths (4096/11008 language, CLIP ViT-L/14-336 vision, 576 image tokens)
+with a reduced layer count. Quick mode on CPU: the same architecture with widths / 8 (said in the table).
+One profiling pass = ``batches_per_pass`` forwards (no KV cache, logits of the last position only) plus the final
+reduction of the statistics.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .harness import available_bytes, measure, peak_extra_bytes
+from .peers import assert_blocks_close, model_peers, tolerances
+from .workloads import IMAGE_TOKEN, build_llava, dtype_name, llava_batches
+
+# Differences between two forwards (HF act(g)*u vs the fused op) propagate through the layers in low precision.
+DEPTH_SLACK = {torch.float32: 1.0, torch.bfloat16: 4.0}
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_name)
+def test_model(results, device, sizes, dtype):
+    if dtype not in sizes.model_dtypes:
+        pytest.skip(f"{dtype_name(dtype)} not benchmarked on {device.type} in this mode")
+    case = sizes.model
+    model = build_llava(case, device, dtype)
+    batches = llava_batches(case, case.batches_per_pass, device, dtype)
+    shapes = (f"{case.label}, {case.batches_per_pass}x[{case.batch}x({case.image_tokens} img+{case.text_tokens} txt)]")
+
+    peers = model_peers(IMAGE_TOKEN)
+    runs = {p.name: p.run(model, batches) for p in peers}
+    rtol, active_rtol = (DEPTH_SLACK[dtype] * t for t in tolerances(dtype))
+    fused = runs["fused"].blocks
+    for name, run in runs.items():
+        if run.blocks is None or name == "fused":
+            continue
+        assert set(run.blocks) == set(fused), f"{name} profiled other layers than fused"
+        for layer, block in run.blocks.items():
+            assert_blocks_close(fused[layer], block, rtol, active_rtol, f"model {dtype_name(dtype)} {layer}: fused vs {name}")
+
+    entries = []
+    for p in peers:
+        held = runs[p.name].held_bytes
+        entry = {"peer": p.name, "held_bytes": held, "shapes": shapes, "dtype": dtype_name(dtype)}
+        if held > available_bytes(device) // 2:
+            entry["note"] = "skipped: would not fit"
+        else:
+            fn = lambda p=p: p.run(model, batches)  # noqa: E731
+            entry.update(timing=measure(fn, device, sizes.time_s), peak_bytes=peak_extra_bytes(fn, device))
+        entries.append(entry)
+    results.report("model", case.label, f"Whole model profiling pass ({case.label}, {len(fused)} MLPs)", entries)
