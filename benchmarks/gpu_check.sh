@@ -2,7 +2,7 @@
 # One-shot check on a GPU machine (no internet needed): install, GPU tests (Triton compiled), kernel-level
 # MLP timing, benchmark suite. Logs and results.md go to $1, else $OUT, else ./gpu_check_out.
 # Every step has its own `timeout`; the steps' limits add up to under 8 minutes.
-# Without CUDA the GPU steps are recorded as SKIPPED and the script exits 0.
+# Without CUDA the GPU steps are recorded as SKIPPED and the script exits 0; it exits 1 if a step failed.
 # GPU_CHECK_DRY_RUN=1 prints each step's command instead of running it (to check the script's logic).
 # PYTHON selects the interpreter (default: python3).
 set -u
@@ -13,6 +13,7 @@ OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 PY="${PYTHON:-python3}"
 RESULTS="$OUT_DIR/results.md"
 START=$(date +%s)
+FAILURES=0
 
 echo "# manu_fast gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$RESULTS"
 { echo; echo "| step | status | seconds | limit s | log |"; echo "| --- | --- | --- | --- | --- |"; } >> "$RESULTS"
@@ -30,8 +31,8 @@ run_step() {
         timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1; rc=$?
         case $rc in
             0) status="ok" ;;
-            124|137) status="TIMEOUT" ;;
-            *) status="FAILED (rc $rc)" ;;
+            124|137) status="TIMEOUT"; FAILURES=$((FAILURES + 1)) ;;
+            *) status="FAILED (rc $rc)"; FAILURES=$((FAILURES + 1)) ;;
         esac
         tail -n 3 "$log"
     fi
@@ -61,10 +62,11 @@ run_step benchmarks 130 1 "$PY" -m pytest benchmarks/ -q -s
     echo "total: $(( $(date +%s) - START )) s"
     echo
     sed 's/^/    /' "$OUT_DIR/env.log"
-    for f in "$OUT_DIR/kernels_mlp.md" "$MANU_FAST_BENCH_OUT"/*.md; do
+    for f in "$OUT_DIR/kernels_mlp.md" "$MANU_FAST_BENCH_OUT"/*.md "$MANU_FAST_BENCH_OUT"/*.csv; do
         [ -f "$f" ] && { echo; echo "## $(basename "$f")"; echo; cat "$f"; }
     done
     [ -f "$OUT_DIR/tests.log" ] && { echo; echo "## tests"; echo; tail -n 1 "$OUT_DIR/tests.log"; }
 } >> "$RESULTS"
 echo "results: $RESULTS"
 cat "$RESULTS"
+exit $(( FAILURES > 0 ))
