@@ -108,6 +108,29 @@ def _check_acc(acc, name, num_groups, n, device):
         raise ValueError(f"{name} is on {acc.device}, activations on {device}")
 
 
+def _check_common(n, t, device, keep, group_ids, stats, pre_stats, up_stats):
+    """Validate the arguments every entry point shares; returns (keep, gid, num_groups) ready for a backend."""
+    if keep is not None:
+        if keep.shape != (n,):
+            raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({n},) for this layer")
+        keep = keep.to(device=device, dtype=torch.bool)
+    accs = [a for a in (stats, pre_stats, up_stats) if a is not None]
+    num_groups = accs[0].shape[1] if accs else 1
+    for acc, name in ((stats, "stats"), (pre_stats, "pre_stats"), (up_stats, "up_stats")):
+        _check_acc(acc, name, num_groups, n, device)
+    gid = None
+    if group_ids is not None:
+        if group_ids.numel() != t or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+            raise ValueError(f"group_ids must be an integer tensor with {t} elements (one per token), "
+                             f"got {tuple(group_ids.shape)} {group_ids.dtype}")
+        gid = group_ids.reshape(-1).to(device=device, dtype=torch.int32)
+        if accs and gid.device.type != "cuda" and t:  # on CUDA the profiler validates once per batch (no sync here)
+            lo, hi = int(gid.min()), int(gid.max())
+            if lo < -1 or hi >= num_groups:
+                raise ValueError(f"group ids must lie in [-1, {num_groups - 1}], found [{lo}, {hi}]")
+    return keep, gid, num_groups
+
+
 def act_stats(pre: torch.Tensor, up: torch.Tensor | None = None, *, act: str = "silu",
               keep: torch.Tensor | None = None, group_ids: torch.Tensor | None = None,
               stats: torch.Tensor | None = None, pre_stats: torch.Tensor | None = None,
@@ -141,27 +164,9 @@ def act_stats(pre: torch.Tensor, up: torch.Tensor | None = None, *, act: str = "
         if up.shape != shape or up.dtype != pre.dtype or up.device != pre.device:
             raise ValueError(f"up {tuple(up.shape)} {up.dtype} {up.device} must match pre {tuple(shape)} {pre.dtype} {pre.device}")
         up2 = up.reshape(-1, n)
-    t = pre2.shape[0]
-    if keep is not None:
-        if keep.shape != (n,):
-            raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({n},) for this layer")
-        keep = keep.to(device=pre.device, dtype=torch.bool)
-    accs = [a for a in (stats, pre_stats, up_stats) if a is not None]
-    num_groups = accs[0].shape[1] if accs else 1
-    for acc, name in ((stats, "stats"), (pre_stats, "pre_stats"), (up_stats, "up_stats")):
-        _check_acc(acc, name, num_groups, n, pre.device)
     if up_stats is not None and up is None:
         raise ValueError("up_stats given for a plain MLP (no up projection)")
-    gid = None
-    if group_ids is not None:
-        if group_ids.numel() != t or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
-            raise ValueError(f"group_ids must be an integer tensor with {t} elements (one per token), "
-                             f"got {tuple(group_ids.shape)} {group_ids.dtype}")
-        gid = group_ids.reshape(-1).to(device=pre.device, dtype=torch.int32)
-        if accs and gid.device.type != "cuda" and t:  # on CUDA the profiler validates once per batch (no sync here)
-            lo, hi = int(gid.min()), int(gid.max())
-            if lo < -1 or hi >= num_groups:
-                raise ValueError(f"group ids must lie in [-1, {num_groups - 1}], found [{lo}, {hi}]")
+    keep, gid, num_groups = _check_common(n, pre2.shape[0], pre.device, keep, group_ids, stats, pre_stats, up_stats)
     name = backend or pick_backend(pre.device)
     h = get_backend(name)(pre2, up2, act, keep, gid, num_groups, float(tau), stats, pre_stats, up_stats, write_out)
     return h.reshape(shape) if write_out else None
@@ -190,20 +195,7 @@ def gated_linear_act_stats(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.
         x2 = x.reshape(-1, x.shape[-1])
         if prefer_fused_gemm(x2.shape[0], x2.shape[1], n):
             check_activation(act)
-            keep_n = None if keep is None else keep.to(device=x.device, dtype=torch.bool)
-            if keep_n is not None and keep_n.shape != (n,):
-                raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({n},) for this layer")
-            accs = [a for a in (stats, pre_stats, up_stats) if a is not None]
-            num_groups = accs[0].shape[1] if accs else 1
-            for acc, acc_name in ((stats, "stats"), (pre_stats, "pre_stats"), (up_stats, "up_stats")):
-                _check_acc(acc, acc_name, num_groups, n, x.device)
-            gid = None
-            if group_ids is not None:
-                t = x2.shape[0]
-                if group_ids.numel() != t or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
-                    raise ValueError(f"group_ids must be an integer tensor with {t} elements (one per token), "
-                                     f"got {tuple(group_ids.shape)} {group_ids.dtype}")
-                gid = group_ids.reshape(-1).to(device=x.device, dtype=torch.int32)
+            keep_n, gid, num_groups = _check_common(n, x2.shape[0], x.device, keep, group_ids, stats, pre_stats, up_stats)
             h = gated_act_stats_triton(x2, w_gate, b_gate, w_up, b_up, act, keep_n, gid, num_groups, float(tau),
                                        stats, pre_stats, up_stats)
             return h.reshape(*x.shape[:-1], n)
