@@ -116,6 +116,19 @@ def _layout_digest(stats: NeuronStats) -> torch.Tensor:
     return torch.tensor(list(digest), dtype=torch.uint8)
 
 
+def check_same_layout(stats: NeuronStats, group=None) -> None:
+    """Collective: raise ValueError on every rank unless all ranks hold statistics of the same layout
+    (model fingerprint, groups, tau, layers, sites), compared by a SHA-256 digest."""
+    dist = _dist()
+    digest = _layout_digest(stats).to(comm_device(group))
+    digests = [torch.empty_like(digest) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(digests, digest, group=group)
+    differ = [r for r, d in enumerate(digests) if not torch.equal(d, digest)]
+    if differ:
+        raise ValueError(f"rank {dist.get_rank(group)}: ranks {differ} profiled other groups, tau, layers or sites "
+                         "than this one; every rank must call profile with the same model, data keys, sites, towers and tau")
+
+
 def _chunks(keys: list[str], sizes: list[int], budget: int) -> list[list[str]]:
     out, cur, used = [], [], 0
     for key, size in zip(keys, sizes):
@@ -127,25 +140,20 @@ def _chunks(keys: list[str], sizes: list[int], budget: int) -> list[list[str]]:
     return out + ([cur] if cur else [])
 
 
-def all_reduce_stats(stats: NeuronStats, group=None, budget_bytes: int = GATHER_BUDGET_BYTES) -> NeuronStats:
+def all_reduce_stats(stats: NeuronStats, group=None, budget_bytes: int | None = None) -> NeuronStats:
     """Collective: merge every rank's ``stats`` exactly, in place; every rank ends with the same result.
 
-    Blocks are concatenated along neurons into buffers of at most ``budget_bytes``, all-gathered in float64
+    Blocks are concatenated along neurons into buffers of at most ``budget_bytes`` (default
+    ``GATHER_BUDGET_BYTES``, read at call time), all-gathered in float64
     and merged in rank order with ``merge_partials``, then copied back to each block's own device.
     Refuses (ValueError) when the ranks profiled different models, groups, tau, layers or sites."""
     dist = _dist()
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world = dist.get_world_size(group)
     dev = comm_device(group)
-    digest = _layout_digest(stats).to(dev)
-    digests = [torch.empty_like(digest) for _ in range(world)]
-    dist.all_gather(digests, digest, group=group)
-    differ = [r for r, d in enumerate(digests) if not torch.equal(d, digest)]
-    if differ:
-        raise ValueError(f"rank {rank}: ranks {differ} profiled other groups, tau, layers or sites than this one; "
-                         "every rank must call profile with the same model, data keys, sites, towers and tau")
+    check_same_layout(stats, group)
     keys = list(stats.blocks)
     sizes = [stats.blocks[k].numel() * stats.blocks[k].element_size() for k in keys]
-    for chunk in _chunks(keys, sizes, budget_bytes):
+    for chunk in _chunks(keys, sizes, GATHER_BUDGET_BYTES if budget_bytes is None else budget_bytes):
         local = torch.cat([stats.blocks[k].to(dev) for k in chunk], dim=2).contiguous()
         parts = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(parts, local, group=group)

@@ -385,6 +385,7 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
         model.train(was_training)
     if distributed:
         dist_mod.raise_if_any_rank_failed(error)
+        dist_mod.check_same_layout(prof.stats)  # same groups, hence the same data keys, before summing per key
         totals = dist_mod.sum_counts(batches_per_key)
         empty = [key for key, n in totals.items() if n == 0]
         if empty:

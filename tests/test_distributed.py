@@ -1,0 +1,102 @@
+"""Data-parallel profiling: 2 CPU processes (torchrun, gloo) give the statistics of a single-process run on
+the same data, to float64 round-off; failures on one rank reach every rank instead of hanging them.
+
+Run under torchrun, this file is the worker: ``torchrun --standalone --nproc_per_node 2 test_distributed.py OUT``.
+"""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import tiny_models as tm
+from manu_fast.profiler import profile
+from manu_fast.stats import F, NeuronStats
+
+HERE = Path(__file__).resolve().parent
+SITES = ("hidden", "pre")
+
+
+def _setup():
+    model = tm.build("llava")
+    data = {("forget", "multimodal"): [tm.inputs("llava", model, seed=s) for s in (1, 2, 3)],
+            ("retain", "text"): [tm.inputs("llava", model, multimodal=False, seed=s) for s in (4, 5, 6)],
+            ("retain", "multimodal"): [tm.inputs("llava", model, seed=7)]}  # rank 1's shard of it is empty
+    return model, data
+
+
+def _worker(out: Path) -> None:
+    from manu_fast import distributed as mdist
+    model, data = _setup()
+    rank, world = mdist.init()
+    shards = {key: mdist.Shard(batches) for key, batches in data.items()}
+    stats = profile(model, shards, sites=SITES, progress=False, distributed=True)
+    mdist.save_stats(stats, out / "dp.safetensors")
+    stats.save(out / f"rank{rank}.safetensors")  # every rank must hold the same merged statistics
+
+    # the same merge through a tiny gather budget (one block per collective) gives the same bits
+    mdist.GATHER_BUDGET_BYTES = 1
+    chunked = profile(model, shards, sites=SITES, progress=False, distributed=True)
+    assert all(torch.equal(chunked.blocks[k], stats.blocks[k]) for k in stats.blocks), "chunked merge differs"
+
+    messages = []
+    bad_rank_data = dict(shards)
+    if rank == 1:  # a failure on one rank only: a profile_mask of the wrong shape
+        batch = dict(data[("retain", "text")][0], profile_mask=torch.ones(1, 1, dtype=torch.bool))
+        bad_rank_data[("retain", "text")] = [batch]
+    for case, kwargs in (("one rank fails", dict(data=bad_rank_data)),
+                         ("layouts differ", dict(data=shards if rank == 0 else {("forget", "multimodal"): shards[("forget", "multimodal")]})),
+                         ("empty everywhere", dict(data={**shards, ("forget", "text"): []}))):
+        try:
+            profile(model, kwargs["data"], progress=False, distributed=True)
+            messages.append(f"{case}: no error")
+        except Exception as e:  # noqa: BLE001 - the message is what the test checks
+            messages.append(f"{case}: {type(e).__name__}: {e}")
+    (out / f"errors{rank}.txt").write_text("\n".join(messages))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    # own session, so that a hang kills torchrun and both workers, not torchrun alone
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(Path(__file__).resolve()), str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    assert proc.returncode == 0, output[-5000:]
+
+    # torchrun runs each worker with OMP_NUM_THREADS=1; the same here, so that the fp32 forwards are bit-identical
+    # and only the float64 merge order differs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, data = _setup()
+        single = profile(model, data, sites=SITES, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    dp = NeuronStats.load(tmp_path / "dp.safetensors", expect_fingerprint=single.fingerprint)
+    rank1 = NeuronStats.load(tmp_path / "rank1.safetensors")
+    assert dp.groups == single.groups and set(dp.blocks) == set(single.blocks)
+    for key, ref in single.blocks.items():
+        assert torch.equal(dp.blocks[key], rank1.blocks[key]), f"ranks disagree on {key}"
+        assert torch.equal(dp.blocks[key][F["count"]], ref[F["count"]]), key
+        assert torch.equal(dp.blocks[key][F["active"]], ref[F["active"]]), key
+        # sums of O(1) values over <= 100 tokens: float64 reordering error ~1e-14 relative to the magnitude
+        scale = ref.abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
+        torch.testing.assert_close(dp.blocks[key] / scale, ref / scale, rtol=0, atol=1e-12)
+    assert single.block("model.language_model.layers.0.mlp")[F["count"], single.groups.index("forget/multimodal/image")].min() > 0
+
+    errors = [(tmp_path / f"errors{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert "one rank fails: RuntimeError: profiling failed on rank(s) [1]" in errors[0][0]
+    assert "profile_mask has shape" in errors[1][0]
+    assert all("profiled other groups" in e[1] for e in errors)
+    assert all("forget/text data yielded no batch" in e[2] for e in errors)
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
