@@ -201,6 +201,10 @@ def patch_model(model: nn.Module) -> Patch:
             fc1, fc2 = info.linears
             fused = FusedPlainMLP(getattr(m, fc1), getattr(m, fc2), act, fc1, fc2, info.act_attr)
         fused.train(m.training)
+        hook = getattr(m, "_hf_hook", None)
+        if hook is not None:  # accelerate device_map/offload hook on the MLP itself: it moves the MLP's inputs
+            from accelerate.hooks import add_hook_to_module
+            add_hook_to_module(fused, hook)
         _set_submodule(model, info.name, fused)
         patch.layers[info.name] = fused
         patch.towers[info.name] = info.tower

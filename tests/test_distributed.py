@@ -1,5 +1,7 @@
 """Data-parallel profiling: 2 CPU processes (torchrun, gloo) give the statistics of a single-process run on
 the same data, to float64 round-off; failures on one rank reach every rank instead of hanging them.
+Model-parallel: models dispatched by accelerate (device_map with a disk-offloaded layer, cpu_offload, a hook
+on an MLP itself) profile to exactly the statistics of the in-memory model, kept on each layer's device.
 
 Run under torchrun, this file is the worker: ``torchrun --standalone --nproc_per_node 2 test_distributed.py OUT``.
 """
@@ -9,9 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import tiny_models as tm
+from manu_fast.adapters import get_patch
 from manu_fast.profiler import profile
 from manu_fast.stats import F, NeuronStats
 
@@ -96,6 +100,53 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert "profile_mask has shape" in errors[1][0]
     assert all("profiled other groups" in e[1] for e in errors)
     assert all("forget/text data yielded no batch" in e[2] for e in errors)
+
+
+def _llama_and_data():
+    model = tm.build("llama")
+    return model, {("forget", "text"): [tm.inputs("llama", model, seed=s) for s in (1, 2)],
+                   ("retain", "text"): [tm.inputs("llama", model, seed=3)]}
+
+
+def test_model_dispatched_by_accelerate_profiles_exactly_like_in_memory(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    model, data = _llama_and_data()
+    reference = profile(model, data, sites=("hidden", "out"), progress=False)
+
+    def check(dispatched):
+        stats = profile(dispatched, data, sites=("hidden", "out"), progress=False)
+        for key, ref in reference.blocks.items():
+            assert stats.blocks[key].device.type == "cpu"  # the execution device, not "meta"
+            assert torch.equal(stats.blocks[key], ref), key
+
+    # a device_map with layer 1 offloaded to disk: its weights are on "meta" until its hooks load them
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    on_disk = accelerate.dispatch_model(tm.build("llama"), device_map=device_map, offload_dir=tmp_path / "offload")
+    assert on_disk.model.layers[1].mlp.down_proj.weight.device.type == "meta"
+    check(on_disk)
+    # the whole model offloaded to CPU memory (every weight on "meta" between calls)
+    check(accelerate.cpu_offload(tm.build("llama"), execution_device="cpu"))
+
+
+def test_accelerate_hook_on_an_mlp_survives_patching():
+    """device_map entries at MLP granularity put the device-moving hook on the MLP module itself, which patching
+    replaces; the fused layer must carry it on. Observable on CPU with a hook that scales the MLP's input."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    class ScaleInput(hooks.ModelHook):
+        def pre_forward(self, module, x):
+            return (2 * x,), {}
+
+    model, data = _llama_and_data()
+    kw = data[("forget", "text")][0]
+    hooks.add_hook_to_module(model.model.layers[0].mlp, ScaleInput())
+    with torch.no_grad():
+        hooked = model(**kw).logits
+    profile(model, data, progress=False)  # patches the model
+    assert hasattr(get_patch(model).layers["model.layers.0.mlp"], "_hf_hook")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw).logits, hooked, rtol=1e-5, atol=1e-6)
 
 
 if __name__ == "__main__":
