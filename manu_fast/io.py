@@ -1,6 +1,11 @@
-"""safetensors I/O shared by statistics and masks: atomic writes, clear errors, never pickle."""
+"""safetensors I/O shared by statistics and masks: atomic writes, clear errors, never pickle.
+
+Every file carries a SHA-256 of its metadata and tensor bytes (metadata entry ``sha256``): safetensors itself
+checks only the header's structure, so without it a flipped byte in the data would load silently.
+"""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -9,6 +14,21 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+CHECKSUM_KEY = "sha256"
+
+
+def content_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over the metadata (except the checksum itself) and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != CHECKSUM_KEY:
+            h.update(f"{key}={metadata[key]}\0".encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
 
 def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> None:
     path = Path(path)
@@ -16,7 +36,9 @@ def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata={**metadata, CHECKSUM_KEY: content_digest(tensors, metadata)})
+        with open(tmp, "rb") as f:  # on disk before the rename, so a crash leaves the old file or the new one
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -38,4 +60,7 @@ def load_tensors(path, expected_format: str, what: str):
         raise StatsFileError(f"{path}: not a readable safetensors {what} file ({e})") from None
     if meta.get("format") != expected_format:
         raise StatsFileError(f"{path}: not a manu_fast {what} file (format {meta.get('format')!r}, expected {expected_format!r})")
+    if CHECKSUM_KEY in meta and meta[CHECKSUM_KEY] != content_digest(tensors, meta):
+        raise StatsFileError(f"{path}: the {what} file's content does not match its SHA-256 checksum: it was modified "
+                             "or corrupted after it was written")
     return tensors, meta
