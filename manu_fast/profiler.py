@@ -289,6 +289,7 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
     """Run every batch not yet in ``prof.stats`` (``position``: batches done per data key); return batches per key."""
     extra = _forward_kwargs(model)
     since_save = 0
+    saved = dict(position) if position else None  # what the checkpoint on disk holds (resumed from it)
     nonfinite_before = _block_sums(prof.stats, "nonfinite", per_group=False) if on_nonfinite == "error" else {}
     for (split, modality), batches in data.items():
         key = _data_key(split, modality)
@@ -307,14 +308,15 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
             if on_nonfinite == "error":
                 found = _first_nonfinite(prof.stats, nonfinite_before)
                 if found is not None:
-                    where = (f"; the checkpoint {checkpoint} holds the statistics saved before it" if checkpoint else "")
+                    held = "no batch yet" if not saved else ", ".join(f"{n} batches of {k}" for k, n in saved.items())
+                    where = f"; the checkpoint {checkpoint} holds {held}: fix the cause and resume" if checkpoint else ""
                     raise NonFiniteActivationError(
                         f"{int(found[1])} non-finite activation values (NaN/Inf) in {found[0]} at batch {seen} of "
                         f"{key}{where}. Check the inputs and the model dtype (fp16 overflow?), or pass "
                         "on_nonfinite='count' to exclude and count them")
             if checkpoint is not None and since_save >= checkpoint_every:
                 save_checkpoint(checkpoint, prof.stats, position, rank=rank, world_size=world)
-                since_save = 0
+                saved, since_save = dict(position), 0
         if seen < done:
             raise ValueError(f"the checkpoint holds {done} batches of {key} but the data now yields only {seen}: "
                              "resume needs the same data in the same order")

@@ -101,7 +101,8 @@ def test_nonfinite_error_stops_at_the_batch_and_the_checkpoint_loses_nothing(lla
     ckpt = tmp_path / "ckpt.safetensors"
     handle = _poison_gate_input(model, float("inf"), call=3)  # the first retain batch
     try:
-        with pytest.raises(NonFiniteActivationError, match=r"model\.layers\.0\.mlp::hidden at batch 1 of retain/text"):
+        with pytest.raises(NonFiniteActivationError, match=r"model\.layers\.0\.mlp::hidden at batch 1 of retain/text; "
+                           r"the checkpoint .* holds 2 batches of forget/text: fix the cause and resume"):
             profile(model, data, checkpoint=ckpt, checkpoint_every=1, on_nonfinite="error", progress=False)
     finally:
         handle.remove()
@@ -252,3 +253,11 @@ def test_bad_profile_arguments_are_refused(llama):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean run warns about nothing
         profile(model, data, progress=False)
+
+
+def test_a_model_left_on_the_meta_device_is_refused(llama):
+    _, data, _ = llama
+    with torch.device("meta"):
+        empty_model = tf.LlamaForCausalLM(tf.LlamaConfig(**tm._llama_text()))
+    with pytest.raises(ValueError, match="weights are on the 'meta' device with no accelerate hook"):
+        profile(empty_model, data, progress=False)
