@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,28 +80,50 @@ class Timing:
     median_ms: float
     low_ms: float   # 20th percentile (GPU, do_bench) or 25th (CPU, torch.utils.benchmark)
     high_ms: float  # 80th / 75th percentile
-    samples: int
+    samples: int    # CPU: timed samples (blocks of calls); -1 on CUDA (do_bench decides)
 
 
-def measure(fn, device: torch.device, max_s: float) -> Timing:
-    """Median time of ``fn()`` with warm-up excluded.
+def measure_peers(fns: dict, device: torch.device, max_s: float) -> tuple[dict, dict, dict]:
+    """Call every ``fns[name]()`` once (its result and peak extra memory are returned, to be checked), then time them.
 
-    CPU: ``torch.utils.benchmark.Timer.adaptive_autorange`` (its block-size estimate is the warm-up) on all of
-    torch's threads, stopping at IQR/median < 10 % after >= 4 runs or after ``max_s`` seconds.
-    CUDA: ``triton.testing.do_bench`` quantiles 0.5/0.2/0.8.
+    Returns (results, peak bytes, Timing) dicts keyed like ``fns``. The first call is the warm-up and is not timed.
+    CPU: ``torch.utils.benchmark.Timer`` samples, taken in interleaved rounds (one sample of each peer per round) so
+    that load from other processes drifts over all peers alike; each peer gets about ``max_s`` seconds of samples
+    (at least one), each sample a block of calls lasting >= 10 ms; the median is reported with the quartiles.
+    CUDA: ``triton.testing.do_bench`` (quantiles 0.5/0.2/0.8) per peer.
     """
+    first, peaks, seconds = {}, {}, {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        first[name], peaks[name] = run_with_peak(fn, device)
+        seconds[name] = time.perf_counter() - t0
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        med, lo, hi = do_bench(fn, warmup=25, rep=max(100, int(max_s * 100)), quantiles=[0.5, 0.2, 0.8])
-        return Timing(med, lo, hi, -1)
+        timings = {}
+        for name, fn in fns.items():
+            med, lo, hi = do_bench(fn, warmup=25, rep=max(100, int(max_s * 100)), quantiles=[0.5, 0.2, 0.8])
+            timings[name] = Timing(med, lo, hi, -1)
+        return first, peaks, timings
     from torch.utils.benchmark import Timer
 
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.adaptive_autorange(threshold=0.1, min_run_time=0.05, max_run_time=max_s)
-    times = sorted(m.times)
-    q = lambda p: times[min(len(times) - 1, int(p * (len(times) - 1) + 0.5))]  # noqa: E731
-    return Timing(m.median * 1e3, q(0.25) * 1e3, q(0.75) * 1e3, len(times))
+    timers = {name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for name, fn in fns.items()}
+    number = {name: max(1, int(0.01 / max(t, 1e-9))) for name, t in seconds.items()}
+    wanted = {name: min(50, max(1, int(max_s / max(t, 1e-9)))) for name, t in seconds.items()}
+    samples = {name: [] for name in fns}
+    for r in range(max(wanted.values())):
+        for name, timer in timers.items():
+            if r < wanted[name]:
+                samples[name].append(timer.timeit(number[name]).median)
+    return first, peaks, {name: _timing(times) for name, times in samples.items()}
+
+
+def _timing(seconds_per_call: list[float]) -> Timing:
+    t = sorted(x * 1e3 for x in seconds_per_call)
+    q = lambda p: t[min(len(t) - 1, int(p * (len(t) - 1) + 0.5))]  # noqa: E731
+    mid = len(t) // 2
+    median = t[mid] if len(t) % 2 else (t[mid - 1] + t[mid]) / 2
+    return Timing(median, q(0.25), q(0.75), len(t))
 
 
 def _rss_kib(field_name: str) -> int:
@@ -111,30 +134,30 @@ def _rss_kib(field_name: str) -> int:
     raise KeyError(field_name)
 
 
-def peak_extra_bytes(fn, device: torch.device) -> int | None:
-    """Peak memory above what was allocated before ``fn()`` ran (one call).
+def run_with_peak(fn, device: torch.device):
+    """Call ``fn()`` once; return (its result, peak memory above what was allocated before it ran).
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU (Linux, glibc): growth of the process's peak resident set (VmHWM,
     reset through /proc/self/clear_refs) after ``malloc_trim`` returned the allocator's free pages, so that reused
     memory is counted again; still a lower bound (the allocator may keep some free pages resident).
-    None where neither is available.
+    The peak is None where neither is available.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        fn()
+        out = fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+        return out, torch.cuda.max_memory_allocated(device) - base
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
         base = _rss_kib("VmRSS")
-        fn()
-        return max(0, _rss_kib("VmHWM") - base) * 1024
     except (OSError, KeyError):
-        return None
+        return fn(), None
+    out = fn()
+    return out, max(0, _rss_kib("VmHWM") - base) * 1024
 
 
 def fmt_bytes(n: int | float | None) -> str:

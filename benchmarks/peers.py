@@ -248,8 +248,9 @@ class FusedPeer:
 
 
 def model_peers(image_token: int) -> list:
-    return [PlainPeer(), HookPeer("hooks-stream", image_token), HookPeer("welford", image_token),
-            HookPeer("hooks-store", image_token), FusedPeer()]
+    """The peers of a model-level comparison, ``fused`` right after ``plain`` (the others are checked against it)."""
+    return [PlainPeer(), FusedPeer(), HookPeer("hooks-stream", image_token), HookPeer("welford", image_token),
+            HookPeer("hooks-store", image_token)]
 
 
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:
@@ -262,6 +263,11 @@ def tolerances(dtype: torch.dtype) -> tuple[float, float]:
     if dtype == torch.float32:
         return 1e-4, 1e-4
     return 4 * 2.0 ** -8, 1e-2
+
+
+def model_peers_checked(runs: dict) -> list[str]:
+    """The peers of ``runs`` whose statistics are compared with ``fused``'s."""
+    return [name for name, run in runs.items() if name != "fused" and isinstance(run, RunResult) and run.blocks]
 
 
 def assert_blocks_close(ref: torch.Tensor, got: torch.Tensor, rtol: float, active_rtol: float, what: str) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .harness import available_bytes, measure, peak_extra_bytes
-from .peers import assert_blocks_close, model_peers, tolerances
+from .harness import measure_peers
+from .peers import assert_blocks_close, model_peers, model_peers_checked, tolerances
 from .workloads import IMAGE_TOKEN, LLAVA_LM, MLPHost, build_mlp, dtype_name, mlp_batches
 
 CASES = ("llava-lm-mlp", "clip-vit-l-mlp")
@@ -45,32 +45,21 @@ def test_layer(results, device, sizes, case, dtype):
     batches = mlp_batches(case, tokens, hidden, 1, device, dtype)
     shapes = f"{tokens}x{hidden}->{neurons}"
 
-    peers = model_peers(IMAGE_TOKEN)
-    runs = {p.name: p.run(host, batches) for p in peers}
-    rtol, active_rtol = tolerances(dtype)
-    for name, run in runs.items():
-        if run.blocks is not None and name != "fused":
-            assert_blocks_close(runs["fused"].blocks["mlp"], run.blocks["mlp"], rtol, active_rtol,
-                                f"{case} {dtype_name(dtype)}: fused vs {name}")
-
-    entries = []
-    for p in peers:
-        held = runs[p.name].held_bytes
-        if held > available_bytes(device) // 2:
-            entries.append({"peer": p.name, "held_bytes": held, "note": "skipped: would not fit"})
-            continue
-        fn = lambda p=p: p.run(host, batches)  # noqa: E731
-        entries.append({"peer": p.name, "timing": measure(fn, device, sizes.time_s), "held_bytes": held,
-                        "peak_bytes": peak_extra_bytes(fn, device)})
+    fns = {p.name: (lambda p=p: p.run(host, batches)) for p in model_peers(IMAGE_TOKEN)}
     liger = liger_swiglu(mlp, device) if case == "llava-lm-mlp" else None
     if liger is not None:
-        x = batches[0].kwargs["x"]
-
         def liger_fn():
             with torch.no_grad():
-                liger(x)
-        entries.append({"peer": "liger-swiglu", "timing": measure(liger_fn, device, sizes.time_s), "held_bytes": 0,
-                        "peak_bytes": peak_extra_bytes(liger_fn, device), "note": "fused act, no statistics"})
+                return liger(batches[0].kwargs["x"])
+        fns["liger-swiglu"] = liger_fn
+    runs, peaks, timings = measure_peers(fns, device, sizes.time_s)
+    rtol, active_rtol = tolerances(dtype)
+    for name in model_peers_checked(runs):
+        assert_blocks_close(runs["fused"].blocks["mlp"], runs[name].blocks["mlp"], rtol, active_rtol,
+                            f"{case} {dtype_name(dtype)}: fused vs {name}")
+    entries = [{"peer": name, "timing": timings[name], "peak_bytes": peaks[name],
+                "held_bytes": 0 if name == "liger-swiglu" else runs[name].held_bytes,
+                "note": "fused activation, no statistics" if name == "liger-swiglu" else ""} for name in fns]
     for e in entries:
         e.update(shapes=shapes, dtype=dtype_name(dtype))
     results.report("layer", case, f"One MLP layer ({case}), {tokens} tokens, statistics of the hidden neurons", entries)

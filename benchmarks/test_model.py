@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .harness import available_bytes, measure, peak_extra_bytes
-from .peers import assert_blocks_close, model_peers, tolerances
+from .harness import measure_peers
+from .peers import assert_blocks_close, model_peers, model_peers_checked, tolerances
 from .workloads import IMAGE_TOKEN, build_llava, dtype_name, llava_batches
 
 # Differences between two forwards (HF act(g)*u vs the fused op) propagate through the layers in low precision.
@@ -28,25 +28,14 @@ def test_model(results, device, sizes, dtype):
     batches = llava_batches(case, case.batches_per_pass, device, dtype)
     shapes = (f"{case.label}, {case.batches_per_pass}x[{case.batch}x({case.image_tokens} img+{case.text_tokens} txt)]")
 
-    peers = model_peers(IMAGE_TOKEN)
-    runs = {p.name: p.run(model, batches) for p in peers}
+    fns = {p.name: (lambda p=p: p.run(model, batches)) for p in model_peers(IMAGE_TOKEN)}
+    runs, peaks, timings = measure_peers(fns, device, sizes.time_s)
     rtol, active_rtol = (DEPTH_SLACK[dtype] * t for t in tolerances(dtype))
     fused = runs["fused"].blocks
-    for name, run in runs.items():
-        if run.blocks is None or name == "fused":
-            continue
-        assert set(run.blocks) == set(fused), f"{name} profiled other layers than fused"
-        for layer, block in run.blocks.items():
+    for name in model_peers_checked(runs):
+        assert set(runs[name].blocks) == set(fused), f"{name} profiled other layers than fused"
+        for layer, block in runs[name].blocks.items():
             assert_blocks_close(fused[layer], block, rtol, active_rtol, f"model {dtype_name(dtype)} {layer}: fused vs {name}")
-
-    entries = []
-    for p in peers:
-        held = runs[p.name].held_bytes
-        entry = {"peer": p.name, "held_bytes": held, "shapes": shapes, "dtype": dtype_name(dtype)}
-        if held > available_bytes(device) // 2:
-            entry["note"] = "skipped: would not fit"
-        else:
-            fn = lambda p=p: p.run(model, batches)  # noqa: E731
-            entry.update(timing=measure(fn, device, sizes.time_s), peak_bytes=peak_extra_bytes(fn, device))
-        entries.append(entry)
+    entries = [{"peer": name, "timing": timings[name], "peak_bytes": peaks[name], "held_bytes": runs[name].held_bytes,
+                "shapes": shapes, "dtype": dtype_name(dtype)} for name in fns]
     results.report("model", case.label, f"Whole model profiling pass ({case.label}, {len(fused)} MLPs)", entries)

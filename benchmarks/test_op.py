@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from manu_fast.ops import act_stats
 from manu_fast.stats import empty_stats
 
-from .harness import measure, peak_extra_bytes
+from .harness import measure_peers
 from .peers import GROUP_LABELS, IMAGE_GROUP, TEXT_GROUP, STATS_PEERS, assert_blocks_close, tolerances
 from .workloads import dtype_name
 
@@ -29,8 +29,8 @@ def llava_like_group_ids(tokens: int, device) -> torch.Tensor:
     return gid.to(device)
 
 
-def op_peers(g, u, gid):
-    """name -> (fn for timing, fn returning a fresh statistics block or None)."""
+def op_peers(g, u, gid) -> dict:
+    """name -> fn; every fn but ``plain`` returns a fresh statistics block of act(g)*u."""
     n = g.shape[1]
 
     def fused_block(backend=None):
@@ -43,11 +43,8 @@ def op_peers(g, u, gid):
         s.update(F.silu(g) * u, gid)
         return s.block()
 
-    peers = {"plain": (lambda: F.silu(g) * u, lambda: None),
-             "fused": (fused_block, fused_block),
-             "reference": (lambda: fused_block("reference"), lambda: fused_block("reference"))}
-    for name in STATS_PEERS:
-        peers[name] = ((lambda name=name: peer_block(name)), (lambda name=name: peer_block(name)))
+    peers = {"plain": lambda: F.silu(g) * u, "fused": fused_block, "reference": lambda: fused_block("reference")}
+    peers.update({name: (lambda name=name: peer_block(name)) for name in STATS_PEERS})
     return peers
 
 
@@ -66,18 +63,15 @@ def test_op(results, device, sizes, shape_index):
     g = torch.randn(tokens, n, device=device).to(dtype)
     u = torch.randn(tokens, n, device=device).to(dtype)
     gid = llava_like_group_ids(tokens, device)
-    peers = op_peers(g, u, gid)
-
-    fused = peers["fused"][1]()
+    blocks, peaks, timings = measure_peers(op_peers(g, u, gid), device, sizes.time_s)
     rtol, active_rtol = tolerances(dtype)
-    for name in STATS_PEERS:  # the reference op is the oracle of tests/ already; plain has no statistics
-        assert_blocks_close(fused, peers[name][1](), rtol, active_rtol, f"op {tokens}x{n} {dtype_name(dtype)}: fused vs {name}")
-
-    entries = []
-    for name, (fn, _) in peers.items():
-        entries.append({"peer": name, "timing": measure(fn, device, sizes.time_s),
-                        "peak_bytes": peak_extra_bytes(fn, device), "held_bytes": held_bytes(name, tokens, n, dtype),
-                        "shapes": f"{tokens}x{n}", "dtype": dtype_name(dtype)})
+    for name in blocks:
+        if name not in ("plain", "fused"):
+            assert_blocks_close(blocks["fused"], blocks[name], rtol, active_rtol,
+                                f"op {tokens}x{n} {dtype_name(dtype)}: fused vs {name}")
+    entries = [{"peer": name, "timing": timings[name], "peak_bytes": peaks[name],
+                "held_bytes": held_bytes(name, tokens, n, dtype), "shapes": f"{tokens}x{n}", "dtype": dtype_name(dtype)}
+               for name in blocks]
     ms = {e["peer"]: e["timing"].median_ms for e in entries}
     entries[1]["note"] = (f"reference/fused {ms['reference'] / ms['fused']:.1f}x (target >= 3), "
                           f"fused/plain {ms['fused'] / ms['plain']:.2f}x (target <= 1.5)")
