@@ -261,3 +261,11 @@ def test_a_model_left_on_the_meta_device_is_refused(llama):
         empty_model = tf.LlamaForCausalLM(tf.LlamaConfig(**tm._llama_text()))
     with pytest.raises(ValueError, match="weights are on the 'meta' device with no accelerate hook"):
         profile(empty_model, data, progress=False)
+
+
+def test_distributed_outside_torchrun_is_refused(llama, monkeypatch):
+    model, data, _ = llama
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="distributed profiling needs torch.distributed: launch with torchrun"):
+        profile(model, data, distributed=True, progress=False)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tiny_models as tm
-from manu_fast.profiler import CHECKPOINT_KEY, load_checkpoint, profile
+from manu_fast.profiler import CHECKPOINT_KEY, load_checkpoint, profile, save_checkpoint
 from manu_fast.stats import NeuronStats, StatsFileError
 
 HERE = Path(__file__).resolve().parent
@@ -111,6 +111,10 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
         _run(other, data, ckpt)
     with pytest.raises(ValueError, match="yields only 2"):
         _run(model, {("forget", "text"): data[("forget", "text")], ("retain", "text"): data[("retain", "text")][:2]}, ckpt)
+    stats = profile_stats_like(model, data)
+    save_checkpoint(tmp_path / "r.safetensors", stats, {"forget/text": 1}, rank=0, world_size=2)
+    with pytest.raises(StatsFileError, match="rank 0 of 2, this process is rank 0 of 4"):
+        load_checkpoint(tmp_path / "r.safetensors", stats, rank=0, world_size=4)
     plain = tmp_path / "plain.safetensors"
     NeuronStats.load(ckpt).save(plain)  # a statistics file without a resume position
     with pytest.raises(StatsFileError, match="not a profiling checkpoint"):
