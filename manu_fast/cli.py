@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -102,12 +103,29 @@ def cmd_profile(args) -> None:
     from .profiler import profile
     if args.synthetic == bool(args.forget or args.retain) or bool(args.forget) != bool(args.retain):
         raise UsageError("profile: give either --synthetic or both --forget and --retain")
+    if args.resume and not args.checkpoint:
+        raise UsageError("profile: --resume needs --checkpoint PATH")
+    device = args.device
+    if args.distributed:
+        from . import distributed as mdist
+        rank, _ = mdist.init()
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     model_dir = Path(args.model)
-    model = load_model(model_dir, args.dtype, args.device)
-    data = (_synthetic_data(model, model_dir, args, args.device) if args.synthetic
-            else _parquet_data(model_dir, args, args.device))
-    stats = profile(model, data, sites=tuple(args.sites), tau=args.tau, towers=args.towers, progress=not args.no_progress)
-    stats.save(args.out)
+    model = load_model(model_dir, args.dtype, device)
+    data = (_synthetic_data(model, model_dir, args, device) if args.synthetic
+            else _parquet_data(model_dir, args, device))
+    if args.distributed:
+        data = {key: mdist.Shard(batches) for key, batches in data.items()}
+    stats = profile(model, data, sites=tuple(args.sites), tau=args.tau, towers=args.towers,
+                    progress=not args.no_progress, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                    resume=args.resume, on_nonfinite=args.on_nonfinite, distributed=args.distributed)
+    if args.distributed:
+        mdist.save_stats(stats, args.out)
+        if mdist.rank_and_world()[0] != 0:
+            return
+    else:
+        stats.save(args.out)
     print(f"wrote {args.out}: {len(stats.blocks)} (layer, site) blocks, groups {', '.join(stats.groups)}")
 
 
@@ -246,6 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--towers", nargs="+", choices=("vision", "projector", "language"),
                    help="profile only these towers (default: all)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--checkpoint", help="write the statistics so far to this file every --checkpoint-every batches "
+                                        "(atomic), so that a killed run can continue with --resume")
+    s.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints (default: %(default)s)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint if it exists (batches already in it are skipped, not re-counted)")
+    s.add_argument("--on-nonfinite", default="count", choices=("count", "error"),
+                   help="NaN/Inf activations: count and exclude them (default), or stop with an error naming the layer")
+    s.add_argument("--distributed", action="store_true",
+                   help="data-parallel over torchrun's processes: each rank profiles every world-th batch, the "
+                        "statistics are merged exactly and rank 0 writes OUT (see docs/ROBUSTNESS.md)")
     s.set_defaults(func=cmd_profile)
 
     s = sub.add_parser("select", help="choose neurons to prune from a statistics file",

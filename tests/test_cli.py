@@ -11,6 +11,7 @@ from manu_fast import demo
 from manu_fast.cli import DEMO_CONFIG, main
 from manu_fast.masks import Masks, apply_masks
 from manu_fast.select import iterative_prune, top_k_count
+from manu_fast.stats import NeuronStats
 
 TINY = demo.ModelConfig(num_people=6, vision_hidden=16, vision_intermediate=24, text_hidden=16, text_intermediate=40,
                         heads=2, train_steps=0)
@@ -41,6 +42,13 @@ def one_line_error(capsys, *argv, match):
 def test_pipeline_profile_select_report_prune(model_dir, tmp_path, capsys):
     stats, masks, pruned = tmp_path / "stats.safetensors", tmp_path / "masks.safetensors", tmp_path / "pruned"
     assert run(capsys, "profile", model_dir, stats, "--synthetic", "--forget-percent", 20, "--no-progress")[0] == 0
+    # the same run through a checkpoint, resumed from its finished checkpoint: nothing recounted
+    ck, again = tmp_path / "ck.safetensors", tmp_path / "again.safetensors"
+    for _ in range(2):
+        assert run(capsys, "profile", model_dir, again, "--synthetic", "--forget-percent", 20, "--no-progress",
+                   "--checkpoint", ck, "--checkpoint-every", 1, "--resume")[0] == 0
+    a, b = NeuronStats.load(stats), NeuronStats.load(again)
+    assert all(torch.equal(a.blocks[k], b.blocks[k]) for k in a.blocks)
     rc, out, _ = run(capsys, "report", stats)
     assert rc == 0 and "layers: vision 2, projector 1, language 2" in out and "forget/text/text" in out
     assert run(capsys, "select", stats, masks, "--strategy", "manu-code", "--alpha", 10)[0] == 0
@@ -70,6 +78,8 @@ def test_one_line_errors(model_dir, tmp_path, capsys):
     one_line_error(capsys, "frobnicate", match="invalid choice")
     one_line_error(capsys, "profile", model_dir, tmp_path / "s.safetensors", match="--synthetic or both")
     one_line_error(capsys, "profile", tmp_path / "no_model", tmp_path / "s.safetensors", "--synthetic", match="not found")
+    one_line_error(capsys, "profile", model_dir, tmp_path / "s.safetensors", "--synthetic", "--resume",
+                   match="--resume needs --checkpoint")
     bad = tmp_path / "junk.safetensors"
     bad.write_bytes(b"\x00" * 20)
     one_line_error(capsys, "report", bad, match="junk.safetensors")
