@@ -10,7 +10,7 @@
 // exp(x) for the sigmoid: 2^n * exp(r), r = x - n ln2 (Cody-Waite, |r| <= ln2/2), degree-7 Taylor
 // polynomial (truncation 5e-9 relative, below half an ulp), so ~1 ulp overall. x > 88 gives +inf
 // (the sigmoid is then < 1e-38 and is flushed to 0), x < -87.3 gives 0; NaN stays NaN.
-static inline float exp_for_sigmoid(float x) {
+MANU_FAST_INLINE float exp_for_sigmoid(float x) {
     const float hi = 88.0f, lo = -87.33654f;
     float xc = x < lo ? lo : x;
     xc = xc > hi ? hi : xc;
@@ -35,7 +35,7 @@ static inline float exp_for_sigmoid(float x) {
 }
 
 template <int ACT>
-static inline float activation(float x) {
+MANU_FAST_INLINE float activation(float x) {
     if constexpr (ACT == kSilu) {
         return x / (1.0f + exp_for_sigmoid(-x));
     } else if constexpr (ACT == kGelu) {
@@ -96,9 +96,11 @@ static inline void compute_h(const float* pre, const float* up, const std::uint8
 }
 
 // One token row of one group into the tile's double sums. Non-finite values are NOT filtered here
-// (that would cost a test per element): they turn sum_sq into Inf/NaN, and finish_tile recomputes
+// (that would cost a test per element): they turn sum_sq into Inf/NaN, and process_tile recomputes
 // exactly those (group, neuron) columns with filtering.
-static inline void accumulate_row(const float* x, const double* shift, TileSums s, double tau, int w) {
+MANU_FAST_INLINE void accumulate_row(const float* x, const double* shift, TileSums s, double tau, int w) {
+    // The five sums are disjoint rows of the scratch: no aliasing (GCC cannot prove it and gives up).
+#pragma omp simd
     for (int j = 0; j < w; ++j) {
         double v = x[j];
         double d = v - shift[j];
@@ -148,43 +150,49 @@ static void recompute_column(const Problem& p, int site, int g, std::int64_t j, 
     sums[0] = s1; sums[1] = s2; sums[2] = sum_sq; sums[3] = sum_abs; sums[4] = active; sums[5] = nonfinite;
 }
 
-// Neurons [j0, j0 + w) over all tokens: write h, gather the sums of every requested site, merge them.
+// One tile, neurons [a, b), over all tokens: write h, gather the sums of every requested site, merge them
+// into the accumulators. Rows are walked in blocks of kBlockRows and, within a block, chunk by chunk along
+// the row (see the tiling note in act_stats.cpp).
 template <int DT, int ACT>
-static void process_tile(const Problem& p, std::int64_t j0, int w, TileScratch& scratch) {
-    const int G = p.G;
+static void process_tile(const Problem& p, std::int64_t a, std::int64_t b, TileScratch& scratch) {
     const bool need_h = p.out || p.acc[kSiteH];
-    scratch.reset(G);
     float* pre_buf = scratch.pre_buf.data();
     float* up_buf = scratch.up_buf.data();
     float* h_buf = scratch.h_buf.data();
     const float* site_buf[kNumSites] = {h_buf, pre_buf, up_buf};
-    const std::uint8_t* keep = p.keep ? p.keep + j0 : nullptr;
-    for (std::int64_t t = 0; t < p.T; ++t) {
-        load_row<DT>(p.pre_row(t) + j0 * p.elem_size, pre_buf, w);
-        if (p.up) load_row<DT>(p.up_row(t) + j0 * p.elem_size, up_buf, w);
-        if (need_h) compute_h<ACT>(pre_buf, p.up ? up_buf : nullptr, keep, h_buf, w);
-        if (p.out) store_row<DT>(h_buf, p.out + (t * p.N + j0) * p.elem_size, w);
-        const int g = p.gid ? p.gid[t] : 0;
-        if (g < 0) continue;
-        for (int site = 0; site < kNumSites; ++site) {
-            if (!p.acc[site]) continue;
-            double* shift = scratch.shift(site, g);
-            if (!scratch.seen(site, g)) {  // shift = the group's first value here: accurate when |mean| >> std
-                for (int j = 0; j < w; ++j) shift[j] = std::isfinite(site_buf[site][j]) ? site_buf[site][j] : 0.0;
-                scratch.mark_seen(site, g);
+    for (std::int64_t t0 = 0; t0 < p.T; t0 += kBlockRows) {
+        const std::int64_t t1 = std::min<std::int64_t>(t0 + kBlockRows, p.T);
+        for (std::int64_t j0 = a; j0 < b; j0 += kChunk) {
+            const int w = static_cast<int>(std::min<std::int64_t>(kChunk, b - j0));
+            const std::int64_t offset = j0 - a;  // into the range's sums
+            const std::uint8_t* keep = p.keep ? p.keep + j0 : nullptr;
+            for (std::int64_t t = t0; t < t1; ++t) {
+                load_row<DT>(p.pre_row(t) + j0 * p.elem_size, pre_buf, w);
+                if (p.up) load_row<DT>(p.up_row(t) + j0 * p.elem_size, up_buf, w);
+                if (need_h) compute_h<ACT>(pre_buf, p.up ? up_buf : nullptr, keep, h_buf, w);
+                if (p.out) store_row<DT>(h_buf, p.out + (t * p.N + j0) * p.elem_size, w);
+                const int g = p.gid ? p.gid[t] : 0;
+                if (g < 0) continue;
+                for (int site = 0; site < kNumSites; ++site) {
+                    if (!p.acc[site]) continue;
+                    double* shift = scratch.shift(site, g) + offset;
+                    if (t == p.first_row[g]) {  // shift = the group's first value: accurate when |mean| >> std
+                        for (int j = 0; j < w; ++j) shift[j] = std::isfinite(site_buf[site][j]) ? site_buf[site][j] : 0.0;
+                    }
+                    accumulate_row(site_buf[site], shift, scratch.sums(site, g, offset), p.tau, w);
+                }
             }
-            accumulate_row(site_buf[site], shift, scratch.sums(site, g), p.tau, w);
         }
     }
     for (int site = 0; site < kNumSites; ++site) {
         if (!p.acc[site]) continue;
-        for (int g = 0; g < G; ++g) {
-            TileSums s = scratch.sums(site, g);
+        for (int g = 0; g < p.G; ++g) {
+            TileSums s = scratch.sums(site, g, 0);
             const double* shift = scratch.shift(site, g);
-            for (int j = 0; j < w; ++j) {
+            for (std::int64_t j = 0; j < b - a; ++j) {
                 double sums[6] = {s.s1[j], s.s2[j], s.sum_sq[j], s.sum_abs[j], s.active[j], 0.0};
-                if (!std::isfinite(sums[2])) recompute_column<DT, ACT>(p, site, g, j0 + j, shift[j], sums);
-                merge_column(p, site, g, j0 + j, shift[j], sums);
+                if (!std::isfinite(sums[2])) recompute_column<DT, ACT>(p, site, g, a + j, shift[j], sums);
+                merge_column(p, site, g, a + j, shift[j], sums);
             }
         }
     }

@@ -19,7 +19,6 @@ except ImportError as e:  # pragma: no cover - depends on the build
                       "manu_fast repository (needs a C++17 compiler and pybind11)") from e
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-TILE_NEURONS = _C.TILE_NEURONS
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
