@@ -144,7 +144,7 @@ def apply_masks(model, masks: Masks, name: str = "forget"):
     names compose (a neuron is active only if every enabled mask keeps it); ``remove_masks`` undoes one.
     """
     from .adapters import patch_model
-    check_fingerprint(_model_fingerprint(model), masks.fingerprint)
+    check_fingerprint(_model_fingerprint(model), masks.fingerprint, "masks")
     if masks.site == "out":
         raise ValueError("masks of site 'out' (down_proj/fc2 output rows) have no reversible form; use prune_weights")
     patch = patch_model(model)
@@ -186,7 +186,7 @@ def prune_weights(model, masks: Masks) -> None:
     stock transformers reproduces the pruned outputs (the weights are zero; no custom module is needed).
     """
     from .adapters import get_patch, patch_model
-    check_fingerprint(_model_fingerprint(model), masks.fingerprint)
+    check_fingerprint(_model_fingerprint(model), masks.fingerprint, "masks")
     owned = get_patch(model) is None
     patch = patch_model(model)  # the fused layers reuse the HF Linear modules: zeroing them zeroes the model's
     try:

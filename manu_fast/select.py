@@ -31,7 +31,7 @@ from collections.abc import Iterable
 import torch
 
 from .masks import Masks
-from .stats import NeuronStats
+from .stats import F, NeuronStats, metrics, pool_groups
 
 STRATEGIES = ("manu-code", "manu-paper", "selective-pruning", "random")
 EPS = 1e-5
@@ -86,8 +86,15 @@ class _Metrics:
         what = f"{split}/{modality}/{kinds}"
         if not ids:
             raise ValueError(f"the statistics have no group {what} (groups: {', '.join(self.stats.groups)})")
-        m = self.stats.pooled(layer, self.site, ids)
-        if bool((m["count"] == 0).any()):
+        block = pool_groups(self.stats.block(layer, self.site), ids)
+        m = metrics(block)
+        empty = m["count"] == 0
+        if bool(empty.any()):
+            poisoned = int((block[F["nonfinite"]][empty] > 0).sum())
+            if poisoned:
+                raise ValueError(f"group {what} at layer {layer!r}: {poisoned} neuron(s) saw only NaN/Inf values, so "
+                                 "their scores are undefined; fix the model/inputs (profile with on_nonfinite='error' "
+                                 "to find the batch)")
             raise ValueError(f"group {what} is empty at layer {layer!r} (no tokens profiled there); "
                              "profile that split and modality, or choose other towers/token kinds")
         return m

@@ -156,6 +156,15 @@ def test_empty_group_is_a_clear_error_not_nan():
         scores(st, "manu-code")
 
 
+def test_neuron_that_saw_only_nan_is_named_as_such():
+    st = toy_stats()
+    b = st.block(L2, "hidden")
+    b[:, 2, 1] = 0.0  # forget/text/text, neuron 1: no finite value ...
+    b[F["nonfinite"], 2, 1] = 4.0  # ... because all four were NaN/Inf
+    with pytest.raises(ValueError, match="1 neuron\\(s\\) saw only NaN/Inf"):
+        scores(st, "manu-code")
+
+
 def test_alive_scores_only_alive_neurons_and_is_cumulative():
     st = toy_stats()
     first = select_neurons(st, "selective-pruning", 34, metric="abs")  # prunes L2 n1, n2
