@@ -83,13 +83,13 @@ class Timing:
     samples: int    # CPU: timed samples (blocks of calls); -1 on CUDA (do_bench decides)
 
 
-def measure_peers(fns: dict, device: torch.device, max_s: float) -> tuple[dict, dict, dict]:
+def measure_peers(fns: dict, device: torch.device, max_s: float, min_samples: int = 1) -> tuple[dict, dict, dict]:
     """Call every ``fns[name]()`` once (its result and peak extra memory are returned, to be checked), then time them.
 
     Returns (results, peak bytes, Timing) dicts keyed like ``fns``. The first call is the warm-up and is not timed.
     CPU: ``torch.utils.benchmark.Timer`` samples, taken in interleaved rounds (one sample of each peer per round) so
     that load from other processes drifts over all peers alike; each peer gets about ``max_s`` seconds of samples
-    (at least one), each sample a block of calls lasting >= 10 ms; the median is reported with the quartiles.
+    (at least ``min_samples``), each sample a block of calls lasting >= 10 ms; the median is reported with the quartiles.
     CUDA: ``triton.testing.do_bench`` (quantiles 0.5/0.2/0.8) per peer.
     """
     first, peaks, seconds = {}, {}, {}
@@ -109,7 +109,7 @@ def measure_peers(fns: dict, device: torch.device, max_s: float) -> tuple[dict, 
 
     timers = {name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for name, fn in fns.items()}
     number = {name: max(1, int(0.01 / max(t, 1e-9))) for name, t in seconds.items()}
-    wanted = {name: min(50, max(1, int(max_s / max(t, 1e-9)))) for name, t in seconds.items()}
+    wanted = {name: min(50, max(min_samples, int(max_s / max(t, 1e-9)))) for name, t in seconds.items()}
     samples = {name: [] for name in fns}
     for r in range(max(wanted.values())):
         for name, timer in timers.items():
@@ -252,6 +252,8 @@ def plot_ratios(rows: list[dict], path: Path, title: str) -> None:
     levels = list(dict.fromkeys(r["level"] for r in timed))
     if not levels:
         return
+    all_peers = list(dict.fromkeys(r["peer"] for r in timed))
+    colors = {peer: plt.get_cmap("tab10")(i % 10) for i, peer in enumerate(all_peers)}  # one colour per peer throughout
     fig, axes = plt.subplots(len(levels), 1, figsize=(11, 3.2 * len(levels)), squeeze=False)
     for ax, level in zip(axes[:, 0], levels):
         lr = [r for r in timed if r["level"] == level]
@@ -261,7 +263,7 @@ def plot_ratios(rows: list[dict], path: Path, title: str) -> None:
         for i, peer in enumerate(peers):
             vals = {f"{r['case']} {r['dtype'] or ''}".strip(): r["ratio_to_plain"] for r in lr if r["peer"] == peer}
             xs = [j + i * width for j, c in enumerate(cases) if c in vals]
-            ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=peer)
+            ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=peer, color=colors[peer])
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_yscale("log")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])

@@ -29,7 +29,7 @@ def test_model(results, device, sizes, dtype):
     shapes = (f"{case.label}, {case.batches_per_pass}x[{case.batch}x({case.image_tokens} img+{case.text_tokens} txt)]")
 
     fns = {p.name: (lambda p=p: p.run(model, batches)) for p in model_peers(IMAGE_TOKEN)}
-    runs, peaks, timings = measure_peers(fns, device, sizes.time_s)
+    runs, peaks, timings = measure_peers(fns, device, sizes.time_s, min_samples=3)
     rtol, active_rtol = (DEPTH_SLACK[dtype] * t for t in tolerances(dtype))
     fused = runs["fused"].blocks
     for name in model_peers_checked(runs):

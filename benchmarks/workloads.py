@@ -81,7 +81,7 @@ def sizes(mode: str, device: torch.device) -> Sizes:
                  layer_tokens={"llava-lm-mlp": 32, "clip-vit-l-mlp": 128},
                  layer_dtypes=(fp32, bf16),
                  model=ModelCase(REDUCED_LM, REDUCED_VIT, text_layers=2, vision_layers=2, batch=2, text_tokens=64,
-                                 batches_per_pass=2),
+                                 batches_per_pass=1),
                  model_dtypes=(fp32,), memory_passes=(1, 3), masked_tokens=32, masked_dtypes=(bf16,), time_s=0.5)
 
 
