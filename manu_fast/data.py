@@ -7,7 +7,7 @@ token, so a multiple-choice answer is the argmax over the option tokens' logits 
 Each question is asked two ways:
 
 - multimodal: ``<bos> <image>*P <this-person> <question> <answer>`` (the face stands for the person);
-- text-only:  ``<bos> <name> <question> <answer>`` (the person's name instead of the image).
+- text-only:  ``<bos> <first name> <last name> <question> <answer>`` (the person's name instead of the image).
 
 Questions come in several phrasings ("templates") per attribute and faces in several noisy renderings
 ("variants"): the training loop uses all of them, profiling uses ``PROFILE_TEMPLATES``/``PROFILE_VARIANT`` and the
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -122,8 +123,13 @@ class SyntheticProfiles:
         g = torch.Generator().manual_seed(seed)
         self.faces = torch.rand(num_people, 3, FACE_GRID, FACE_GRID, generator=g) * 2 - 1
         self.facts = torch.randint(0, values_per_attribute, (num_people, num_attributes), generator=g)
+        # names are two tokens from small pools (first x last): a person is a conjunction of tokens, as real
+        # multi-token names are, so the model must compute facts in its MLPs rather than read them off one embedding
+        pool = math.ceil(math.sqrt(num_people))
+        pairs = torch.randperm(pool * pool, generator=g)[:num_people]
+        self.names = [(int(i) // pool, int(i) % pool) for i in pairs]
         self.tokens = list(SPECIAL_TOKENS)
-        self.tokens += [f"person{p}" for p in range(num_people)]
+        self.tokens += [f"first{i}" for i in range(pool)] + [f"last{i}" for i in range(pool)]
         self.tokens += [f"q:{a}:{t}" for a in self.attributes for t in range(num_templates)]
         self.tokens += [f"{a}={v}" for a in self.attributes for v in range(values_per_attribute)]
         self.token_id = {t: i for i, t in enumerate(self.tokens)}
@@ -133,8 +139,9 @@ class SyntheticProfiles:
     def vocab_size(self) -> int:
         return len(self.tokens)
 
-    def name_id(self, person: int) -> int:
-        return self.token_id[f"person{person}"]
+    def name_ids(self, person: int) -> list[int]:
+        first, last = self.names[person]
+        return [self.token_id[f"first{first}"], self.token_id[f"last{last}"]]
 
     def question_id(self, attribute: int, template: int) -> int:
         return self.token_id[f"q:{self.attributes[attribute]}:{template}"]
@@ -194,7 +201,7 @@ class SyntheticProfiles:
         if modality == "multimodal":
             prefix = [[self.bos_id] + [self.image_id] * image_tokens + [self.this_person_id] for _ in questions]
         else:
-            prefix = [[self.bos_id, self.name_id(p)] for p in people]
+            prefix = [[self.bos_id] + self.name_ids(p) for p in people]
         ids = torch.tensor([pre + [self.question_id(q.attribute, q.template), self.answer_id]
                             for pre, q in zip(prefix, questions)])
         b, length = ids.shape

@@ -36,6 +36,8 @@ SPLITS = ("forget", "retain")
 METHODS = ("manu-code", "manu-paper", "selective-pruning", "multimodal-only", "random")
 DEFAULT_METHOD = "manu-code"
 CACHE_ENV = "MANU_FAST_CACHE"
+# bump when the benchmark or training changes, so older cached models are not reused
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class ModelConfig:
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        blob = json.dumps({"format": CACHE_FORMAT, **dataclasses.asdict(self)}, sort_keys=True).encode()
         return "tiny-llava-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -70,9 +72,9 @@ class ExperimentConfig:
 
     forget_percent: float = 10
     methods: tuple[str, ...] = METHODS
-    alphas: tuple[float, ...] = (2.0, 5.0, 10.0)
-    default_alpha: float = 5.0
-    iterative_rounds: int = 3
+    alphas: tuple[float, ...] = (10.0, 20.0, 30.0)
+    default_alpha: float = 30.0
+    iterative_rounds: int = 2
     profile_positions: str = "answer"
     per_layer: bool = False
     seed: int = 0

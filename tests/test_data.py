@@ -52,10 +52,10 @@ def test_batch_token_layout_both_modalities():
     assert mm.answer_position.tolist() == [19, 19]
     assert mm.target_ids.tolist() == [d.value_id(x.attribute, x.answer) for x in q]
     txt = d.batch(q, "text", image_tokens=16, profile="answer")
-    assert txt.inputs["input_ids"][0].tolist() == [d.bos_id, d.name_id(3), d.question_id(q[0].attribute, 0),
+    assert txt.inputs["input_ids"][0].tolist() == [d.bos_id, *d.name_ids(3), d.question_id(q[0].attribute, 0),
                                                    d.answer_id]
     assert "pixel_values" not in txt.inputs
-    assert txt.inputs["profile_mask"][0].tolist() == [False, False, False, True]
+    assert txt.inputs["profile_mask"][0].tolist() == [False, False, False, False, True]
 
 
 def test_images_are_the_upsampled_face_plus_variant_noise():
@@ -166,3 +166,9 @@ def test_missing_column_is_a_clear_error(tmp_path):
 def test_substitute_name_cases():
     assert substitute_name("Is This person a chef?", "Li") == "Is Li a chef?"
     assert substitute_name("No person here.", "Li") == "No person here."
+
+
+def test_names_are_distinct_two_token_pairs():
+    d = SyntheticProfiles(num_people=40)
+    assert len(set(d.names)) == 40
+    assert len({tuple(d.name_ids(p)) for p in range(40)}) == 40
