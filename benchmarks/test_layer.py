@@ -40,8 +40,8 @@ def test_layer(results, device, sizes, case, dtype):
     tokens = sizes.layer_tokens[case]
     mlp = build_mlp(case, device, dtype)
     host = MLPHost(mlp)
-    neurons, hidden = mlp.fc2.in_features if hasattr(mlp, "fc2") else mlp.down_proj.in_features, \
-        (mlp.fc2 if hasattr(mlp, "fc2") else mlp.down_proj).out_features
+    out_proj = mlp.fc2 if case == "clip-vit-l-mlp" else mlp.down_proj
+    neurons, hidden = out_proj.in_features, out_proj.out_features
     batches = mlp_batches(case, tokens, hidden, 1, device, dtype)
     shapes = f"{tokens}x{hidden}->{neurons}"
 
@@ -59,7 +59,6 @@ def test_layer(results, device, sizes, case, dtype):
                             f"{case} {dtype_name(dtype)}: fused vs {name}")
     entries = [{"peer": name, "timing": timings[name], "peak_bytes": peaks[name],
                 "held_bytes": 0 if name == "liger-swiglu" else runs[name].held_bytes,
-                "note": "fused activation, no statistics" if name == "liger-swiglu" else ""} for name in fns]
-    for e in entries:
-        e.update(shapes=shapes, dtype=dtype_name(dtype))
+                "note": "fused activation, no statistics" if name == "liger-swiglu" else "",
+                "shapes": shapes, "dtype": dtype_name(dtype)} for name in fns]
     results.report("layer", case, f"One MLP layer ({case}), {tokens} tokens, statistics of the hidden neurons", entries)

@@ -81,8 +81,10 @@ def _store_until_oom(results, model, case, dtype, per_sample, device):
         run = peer.run(model, [batch] * count)
         note, held = f"no OOM after {count} batches", run.held_bytes
         del run
-    except torch.cuda.OutOfMemoryError:
-        note, held = f"OOM (predicted after ~{predicted} of {count} batches)", None
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or cuBLAS failing to allocate its workspace
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "ALLOC" not in str(e) and "out of memory" not in str(e):
+            raise
+        note, held = f"OOM (predicted after ~{predicted} of {count} batches): {type(e).__name__}", None
     peak = torch.cuda.max_memory_allocated(device)
     gc.collect()
     torch.cuda.empty_cache()
