@@ -5,11 +5,11 @@ import json
 from manu_fast import demo
 
 
-def _args(tmp_path, **over):
+def _args(tmp_path):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    argv = ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--people", "16",
-            "--train-steps", "200", "--methods", "manu-code", "random", "--alphas", "30",
+    argv = ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--people", "12",
+            "--train-steps", "150", "--methods", "manu-code", "random", "--alphas", "30",
             "--default-alpha", "30", "--rounds", "2", "--no-progress"]
     return parser.parse_args(argv)
 
@@ -39,4 +39,5 @@ def test_reduced_demo_report_and_manu_beats_random(tmp_path, capsys):
     assert _gap(manu) > _gap(rand) + 0.05, (manu["drop"], rand["drop"])
     assert "manu-code" in capsys.readouterr().out
     # a second run reuses the cached model
-    assert not demo.main(_args(tmp_path))["trained_now"]
+    cfg = demo.ModelConfig(num_people=12, train_steps=150)
+    assert not demo.load_or_train(cfg, tmp_path / "cache", progress=False)[2]
