@@ -19,7 +19,11 @@
 // Chan's formula, in the same arithmetic as manu_fast.stats.merge_partials.
 #include <pybind11/pybind11.h>
 
+#ifdef _OPENMP
 #include <omp.h>
+#else  // built without OpenMP: one thread
+static inline int omp_get_thread_num() { return 0; }
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -280,16 +284,15 @@ void act_stats(std::uintptr_t pre, std::int64_t pre_row_stride, std::uintptr_t u
     const std::int64_t tile = ((N + num_tiles_wanted - 1) / num_tiles_wanted + kAlign - 1) / kAlign * kAlign;
     const std::int64_t num_tiles = (N + tile - 1) / tile;
     const int threads = static_cast<int>(std::min<std::int64_t>(num_threads, num_tiles));
+    // Scratch is allocated here, where std::bad_alloc still becomes a Python MemoryError.
+    std::vector<TileScratch> scratch(threads, TileScratch(p, tile));
     py::gil_scoped_release no_gil;
-#pragma omp parallel num_threads(threads)
-    {
-        TileScratch scratch(p, tile);
-#pragma omp for schedule(static)
-        for (std::int64_t i = 0; i < num_tiles; ++i) {
-            const std::int64_t a = i * tile;
-            scratch.reset();
-            tile_fn(p, a, std::min<std::int64_t>(N, a + tile), scratch);
-        }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (std::int64_t i = 0; i < num_tiles; ++i) {
+        TileScratch& mine = scratch[omp_get_thread_num()];
+        const std::int64_t a = i * tile;
+        mine.reset();
+        tile_fn(p, a, std::min<std::int64_t>(N, a + tile), mine);
     }
 }
 
