@@ -222,7 +222,8 @@ def test_half_rounding_matches_torch_bit_for_bit(dtype):
     assert torch.equal(_bits(h)[~torch.isnan(h)], _bits(expected)[~torch.isnan(h)])
 
 
-def test_dispatch_uses_cpp_on_cpu_and_matches_reference():
+def test_dispatch_uses_cpp_on_cpu_and_matches_reference(monkeypatch):
+    monkeypatch.delenv("MANU_FAST_BACKEND", raising=False)
     pre, up, g = _inputs(20, 33, torch.float32, True, seed=11)
     gid = torch.randint(0, 2, (20,), generator=g)
     assert pick_backend(torch.device("cpu")) == "cpp"
