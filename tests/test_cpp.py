@@ -100,8 +100,9 @@ def _check(results, h_rel_atol=1e-6):
 @pytest.mark.parametrize("act", list(ACT_CODES))
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 def test_every_activation_and_dtype_matches_float64_reference(dtype, act, gated):
-    # N = 1100: several 256-neuron chunks, a ragged one, and two tiles with 2 threads; T = 67: ragged row blocks.
-    t, n, groups = 67, 1100, 3
+    # N = 600 with 2 threads: two tiles of 304 neurons, each a full 256-neuron chunk and a ragged one;
+    # T = 67: two full 32-row blocks and a ragged one.
+    t, n, groups = 67, 600, 3
     pre, up, g = _inputs(t, n, dtype, gated, seed=ACT_CODES[act])
     keep = torch.rand(n, generator=g) > 0.25
     gid = torch.randint(-1, groups, (t,), generator=g, dtype=torch.int32)
