@@ -5,6 +5,7 @@
     manu-fast select stats.safetensors masks.safetensors --strategy manu-code --alpha 2
     manu-fast prune MODEL_DIR masks.safetensors PRUNED_DIR
     manu-fast report stats.safetensors   (or masks.safetensors)
+    manu-fast evaluate MODEL_DIR --forget F.parquet --retain R.parquet [--masks masks.safetensors] [--json out.json]
     manu-fast demo --help
 
 Errors (bad arguments, missing or refused files) print one line on stderr and exit with status 2.
@@ -67,23 +68,26 @@ def _synthetic_data(model, model_dir: Path, args, device) -> dict:
 
 
 class _EncodedItems:
-    """MLLMU-Bench items of one modality, encoded by the model's processor one at a time (question + answer)."""
+    """MLLMU-Bench items of one modality (question + answer), encoded by the model's processor ``batch_size`` at a
+    time when iterated (re-iterable, so a resumed run re-reads the same batches)."""
 
-    def __init__(self, processor, items, device):
-        self.processor, self.items, self.device = processor, items, device
+    def __init__(self, processor, items, batch_size: int, device, dtype):
+        self.processor, self.items, self.batch_size = processor, items, batch_size
+        self.device, self.dtype = device, dtype
 
     def __len__(self):
-        return len(self.items)
+        return -(-len(self.items) // self.batch_size)
 
     def __iter__(self):
-        for item in self.items:
-            content = [{"type": "image"}] if item.image is not None else []
-            content.append({"type": "text", "text": item.prompt})
-            text = self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True) + " " + item.answer
-            images = {"images": [item.image]} if item.image is not None else {}
-            enc = self.processor(text=[text], return_tensors="pt", **images)
-            yield {k: v.to(self.device) for k, v in enc.items()}
+        from .data import encode_items
+        for i in range(0, len(self.items), self.batch_size):
+            yield encode_items(self.processor, self.items[i:i + self.batch_size], with_answer=True,
+                               device=self.device, dtype=self.dtype)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
 
 
 def _parquet_data(model_dir: Path, args, device) -> dict:
@@ -95,7 +99,8 @@ def _parquet_data(model_dir: Path, args, device) -> dict:
     for split, path in (("forget", args.forget), ("retain", args.retain)):
         items = load_mllmu_profiles(path)
         for modality in MODALITIES:
-            out[split, modality] = _EncodedItems(processor, [i for i in items if i.modality == modality], device)
+            out[split, modality] = _EncodedItems(processor, [i for i in items if i.modality == modality],
+                                                 args.batch_size, device, _dtype(args.dtype))
     return out
 
 
@@ -105,6 +110,7 @@ def cmd_profile(args) -> None:
         raise UsageError("profile: give either --synthetic or both --forget and --retain")
     if args.resume and not args.checkpoint:
         raise UsageError("profile: --resume needs --checkpoint PATH")
+    _check_batch_size(args.batch_size)
     device = args.device
     if args.distributed:
         from . import distributed as mdist
@@ -160,6 +166,86 @@ def cmd_prune(args) -> None:
                 and not f.name.endswith(".index.json"):
             shutil.copy2(f, out / f.name)
     print(f"wrote {out}: {masks.num_pruned()} of {masks.num_total()} {masks.site} entries zeroed")
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+def option_token_ids(processor, letters) -> list[int]:
+    """The token each option letter is answered with: the first token after the generation prompt in the encoding
+    of "<prompt> <letter>", the way answers are encoded for profiling (with SentencePiece, " A" encoded alone
+    may split differently from " A" after the prompt)."""
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "?"}]}],
+                                           add_generation_prompt=True)
+    base = processor.tokenizer.encode(prompt, add_special_tokens=False)
+    ids = []
+    for letter in letters:
+        full = processor.tokenizer.encode(f"{prompt} {letter}", add_special_tokens=False)
+        if full[:len(base)] != base or len(full) == len(base):
+            raise ValueError(f"option {letter!r} does not tokenize as a continuation of the generation prompt")
+        ids.append(full[len(base)])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the tokenizer maps option letters {list(letters)} to tokens {ids}, not all distinct")
+    return ids
+
+
+def evaluate_mc_items(model, processor, items, batch_size: int, device, dtype) -> dict:
+    """{"accuracy", "answer_prob", "n"} of multiple-choice ``items`` of one modality: the model's next-token logits
+    after the prompt, compared over the option letters' tokens (accuracy), and the softmax probability over the
+    whole vocabulary of the right letter's token (answer_prob)."""
+    import torch
+
+    from .data import encode_items
+    from .evaluate import answer_probability, mc_accuracy
+    width = max(len(i.options) for i in items)
+    scores = torch.full((len(items), width), float("-inf"))  # options an item lacks never win
+    right, probs, letter_ids = [], [], {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        enc = encode_items(processor, chunk, with_answer=False, device=device, dtype=dtype)
+        with torch.inference_mode():
+            logits = model(**enc, use_cache=False).logits
+        rows = torch.arange(len(chunk), device=logits.device)
+        last = logits[rows, enc["attention_mask"].sum(1).to(logits.device) - 1].float().cpu()  # right-padded
+        targets = []
+        for b, item in enumerate(chunk):
+            letters = tuple(item.options)
+            if letters not in letter_ids:
+                letter_ids[letters] = option_token_ids(processor, letters)
+            ids = letter_ids[letters]
+            scores[start + b, :len(ids)] = last[b, ids]
+            right.append(list(item.options).index(item.answer))
+            targets.append(ids[right[-1]])
+        probs.append(answer_probability(last, torch.tensor(targets)))
+    return {"accuracy": mc_accuracy(scores, torch.tensor(right)), "answer_prob": torch.cat(probs).mean().item(),
+            "n": len(items)}
+
+
+def cmd_evaluate(args) -> None:
+    from transformers import AutoProcessor
+
+    from .data import MODALITIES, load_mllmu_classification
+    from .masks import Masks, apply_masks
+    _check_batch_size(args.batch_size)
+    model_dir = Path(args.model)
+    masks = Masks.load(args.masks) if args.masks else None  # a damaged file is refused before the model is loaded
+    model = load_model(model_dir, args.dtype, args.device)
+    if masks is not None:
+        apply_masks(model, masks)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    results = {}
+    for split, path in (("forget", args.forget), ("retain", args.retain)):
+        items = load_mllmu_classification(path)
+        for modality in MODALITIES:
+            chosen = [i for i in items if i.modality == modality]
+            if not chosen:
+                raise ValueError(f"{path}: no {modality} classification questions")
+            results[f"{split}/{modality}"] = evaluate_mc_items(model, processor, chosen, args.batch_size, args.device,
+                                                               _dtype(args.dtype))
+    print(_table(["data", "accuracy %", "answer prob", "questions"],
+                 [[k, f"{100 * r['accuracy']:.2f}", f"{r['answer_prob']:.4f}", r["n"]] for k, r in results.items()]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": str(model_dir), "masks": args.masks, "results": results},
+                                              indent=2))
+        print(f"wrote {args.json}")
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -256,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--synthetic: percentage of the people to forget (default: %(default)s)")
     s.add_argument("--profile-positions", default="question", choices=("answer", "question", "all"),
                    help="--synthetic: token positions profiled in the language model (default: %(default)s)")
-    s.add_argument("--batch-size", type=int, default=64, help="--synthetic: questions per batch (default: %(default)s)")
+    s.add_argument("--batch-size", type=int, default=64, help="questions per batch (default: %(default)s)")
     s.add_argument("--sites", nargs="+", default=["hidden"], choices=SITES,
                    help="what to profile: hidden = MLP neuron h (default); pre/up = gate(fc1)/up_proj outputs "
                         "(the official code's convention); out = MLP output")
@@ -305,6 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("masks", help="masks file written by `manu-fast select`")
     s.add_argument("out", help="folder to write the pruned model to (must differ from MODEL)")
     s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("evaluate", parents=[dev], help="multiple-choice accuracy on MLLMU-Bench classification data",
+                       description="Ask MODEL (optionally with MASKS applied) the multiple-choice questions of the "
+                                   "forget and retain MLLMU-Bench classification parquet files, with the image and "
+                                   "text-only, and print the accuracy per split and modality.")
+    s.add_argument("model", help="model folder (written by save_pretrained, with its processor)")
+    s.add_argument("--forget", required=True, help="MLLMU-Bench-style classification parquet of the forget set")
+    s.add_argument("--retain", required=True, help="MLLMU-Bench-style classification parquet of the retain set")
+    s.add_argument("--masks", help="masks file written by `manu-fast select`, applied (reversibly) before evaluating")
+    s.add_argument("--batch-size", type=int, default=16, help="questions per batch (default: %(default)s)")
+    s.add_argument("--json", help="also write the results to this JSON file")
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("report", help="summarise a statistics or masks file",
                        description="Print a summary of a statistics file (layers per tower, groups, tokens profiled) "

@@ -15,8 +15,8 @@ reported evaluation uses ``EVAL_TEMPLATES``/``EVAL_VARIANT``, so pruning is neve
 
 Real benchmarks: ``load_mllmu_profiles`` / ``load_mllmu_classification`` (MLLMU-Bench parquet) and ``load_clear``
 (CLEAR parquet) return ``BenchmarkItem`` records with multimodal and text-only prompts built the way the reference
-code does (text-only: the person's name substituted for "this person"); tokenization is left to the model's
-processor.
+code does (text-only: the person's name substituted for "this person"); ``encode_items`` turns a batch of them
+into model inputs with the model's own processor (chat template, image placeholders, right padding).
 """
 from __future__ import annotations
 
@@ -302,6 +302,33 @@ def _person_name(row: dict, names: dict | None) -> str | None:
     return bio.get("Name") if isinstance(bio, dict) else None
 
 
+def encode_items(processor, items: list[BenchmarkItem], *, with_answer: bool, device=None, dtype=None):
+    """One batch of ``items`` (all multimodal, or all text-only) encoded by a HF processor: the user turn (image +
+    prompt) through the processor's chat template with the generation prompt, then " answer" when ``with_answer``.
+
+    Right-padded, so every real token keeps the position it has in an unpadded run and the last real token of
+    row b is at ``attention_mask[b].sum() - 1``. Floating-point tensors (pixel values) are cast to ``dtype``."""
+    if not items:
+        raise ValueError("encode_items needs at least one item")
+    modality = items[0].modality
+    if any(i.modality != modality for i in items):
+        raise ValueError("encode_items: a batch must be all multimodal or all text-only")
+    multimodal = modality == "multimodal"
+    missing = [i.person_id for i in items if multimodal and i.image is None]
+    if missing:
+        raise ValueError(f"multimodal questions about person(s) {missing[:3]} have no image")
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError(f"{type(processor).__name__} has no chat template: save the model's processor with one")
+    texts = []
+    for item in items:
+        content = ([{"type": "image"}] if multimodal else []) + [{"type": "text", "text": item.prompt}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        texts.append(text + " " + item.answer if with_answer else text)
+    images = {"images": [i.image for i in items]} if multimodal else {}
+    enc = processor(text=texts, return_tensors="pt", padding=True, padding_side="right", **images)
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in enc.items()}
+
+
 def load_mllmu_profiles(path, names: dict | None = None) -> list[BenchmarkItem]:
     """MLLMU-Bench profile rows (``image``, ``ID``, ``metadata`` = JSON list of {Question, Answer}) as one multimodal
     and one text-only item per question. The name comes from ``names[ID]``, a ``name`` column or ``biography``."""
@@ -309,6 +336,8 @@ def load_mllmu_profiles(path, names: dict | None = None) -> list[BenchmarkItem]:
     for row in _read_rows(path):
         pid = str(_require(row, "ID", path))
         image = decode_image(_require(row, "image", path))
+        if image is None:
+            raise ValueError(f"{path}: person {pid} has no image (the multimodal questions need one)")
         name = _person_name(row, names)
         if name is None:
             raise ValueError(f"{path}: no name for person {pid}: pass names={{ID: name}} or add a 'name' column")
