@@ -90,11 +90,20 @@ def _check_batch_size(batch_size: int) -> None:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
 
 
-def _parquet_data(model_dir: Path, args, device) -> dict:
+def load_processor(path):
+    """The HF processor (tokenizer + image processor + chat template) saved next to the model in ``path``."""
     from transformers import AutoProcessor
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: no usable processor saved with the model (save the model's processor there with "
+                         f"save_pretrained): {e}") from None
 
+
+def _parquet_data(processor, args, device) -> dict:
     from .data import MODALITIES, load_mllmu_profiles
-    processor = AutoProcessor.from_pretrained(model_dir)
     out = {}
     for split, path in (("forget", args.forget), ("retain", args.retain)):
         items = load_mllmu_profiles(path)
@@ -118,9 +127,10 @@ def cmd_profile(args) -> None:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     model_dir = Path(args.model)
+    processor = None if args.synthetic else load_processor(model_dir)  # before the (maybe large) model
     model = load_model(model_dir, args.dtype, device)
     data = (_synthetic_data(model, model_dir, args, device) if args.synthetic
-            else _parquet_data(model_dir, args, device))
+            else _parquet_data(processor, args, device))
     if args.distributed:
         data = {key: mdist.Shard(batches) for key, batches in data.items()}
     stats = profile(model, data, sites=tuple(args.sites), tau=args.tau, towers=args.towers,
@@ -220,17 +230,15 @@ def evaluate_mc_items(model, processor, items, batch_size: int, device, dtype) -
 
 
 def cmd_evaluate(args) -> None:
-    from transformers import AutoProcessor
-
     from .data import MODALITIES, load_mllmu_classification
     from .masks import Masks, apply_masks
     _check_batch_size(args.batch_size)
     model_dir = Path(args.model)
     masks = Masks.load(args.masks) if args.masks else None  # a damaged file is refused before the model is loaded
+    processor = load_processor(model_dir)
     model = load_model(model_dir, args.dtype, args.device)
     if masks is not None:
         apply_masks(model, masks)
-    processor = AutoProcessor.from_pretrained(model_dir)
     results = {}
     for split, path in (("forget", args.forget), ("retain", args.retain)):
         items = load_mllmu_classification(path)

@@ -217,3 +217,22 @@ def test_evaluate_accuracy_of_a_rigged_model(bench, tmp_path, capsys):
                     "answer_prob": sum(p_b if c == "B" else p_other for c in letters) / len(letters)}
             assert got[f"{split}/{modality}"] == pytest.approx(want, rel=1e-6), (split, modality)
     assert re.search(r"forget/text\s+100\.00\s", out) and re.search(r"retain/text\s+25\.00\s", out), out
+
+
+def test_bad_real_inputs_are_one_line_errors(bench, tmp_path, capsys):
+    no_image = _write(tmp_path / "no_image.parquet", [{"ID": 1, "name": PEOPLE["1"], "image": None,
+                                                       "metadata": json.dumps([{"Question": "q", "Answer": "a"}])}])
+    bare = tmp_path / "bare"  # weights and config only: no processor to encode the questions with
+    _model(bench["processor"]).save_pretrained(bare)
+    for argv, match in [
+        (["profile", bench["model"], tmp_path / "s.safetensors", "--forget", no_image, "--retain", bench["retain"]],
+         "person 1 has no image"),
+        (["profile", bench["model"], tmp_path / "s.safetensors", "--forget", bench["forget"], "--retain",
+          bench["retain"], "--batch-size", 0], "--batch-size must be >= 1"),
+        (["evaluate", bare, "--forget", bench["forget_eval"], "--retain", bench["retain_eval"]],
+         "no usable processor saved with the model"),
+    ]:
+        capsys.readouterr()
+        assert main([str(a) for a in argv]) == 2
+        last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+        assert last.startswith("manu-fast: error:") and match in last, last
