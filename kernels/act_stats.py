@@ -6,9 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (accumulate_tile_stats, act_code, apply_activation, fp32_threshold, group_args,
-                     interpreting, keep_args, merge_scratch, new_scratch, plan_chunks, rtne_by_hand,
-                     scratch_offsets, to_output_dtype)
+from .common import (act_code, apply_activation, chunk_token_range, fp32_threshold, group_args,
+                     hidden_tile_epilogue, interpreting, keep_args, merge_scratch, new_scratch, plan_chunks,
+                     rtne_by_hand, scratch_offsets)
 
 
 @triton.jit
@@ -25,14 +25,12 @@ def _act_stats_kernel(
     chunk = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    keep = col_ok  # placeholder for the epilogue when there is no mask (it reads keep only under HAS_KEEP)
     if HAS_KEEP:
         keep = tl.load(keep_ptr + cols, mask=col_ok, other=0) != 0
     # This program's partial blocks (NUM_FIELDS, G, N): one per site, at site offset + chunk * part_stride.
     part_ptr = scratch_ptr + chunk * part_stride
-    pre_part = part_ptr + pre_site_offset
-    up_part = part_ptr + up_site_offset
-    t_begin = chunk * tiles_per_chunk * BLOCK_T
-    t_end = tl.minimum(t_begin + tiles_per_chunk * BLOCK_T, T)
+    t_begin, t_end = chunk_token_range(chunk, tiles_per_chunk, T, BLOCK_T)
     for t0 in range(t_begin, t_end, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < t_end
@@ -41,24 +39,14 @@ def _act_stats_kernel(
         p = tl.load(pre_ptr + rows64[:, None] * stride_pre_t + cols[None, :] * stride_pre_n, mask=mask, other=0.0)
         p = p.to(tl.float32)
         h = apply_activation(p, ACT)
+        u = p  # placeholder for the epilogue of a plain MLP (it reads up only under STATS_UP)
         if HAS_UP:
             u = tl.load(up_ptr + rows64[:, None] * stride_up_t + cols[None, :] * stride_up_n, mask=mask, other=0.0)
             u = u.to(tl.float32)
             h = h * u
-        if HAS_KEEP:
-            h = tl.where(keep[None, :], h, 0.0)
-        if WRITE_OUT:
-            tl.store(out_ptr + rows64[:, None] * N + cols[None, :], to_output_dtype(h, out_ptr, RTNE_BF16), mask=mask)
-        if HAS_GID:
-            gid = tl.load(gid_ptr + rows, mask=row_ok, other=-1)
-        else:
-            gid = tl.zeros([BLOCK_T], dtype=tl.int32)
-        if STATS_H:
-            accumulate_tile_stats(h, gid, row_ok, cols, col_ok, part_ptr, num_groups, N, tau)
-        if STATS_PRE:
-            accumulate_tile_stats(p, gid, row_ok, cols, col_ok, pre_part, num_groups, N, tau)
-        if STATS_UP:
-            accumulate_tile_stats(u, gid, row_ok, cols, col_ok, up_part, num_groups, N, tau)
+        hidden_tile_epilogue(h, p, u, keep, rows, row_ok, cols, col_ok, out_ptr, gid_ptr, part_ptr,
+                             pre_site_offset, up_site_offset, num_groups, N, tau,
+                             HAS_KEEP, WRITE_OUT, HAS_GID, STATS_H, STATS_PRE, STATS_UP, RTNE_BF16, BLOCK_T)
 
 
 def _default_blocks(n: int) -> tuple[int, int, int]:

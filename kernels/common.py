@@ -104,6 +104,44 @@ def accumulate_tile_stats(x, gid, row_ok, cols, col_ok, part_ptr, num_groups, N,
 
 
 @triton.jit
+def chunk_token_range(chunk, tiles_per_chunk, T, BLOCK_T: tl.constexpr):
+    """[begin, end) of the tokens that token chunk ``chunk`` walks (``tiles_per_chunk`` tiles, see plan_chunks)."""
+    t_begin = chunk * tiles_per_chunk * BLOCK_T
+    return t_begin, tl.minimum(t_begin + tiles_per_chunk * BLOCK_T, T)
+
+
+@triton.jit
+def hidden_tile_epilogue(h, pre, up, keep, rows, row_ok, cols, col_ok, out_ptr, gid_ptr, part_ptr,
+                         pre_site_offset, up_site_offset, num_groups, N, tau,
+                         HAS_KEEP: tl.constexpr, WRITE_OUT: tl.constexpr, HAS_GID: tl.constexpr,
+                         STATS_H: tl.constexpr, STATS_PRE: tl.constexpr, STATS_UP: tl.constexpr,
+                         RTNE_BF16: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The tail both kernels share for one (BLOCK_T, BLOCK_N) tile of h = act(pre) [* up] (all fp32): neuron
+    mask, store of h into the contiguous (T, N) output, and the statistics of h, pre and up into this program's
+    partial slices (hidden at ``part_ptr``, pre/up at the site offsets, see ``scratch_offsets``).
+
+    ``keep`` (BLOCK_N,) is read only when HAS_KEEP and ``up`` only when STATS_UP: callers without them pass
+    any tile of the right type in their place.
+    """
+    if HAS_KEEP:
+        h = tl.where(keep[None, :], h, 0.0)
+    if WRITE_OUT:
+        rows64 = rows.to(tl.int64)
+        tl.store(out_ptr + rows64[:, None] * N + cols[None, :], to_output_dtype(h, out_ptr, RTNE_BF16),
+                 mask=row_ok[:, None] & col_ok[None, :])
+    if HAS_GID:
+        gid = tl.load(gid_ptr + rows, mask=row_ok, other=-1)
+    else:
+        gid = tl.zeros([BLOCK_T], dtype=tl.int32)
+    if STATS_H:
+        accumulate_tile_stats(h, gid, row_ok, cols, col_ok, part_ptr, num_groups, N, tau)
+    if STATS_PRE:
+        accumulate_tile_stats(pre, gid, row_ok, cols, col_ok, part_ptr + pre_site_offset, num_groups, N, tau)
+    if STATS_UP:
+        accumulate_tile_stats(up, gid, row_ok, cols, col_ok, part_ptr + up_site_offset, num_groups, N, tau)
+
+
+@triton.jit
 def to_output_dtype(h, out_ptr, RTNE_BF16: tl.constexpr):
     """h (fp32) in the output's dtype, rounded to nearest even. RTNE_BF16 rounds bf16 by hand: Triton's CPU
     interpreter truncates fp32 -> bf16 (compiled code rounds correctly), and tests compare to PyTorch."""

@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (accumulate_tile_stats, act_code, apply_activation, fp32_threshold, group_args,
-                     interpreting, keep_args, merge_scratch, new_scratch, plan_chunks, rtne_by_hand,
-                     scratch_offsets, to_output_dtype)
+from .common import (act_code, apply_activation, chunk_token_range, fp32_threshold, group_args,
+                     hidden_tile_epilogue, interpreting, keep_args, merge_scratch, new_scratch, plan_chunks,
+                     rtne_by_hand, scratch_offsets)
 
 GATED_PATH_ENV = "MANU_FAST_GATED_PATH"  # "fused" | "unfused" | "auto" (default)
 FUSED_MAX_D_ENV = "MANU_FAST_FUSED_MAX_D"
@@ -69,6 +69,7 @@ def _gated_gemm_act_stats_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
+    keep = col_ok  # placeholder for the epilogue when there is no mask (it reads keep only under HAS_KEEP)
     if HAS_KEEP:
         keep = tl.load(keep_ptr + cols, mask=col_ok, other=0) != 0
     if HAS_BIAS_G:
@@ -79,8 +80,7 @@ def _gated_gemm_act_stats_kernel(
     # Weight tiles are read transposed, (BLOCK_K, BLOCK_N), straight from the (N, D) nn.Linear layout.
     wg_tile = wg_ptr + cols[None, :].to(tl.int64) * stride_wgn + ks[:, None] * stride_wgd
     wu_tile = wu_ptr + cols[None, :].to(tl.int64) * stride_wun + ks[:, None] * stride_wud
-    t_begin = chunk * tiles_per_chunk * BLOCK_M
-    t_end = tl.minimum(t_begin + tiles_per_chunk * BLOCK_M, T)
+    t_begin, t_end = chunk_token_range(chunk, tiles_per_chunk, T, BLOCK_M)
     for t0 in range(t_begin, t_end, BLOCK_M):
         rows = t0 + tl.arange(0, BLOCK_M)
         row_ok = rows < t_end
@@ -106,20 +106,9 @@ def _gated_gemm_act_stats_kernel(
         if HAS_BIAS_U:
             acc_u += bias_u[None, :]
         h = apply_activation(acc_g, ACT) * acc_u
-        if HAS_KEEP:
-            h = tl.where(keep[None, :], h, 0.0)
-        tl.store(out_ptr + rows64[:, None] * N + cols[None, :], to_output_dtype(h, out_ptr, RTNE_BF16),
-                 mask=row_ok[:, None] & col_ok[None, :])
-        if HAS_GID:
-            gid = tl.load(gid_ptr + rows, mask=row_ok, other=-1)
-        else:
-            gid = tl.zeros([BLOCK_M], dtype=tl.int32)
-        if STATS_H:
-            accumulate_tile_stats(h, gid, row_ok, cols, col_ok, part_ptr, num_groups, N, tau)
-        if STATS_PRE:
-            accumulate_tile_stats(acc_g, gid, row_ok, cols, col_ok, part_ptr + pre_site_offset, num_groups, N, tau)
-        if STATS_UP:
-            accumulate_tile_stats(acc_u, gid, row_ok, cols, col_ok, part_ptr + up_site_offset, num_groups, N, tau)
+        hidden_tile_epilogue(h, acc_g, acc_u, keep, rows, row_ok, cols, col_ok, out_ptr, gid_ptr, part_ptr,
+                             pre_site_offset, up_site_offset, num_groups, N, tau,
+                             HAS_KEEP, True, HAS_GID, STATS_H, STATS_PRE, STATS_UP, RTNE_BF16, BLOCK_M)
 
 
 def _dot_in_fp32(dtype: torch.dtype) -> bool:
