@@ -146,6 +146,16 @@ def cmd_profile(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- select / prune
+def alpha_arg(text: str):
+    """--alpha: a number, or tower=number pairs separated by commas."""
+    if "=" not in text:
+        return float(text)
+    try:
+        return {tower.strip(): float(value) for tower, value in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or tower=number,... pairs, got {text!r}") from None
+
+
 def cmd_select(args) -> None:
     from .select import select_neurons
     from .stats import NeuronStats
@@ -380,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "alpha %% per tower; manu-paper: the paper's cross-modal importance ratio (language model); "
                         "selective-pruning: one metric, forget/retain, one modality; random: the control "
                         "(default: %(default)s)")
-    s.add_argument("--alpha", type=float, default=2.0, help="percentage of neurons to prune, in (0, 100) (default: %(default)s)")
+    s.add_argument("--alpha", type=alpha_arg, default=2.0,
+                   help="percentage of neurons to prune, in (0, 100), or one per tower, e.g. "
+                        "vision=10,projector=10,language=30 (towers not named are not pruned) (default: %(default)s)")
     s.add_argument("--per-layer", action="store_true", help="top alpha %% of each layer instead of per tower / global")
     s.add_argument("--site", default="hidden", choices=SITES, help="which profiled site to select at (default: %(default)s)")
     s.add_argument("--metric", choices=METRICS, help="selective-pruning: the metric (default: freq)")

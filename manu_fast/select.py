@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
+from .adapters import TOWERS
 from .masks import Masks
 from .stats import F, NeuronStats, metrics, pool_groups
 
@@ -163,7 +164,13 @@ def top_k_count(alpha: float, n: int) -> int:
     return int(math.floor(alpha / 100.0 * n + 0.5))
 
 
-def _check_alpha(alpha) -> float:
+def _check_alpha(alpha):
+    """A percentage in (0, 100), or a {tower: percentage} mapping of them (towers absent from it are not pruned)."""
+    if isinstance(alpha, Mapping):
+        bad = sorted(set(alpha) - set(TOWERS))
+        if bad or not alpha:
+            raise ValueError(f"per-tower alpha needs tower names among {TOWERS}, got {sorted(alpha)}")
+        return {t: _check_alpha(a) for t, a in alpha.items()}
     alpha = float(alpha)
     if not 0.0 < alpha < 100.0:
         raise ValueError(f"alpha is a percentage in (0, 100), got {alpha}")
@@ -206,10 +213,14 @@ def _alive_keep(stats, site, alive: Masks | None, layers) -> dict[str, torch.Ten
             for n in layers}
 
 
-def select_neurons(stats: NeuronStats, strategy: str = "manu-code", alpha: float = 2.0, *, per_layer: bool = False,
+def select_neurons(stats: NeuronStats, strategy: str = "manu-code", alpha: float | Mapping[str, float] = 2.0, *,
+                   per_layer: bool = False,
                    site: str = "hidden", metric: str | None = None, modality: str | None = None, token_kinds=None,
                    towers=None, alive: Masks | None = None, seed: int = 0, weights: dict | None = None) -> Masks:
     """Masks pruning the top ``alpha`` % neurons by ``scores(...)`` (see the module docstring for the rules).
+
+    ``alpha`` may be a {tower: percentage} mapping (e.g. ``{"vision": 10, "projector": 10, "language": 30}``):
+    top-k is then taken per tower, each with its own fraction; towers absent from it are not pruned.
 
     With ``alive`` (iterative rounds), only neurons it keeps are candidates and the result is cumulative:
     it prunes what ``alive`` prunes plus the new selection.
@@ -220,9 +231,11 @@ def select_neurons(stats: NeuronStats, strategy: str = "manu-code", alpha: float
     keep = _alive_keep(stats, site, alive, sc)
     towers_of = {n: _tower(stats, n) for n in sc}
     new_keep = {n: k.clone() for n, k in keep.items()}
-    for pool in _pools(list(sc), towers_of, per_layer, by_tower=strategy in ("manu-code", "random")):
+    per_tower = isinstance(alpha, dict)
+    for pool in _pools(list(sc), towers_of, per_layer, by_tower=per_tower or strategy in ("manu-code", "random")):
+        pool_alpha = alpha.get(towers_of[pool[0]], 0.0) if per_tower else alpha
         total = sum(sc[n].numel() for n in pool)
-        chosen = _select_in_pool({n: sc[n] for n in pool}, {n: keep[n] for n in pool}, top_k_count(alpha, total))
+        chosen = _select_in_pool({n: sc[n] for n in pool}, {n: keep[n] for n in pool}, top_k_count(pool_alpha, total))
         for n, idx in chosen.items():
             new_keep[n][idx] = False
     if alive is not None:
@@ -248,7 +261,8 @@ def random_like(masks: Masks, seed: int = 0) -> Masks:
     return Masks(keep, masks.fingerprint, masks.site, {"strategy": "random", "like": masks.description, "seed": seed})
 
 
-def iterative_prune(model, data, rounds: int, strategy: str = "manu-code", alpha_per_round: float = 2.0, *,
+def iterative_prune(model, data, rounds: int, strategy: str = "manu-code",
+                    alpha_per_round: float | Mapping[str, float] = 2.0, *,
                     mask_name: str = "forget", site: str = "hidden", profile_kwargs: dict | None = None,
                     seed: int = 0, **select_kwargs) -> Masks:
     """``rounds`` of profile -> select -> mask: each round profiles the model with the masks so far applied

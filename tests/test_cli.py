@@ -55,6 +55,11 @@ def test_pipeline_profile_select_report_prune(model_dir, tmp_path, capsys):
     m = Masks.load(masks)
     expected = {"vision": top_k_count(10, 2 * 24), "projector": top_k_count(10, 16), "language": top_k_count(10, 2 * 40)}
     assert {t: p for t, (p, _) in m.by_tower().items()} == expected
+    per_tower = tmp_path / "per_tower.safetensors"
+    assert run(capsys, "select", stats, per_tower, "--alpha", "vision=10,language=20")[0] == 0
+    assert {t: p for t, (p, _) in Masks.load(per_tower).by_tower().items()} == {
+        "vision": top_k_count(10, 2 * 24), "projector": 0, "language": top_k_count(20, 2 * 40)}
+    one_line_error(capsys, "select", stats, per_tower, "--alpha", "vision=ten", match="tower=number")
     rc, out, _ = run(capsys, "report", masks)
     assert rc == 0 and "strategy=manu-code, alpha=10.0" in out
     assert out.splitlines()[-1].split() == ["total", str(len(m.keep)), str(m.num_pruned()), str(m.num_total()),

@@ -188,3 +188,15 @@ def test_option_errors():
         scores(toy_stats(), "manu-code", weights={"mean": 1})
     with pytest.raises(ValueError, match="no statistics at site"):
         scores(toy_stats(), "manu-code", site="pre")
+
+
+def test_per_tower_alpha():
+    m = select_neurons(toy_stats(), "manu-code", {"vision": 34, "language": 50})
+    assert m.by_tower() == {"vision": (1, 3), "language": (3, 6)}  # k = floor(alpha/100 * n + 0.5) per tower
+    assert torch.equal(m.keep[VISION], select_neurons(toy_stats(), "manu-code", 34).keep[VISION])
+    only = select_neurons(toy_stats(), "manu-code", {"language": 50})
+    assert only.num_pruned("vision") == 0 and only.num_pruned("language") == 3
+    with pytest.raises(ValueError, match="tower names"):
+        select_neurons(toy_stats(), "manu-code", {"lm": 10})
+    with pytest.raises(ValueError, match="in \\(0, 100\\)"):
+        select_neurons(toy_stats(), "manu-code", {"language": 100})
