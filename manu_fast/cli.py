@@ -148,9 +148,9 @@ def cmd_profile(args) -> None:
 # ---------------------------------------------------------------------------------------------------- select / prune
 def alpha_arg(text: str):
     """--alpha: a number, or tower=number pairs separated by commas."""
-    if "=" not in text:
-        return float(text)
     try:
+        if "=" not in text:
+            return float(text)
         return {tower.strip(): float(value) for tower, value in (part.split("=") for part in text.split(","))}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or tower=number,... pairs, got {text!r}") from None

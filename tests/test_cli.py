@@ -79,7 +79,7 @@ def test_pipeline_profile_select_report_prune(model_dir, tmp_path, capsys):
 
 def test_one_line_errors(model_dir, tmp_path, capsys):
     one_line_error(capsys, "select", tmp_path / "missing.safetensors", tmp_path / "m.safetensors", match="not found")
-    one_line_error(capsys, "select", "a", "b", "--alpha", "lots", match="invalid float value")
+    one_line_error(capsys, "select", "a", "b", "--alpha", "lots", match="expected a number or tower=number")
     one_line_error(capsys, "frobnicate", match="invalid choice")
     one_line_error(capsys, "profile", model_dir, tmp_path / "s.safetensors", match="--synthetic or both")
     one_line_error(capsys, "profile", tmp_path / "no_model", tmp_path / "s.safetensors", "--synthetic", match="not found")
