@@ -77,7 +77,7 @@ def sizes(mode: str, device: torch.device) -> Sizes:
                                      batches_per_pass=2),
                      model_dtypes=(fp32, bf16), memory_passes=(1, 2, 4), masked_tokens=512, masked_dtypes=(fp32, bf16),
                      time_s=4.0)
-    return Sizes(op_shapes=((4096, 11008, fp32), (512, 11008, bf16)),
+    return Sizes(op_shapes=((4096, 11008, fp32), (4096, 11008, bf16), (512, 11008, bf16)),
                  layer_tokens={"llava-lm-mlp": 32, "clip-vit-l-mlp": 128},
                  layer_dtypes=(fp32, bf16),
                  model=ModelCase(REDUCED_LM, REDUCED_VIT, text_layers=2, vision_layers=2, batch=2, text_tokens=64,
