@@ -189,58 +189,9 @@ def cmd_prune(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
-def option_token_ids(processor, letters) -> list[int]:
-    """The token each option letter is answered with: the first token after the generation prompt in the encoding
-    of "<prompt> <letter>", the way answers are encoded for profiling (with SentencePiece, " A" encoded alone
-    may split differently from " A" after the prompt)."""
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "?"}]}],
-                                           add_generation_prompt=True)
-    base = processor.tokenizer.encode(prompt, add_special_tokens=False)
-    ids = []
-    for letter in letters:
-        full = processor.tokenizer.encode(f"{prompt} {letter}", add_special_tokens=False)
-        if full[:len(base)] != base or len(full) == len(base):
-            raise ValueError(f"option {letter!r} does not tokenize as a continuation of the generation prompt")
-        ids.append(full[len(base)])
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"the tokenizer maps option letters {list(letters)} to tokens {ids}, not all distinct")
-    return ids
-
-
-def evaluate_mc_items(model, processor, items, batch_size: int, device, dtype) -> dict:
-    """{"accuracy", "answer_prob", "n"} of multiple-choice ``items`` of one modality: the model's next-token logits
-    after the prompt, compared over the option letters' tokens (accuracy), and the softmax probability over the
-    whole vocabulary of the right letter's token (answer_prob)."""
-    import torch
-
-    from .data import encode_items
-    from .evaluate import answer_probability, mc_accuracy
-    width = max(len(i.options) for i in items)
-    scores = torch.full((len(items), width), float("-inf"))  # options an item lacks never win
-    right, probs, letter_ids = [], [], {}
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        enc = encode_items(processor, chunk, with_answer=False, device=device, dtype=dtype)
-        with torch.inference_mode():
-            logits = model(**enc, use_cache=False).logits
-        rows = torch.arange(len(chunk), device=logits.device)
-        last = logits[rows, enc["attention_mask"].sum(1).to(logits.device) - 1].float().cpu()  # right-padded
-        targets = []
-        for b, item in enumerate(chunk):
-            letters = tuple(item.options)
-            if letters not in letter_ids:
-                letter_ids[letters] = option_token_ids(processor, letters)
-            ids = letter_ids[letters]
-            scores[start + b, :len(ids)] = last[b, ids]
-            right.append(list(item.options).index(item.answer))
-            targets.append(ids[right[-1]])
-        probs.append(answer_probability(last, torch.tensor(targets)))
-    return {"accuracy": mc_accuracy(scores, torch.tensor(right)), "answer_prob": torch.cat(probs).mean().item(),
-            "n": len(items)}
-
-
 def cmd_evaluate(args) -> None:
     from .data import MODALITIES, load_mllmu_classification
+    from .evaluate import evaluate_mc_items
     from .masks import Masks, apply_masks
     _check_batch_size(args.batch_size)
     model_dir = Path(args.model)
