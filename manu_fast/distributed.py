@@ -102,11 +102,16 @@ def raise_if_any_rank_failed(error: BaseException | None, group=None) -> None:
 
 
 def sum_counts(counts: dict[str, int], group=None) -> dict[str, int]:
-    """Collective: sum integer counts with the same keys (in the same order) over the ranks."""
+    """Collective: sum integer counts with the same keys over the ranks; the result is in ``counts``' key order.
+
+    Reduced in sorted key order: the ranks' dicts may list the keys in different orders (a resumed rank's
+    position comes back key-sorted from its checkpoint, a fresh rank's is in data order)."""
     dist = _dist()
-    t = torch.tensor(list(counts.values()), dtype=torch.int64, device=comm_device(group))
+    keys = sorted(counts)
+    t = torch.tensor([counts[k] for k in keys], dtype=torch.int64, device=comm_device(group))
     dist.all_reduce(t, group=group)
-    return dict(zip(counts, t.tolist()))
+    totals = dict(zip(keys, t.tolist()))
+    return {k: totals[k] for k in counts}
 
 
 def _layout_digest(stats: NeuronStats) -> torch.Tensor:

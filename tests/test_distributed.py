@@ -34,7 +34,7 @@ def _setup():
 def _worker(out: Path) -> None:
     from manu_fast import distributed as mdist
     model, data = _setup()
-    rank, world = mdist.init()
+    rank, world = mdist.init("gloo")  # 2 CPU processes, also on a machine with one GPU (NCCL would need two)
     shards = {key: mdist.Shard(batches) for key, batches in data.items()}
     stats = profile(model, shards, sites=SITES, progress=False, distributed=True)
     mdist.save_stats(stats, out / "dp.safetensors")
@@ -44,6 +44,10 @@ def _worker(out: Path) -> None:
     mdist.GATHER_BUDGET_BYTES = 1
     chunked = profile(model, shards, sites=SITES, progress=False, distributed=True)
     assert all(torch.equal(chunked.blocks[k], stats.blocks[k]) for k in stats.blocks), "chunked merge differs"
+
+    # the same keys listed in a different order on each rank (a resumed rank's come back key-sorted)
+    counts = {"forget": 1, "retain": 2} if rank == 0 else {"retain": 20, "forget": 10}
+    assert mdist.sum_counts(counts) == {"forget": 11, "retain": 22}, "counts summed under the wrong keys"
 
     messages = []
     bad_rank_data = dict(shards)
