@@ -1,8 +1,8 @@
 """Build the C++ CPU kernel (csrc/) into manu_fast._C and map kernels/ to manu_fast.kernels.
 
 The extension binds raw buffers through pybind11 (no torch C++ API), so it builds against any torch
-version in seconds and needs only a C++17 compiler. If it cannot be built the package still installs
-and the pure-PyTorch reference runs instead (with a warning).
+version in seconds and needs only a C++17 compiler and pybind11. If it cannot be built (either missing) the
+package still installs and the pure-PyTorch reference runs instead on CPU (with a warning).
 """
 import glob
 import os
@@ -13,9 +13,15 @@ from setuptools import find_packages, setup
 ext_modules = []
 cmdclass = {}
 sources = sorted(glob.glob("csrc/*.cpp"))
-if sources and os.environ.get("MANU_FAST_NO_EXT") != "1":
-    from pybind11.setup_helpers import Pybind11Extension, build_ext
-
+build_extension = bool(sources) and os.environ.get("MANU_FAST_NO_EXT") != "1"
+if build_extension:
+    try:  # missing when installed with --no-build-isolation into an environment without it (e.g. offline)
+        from pybind11.setup_helpers import Pybind11Extension, build_ext
+    except ImportError:
+        print("WARNING: pybind11 is not installed, manu_fast._C not built; the PyTorch reference will be used on CPU "
+              "(pip install pybind11 and reinstall to build it)", file=sys.stderr)
+        build_extension = False
+if build_extension:
     class OptionalBuildExt(build_ext):
         def run(self):
             try:
