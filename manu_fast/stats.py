@@ -162,6 +162,7 @@ class NeuronStats:
     @classmethod
     def load(cls, path, expect_fingerprint: dict | None = None) -> "NeuronStats":
         from .io import load_tensors
+        from .masks import site_length
         tensors, meta = load_tensors(path, FORMAT, "statistics")
         try:
             groups = json.loads(meta["groups"])
@@ -170,10 +171,14 @@ class NeuronStats:
         except (KeyError, ValueError) as e:
             raise StatsFileError(f"{path}: statistics file metadata is damaged ({e})") from None
         for k, v in tensors.items():
-            layer = k.split("::")[0]
-            info = fp.get("layers", {}).get(layer)
-            if v.dtype != torch.float64 or v.dim() != 3 or v.shape[0] != NUM_FIELDS or v.shape[1] != len(groups) or info is None:
-                raise StatsFileError(f"{path}: block {k!r} has shape {tuple(v.shape)}/{v.dtype}, inconsistent with the file's own header")
+            layer, _, site = k.partition("::")
+            try:
+                width = site_length(fp.get("layers", {})[layer], site)
+            except (KeyError, ValueError, TypeError, AttributeError) as e:
+                raise StatsFileError(f"{path}: block {k!r} is no site of a layer in the file's own fingerprint ({e})") from None
+            if v.dtype != torch.float64 or v.shape != (NUM_FIELDS, len(groups), width):
+                raise StatsFileError(f"{path}: block {k!r} has shape {tuple(v.shape)}/{v.dtype}, inconsistent with the "
+                                     f"file's own header ({NUM_FIELDS}, {len(groups)}, {width})/torch.float64")
         if expect_fingerprint is not None:
             check_fingerprint(expect_fingerprint, fp, path)
         return cls(groups, fp, tau, tensors)

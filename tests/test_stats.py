@@ -83,3 +83,58 @@ def test_save_load_roundtrip_and_refusals(tmp_path):
         NeuronStats.load(bad)
     with pytest.raises(FileNotFoundError):
         NeuronStats.load(tmp_path / "missing.safetensors")
+
+
+def test_load_refuses_blocks_that_do_not_fit_the_fingerprint(tmp_path):
+    """The checksum only proves the file is as written; a writer's block must still fit the model it names."""
+    layer = "model.layers.0.mlp"
+    good = _toy_stats(FP)
+    good.blocks[f"{layer}::out"] = torch.rand(len(FIELDS), 2, 8, dtype=torch.float64)  # out: the hidden width
+    good.blocks[f"{layer}::up"] = torch.rand(len(FIELDS), 2, 5, dtype=torch.float64)
+    good.save(tmp_path / "good.safetensors")
+    assert set(NeuronStats.load(tmp_path / "good.safetensors").blocks) == set(good.blocks)
+    plain = {"model_type": "llama", "layers": {layer: {**FP["layers"][layer], "kind": "plain"}}}
+    cases = {"wider than the layer": (FP, f"{layer}::hidden", 9, "inconsistent"),
+             "out at the neuron width": (FP, f"{layer}::out", 5, "inconsistent"),
+             "unknown site": (FP, f"{layer}::bogus", 5, "no site"),
+             "unknown layer": (FP, "model.layers.7.mlp::hidden", 5, "no site"),
+             "up on a plain MLP": (plain, f"{layer}::up", 5, "no site")}
+    for name, (fp, key, width, message) in cases.items():
+        bad = _toy_stats(fp)
+        bad.blocks[key] = torch.rand(len(FIELDS), 2, width, dtype=torch.float64)
+        path = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+        bad.save(path)
+        with pytest.raises(StatsFileError, match=message):
+            NeuronStats.load(path)
+
+
+def _stats_of(values: dict[str, torch.Tensor], gid, groups, fp, tau=0.1) -> NeuronStats:
+    blocks = {f"model.layers.0.mlp::{site}": segment_stats_reference(v, gid, len(groups), tau) for site, v in values.items()}
+    return NeuronStats(list(groups), fp, tau, blocks)
+
+
+def test_merge_of_two_shards_equals_the_whole():
+    g = torch.Generator().manual_seed(3)
+    groups = ["forget/multimodal/text", "retain/multimodal/text", "retain/text/text"]
+    values = {"hidden": torch.randn(301, 5, generator=g, dtype=torch.float64) * 2 + 7,
+              "out": torch.randn(301, 8, generator=g, dtype=torch.float64)}
+    values["hidden"][17, 2] = float("nan")
+    gid = torch.randint(-1, len(groups), (301,), generator=g)
+    whole = _stats_of(values, gid, groups, FP)
+    first = _stats_of({s: v[:140] for s, v in values.items()}, gid[:140], groups, FP)
+    second = _stats_of({s: v[140:] for s, v in values.items()}, gid[140:], groups, FP).to("cpu")
+    merged = first.merge(second)
+    assert merged is first and merged.groups == groups
+    for key, ref in whole.blocks.items():
+        torch.testing.assert_close(merged.blocks[key], ref, rtol=1e-12, atol=1e-12)
+
+    shard = _stats_of(values, gid, groups, FP)
+    with pytest.raises(ValueError, match="different groups or tau"):
+        shard.merge(_stats_of(values, gid, groups[::-1], FP))
+    with pytest.raises(ValueError, match="different groups or tau"):
+        shard.merge(_stats_of(values, gid, groups, FP, tau=0.2))
+    wider = {"model_type": "llama", "layers": {"model.layers.0.mlp": {**FP["layers"]["model.layers.0.mlp"], "neurons": 6}}}
+    with pytest.raises(StatsFileError, match="differs"):
+        shard.merge(_stats_of(values, gid, groups, wider))
+    with pytest.raises(ValueError, match="different layers/sites"):
+        shard.merge(_stats_of({"hidden": values["hidden"]}, gid, groups, FP))
