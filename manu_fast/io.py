@@ -1,7 +1,8 @@
 """safetensors I/O shared by statistics and masks: atomic writes, clear errors, never pickle.
 
-Every file carries a SHA-256 of its metadata and tensor bytes (metadata entry ``sha256``): safetensors itself
-checks only the header's structure, so without it a flipped byte in the data would load silently.
+Every file carries a SHA-256 of its metadata and tensor bytes (metadata entry ``sha256``), and a file without
+one is refused: safetensors itself checks only the header's structure, so a flipped byte in the data would
+load silently.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 CHECKSUM_KEY = "sha256"
 
@@ -52,15 +53,17 @@ def load_tensors(path, expected_format: str, what: str):
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise StatsFileError(f"{path}: not a readable safetensors {what} file ({e})") from None
     if meta.get("format") != expected_format:
         raise StatsFileError(f"{path}: not a manu_fast {what} file (format {meta.get('format')!r}, expected {expected_format!r})")
-    if CHECKSUM_KEY in meta and meta[CHECKSUM_KEY] != content_digest(tensors, meta):
+    if CHECKSUM_KEY not in meta:
+        raise StatsFileError(f"{path}: the {what} file has no checksum (metadata entry {CHECKSUM_KEY!r}): it was not "
+                             "written by manu_fast or was tampered with")
+    if meta[CHECKSUM_KEY] != content_digest(tensors, meta):
         raise StatsFileError(f"{path}: the {what} file's content does not match its SHA-256 checksum: it was modified "
                              "or corrupted after it was written")
     return tensors, meta

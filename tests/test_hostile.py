@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import tiny_models as tm
 from manu_fast.adapters import UnsupportedModelError, fingerprint, get_patch
@@ -173,6 +175,13 @@ def test_truncated_tampered_and_foreign_files_are_refused(llama, tmp_path):
         bad.write_bytes(content)
         with pytest.raises(StatsFileError, match=message):
             NeuronStats.load(bad)
+
+    # a valid safetensors file with the right format and no checksum entry: refused, not loaded unverified
+    with safe_open(str(good), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "sha256"}
+    save_file(load_file(str(good)), str(tmp_path / "no_checksum.safetensors"), metadata=meta)
+    with pytest.raises(StatsFileError, match="no checksum"):
+        NeuronStats.load(tmp_path / "no_checksum.safetensors")
 
     with pytest.raises(StatsFileError, match="not a manu_fast statistics file"):
         NeuronStats.load(masks_path)
