@@ -36,12 +36,26 @@ class FusedMLP(nn.Module):
     def hidden_size(self) -> int:
         return self.out_proj.out_features
 
+    @property
+    def execution_device(self) -> torch.device:
+        """Where the layer computes: its weights' device or, for weights offloaded by accelerate (on "meta"
+        until a hook loads them), the hook's execution device."""
+        dev = self.out_proj.weight.device
+        if dev.type != "meta":
+            return dev
+        for module in (self.out_proj, self, *self.in_proj):
+            hook_dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if hook_dev is not None:
+                return torch.device(f"cuda:{hook_dev}" if isinstance(hook_dev, int) else hook_dev)
+        raise ValueError("an MLP's weights are on the 'meta' device with no accelerate hook to load them: load the "
+                         "model's weights (or dispatch it with accelerate) before profiling or masking")
+
     # ---- reversible masks (O(N), no weight copy) ----
     def set_mask(self, name: str, keep: torch.Tensor, enabled: bool = True) -> None:
         keep = torch.as_tensor(keep)
         if keep.shape != (self.num_neurons,):
             raise ValueError(f"mask {name!r} has shape {tuple(keep.shape)}, this layer has {self.num_neurons} neurons")
-        self._masks[name] = keep.to(device=self.out_proj.weight.device, dtype=torch.bool)
+        self._masks[name] = keep.to(device=self.execution_device, dtype=torch.bool)
         self.enable_mask(name, enabled)
 
     def remove_mask(self, name: str) -> None:
@@ -69,13 +83,25 @@ class FusedMLP(nn.Module):
         self.keep = keep
 
     # ---- forward ----
-    def _hidden(self, x: torch.Tensor, pre: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
-        rec = self.recorder
-        if rec is None and self.keep is None:  # plain HF path
+    def _hidden(self, pre: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+        rec, keep = self.recorder, self.keep
+        kw = rec.op_kwargs(self, pre.shape[:-1].numel()) if rec is not None else {}
+        if not kw and keep is None:  # plain HF path
             act = getattr(self, self.act_attr)(pre)
             return act if up is None else act * up
-        kw = rec.op_kwargs(self, pre.shape[:-1].numel()) if rec is not None else {}
-        return act_stats(pre, up, act=self.act_name, keep=self.keep, **kw)
+        if torch.is_grad_enabled() and (pre.requires_grad or (up is not None and up.requires_grad)):
+            # The compiled backends write h through raw pointers (no autograd). When gradients are wanted
+            # (e.g. fine-tuning on retain data with masks applied) h comes from differentiable PyTorch and the
+            # fused op only gathers the statistics.
+            act = getattr(self, self.act_attr)(pre)
+            h = act if up is None else act * up
+            if keep is not None:
+                h = torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device))
+            if kw:
+                act_stats(pre.detach(), None if up is None else up.detach(), act=self.act_name, keep=keep,
+                          write_out=False, **kw)
+            return h
+        return act_stats(pre, up, act=self.act_name, keep=keep, **kw)
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         rec = self.recorder
@@ -104,15 +130,20 @@ class FusedGatedMLP(FusedMLP):
         return self.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rec = self.recorder
-        if x.is_cuda and (rec is not None or self.keep is not None) and not hasattr(self.gate_proj, "_hf_hook"):
-            # CUDA: gate/up GEMMs and act+mask+stats may fuse into one kernel (ops picks per shape). Modules with
-            # accelerate hooks (offloaded weights) keep the module calls below so their hooks still run.
-            g, u = self.gate_proj, self.up_proj
-            kw = rec.op_kwargs(self, x.shape[:-1].numel()) if rec is not None else {}
-            h = gated_linear_act_stats(x, g.weight, g.bias, u.weight, u.bias, act=self.act_name, keep=self.keep, **kw)
-        else:
-            h = self._hidden(x, self.gate_proj(x), self.up_proj(x))
+        g, u = self.gate_proj, self.up_proj
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or g.weight.requires_grad or u.weight.requires_grad)
+        plain_linears = all(type(m) is nn.Linear and not hasattr(m, "_hf_hook") and not m._forward_hooks
+                            and not m._forward_pre_hooks for m in (g, u))
+        if x.is_cuda and (self.recorder is not None or self.keep is not None) and plain_linears and not needs_grad:
+            # CUDA: gate/up GEMMs and act+mask+stats may fuse into one kernel (ops picks per shape). Only for plain
+            # nn.Linear without hooks (quantised subclasses, accelerate offload hooks and user hooks keep the
+            # module calls below) and without autograd (the fused kernel has no backward).
+            kw = self.recorder.op_kwargs(self, x.shape[:-1].numel()) if self.recorder is not None else {}
+            if kw or self.keep is not None:
+                h = gated_linear_act_stats(x, g.weight, g.bias, u.weight, u.bias, act=self.act_name, keep=self.keep,
+                                           **kw)
+                return self._output(self.down_proj(h))
+        h = self._hidden(g(x), u(x))
         return self._output(self.down_proj(h))
 
 
@@ -138,7 +169,7 @@ class FusedPlainMLP(FusedMLP):
         return getattr(self, self.fc2_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._hidden(x, self.in_proj[0](x), None)
+        h = self._hidden(self.in_proj[0](x), None)
         return self._output(self.out_proj(h))
 
 

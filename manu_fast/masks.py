@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .activations import ACTIVATIONS
 from .stats import StatsFileError, check_fingerprint
 
 FORMAT = "manu_fast.masks/1"
@@ -132,30 +131,19 @@ class Masks:
             raise StatsFileError(f"{path}: {e}") from None
 
 
-def _model_fingerprint(model) -> dict:
-    from .adapters import fingerprint
-    return fingerprint(model)
-
-
 def apply_masks(model, masks: Masks, name: str = "forget"):
     """Set ``masks`` on the model's fused layers as the reversible mask ``name`` (O(N) per layer, no weight copy).
 
     Patches the model first if needed (``manu_fast.adapters.patch_model``) and returns the Patch. Several
     names compose (a neuron is active only if every enabled mask keeps it); ``remove_masks`` undoes one.
     """
-    from .adapters import patch_model
-    check_fingerprint(_model_fingerprint(model), masks.fingerprint, "masks")
+    from .adapters import fingerprint, patch_model
+    check_fingerprint(fingerprint(model), masks.fingerprint, "masks")
     if masks.site == "out":
         raise ValueError("masks of site 'out' (down_proj/fc2 output rows) have no reversible form; use prune_weights")
     patch = patch_model(model)
-    if masks.site == "pre":  # zeroing gate/fc1 outputs zeroes h only where act(0) == 0
-        for layer in masks.keep:
-            act = patch.layers[layer].act_name
-            if float(ACTIVATIONS[act](torch.zeros(1, dtype=torch.float64))) != 0.0:
-                raise ValueError(f"layer {layer!r}: activation {act!r} has act(0) != 0, so a 'pre' mask is not a hidden mask")
-    for layer, keep in masks.keep.items():
-        fused = patch.layers[layer]
-        fused.set_mask(name, keep.to(fused.out_proj.weight.device))
+    for layer, keep in masks.keep.items():  # a 'pre' mask zeroes h too: act(0) == 0 for every supported activation
+        patch.layers[layer].set_mask(name, keep)
     return patch
 
 
@@ -170,8 +158,15 @@ def remove_masks(model, name: str = "forget") -> None:
         layer.remove_mask(name)
 
 
+def _check_materialised(linear) -> None:
+    if linear.weight.device.type == "meta":
+        raise ValueError("prune_weights needs the weights in memory: this model's weights are offloaded (on the 'meta' "
+                         "device); load it without offloading, or apply the masks reversibly with apply_masks")
+
+
 @torch.no_grad()
 def _zero_rows(linear, rows: torch.Tensor) -> None:
+    _check_materialised(linear)
     rows = rows.to(linear.weight.device)
     linear.weight[rows] = 0
     if linear.bias is not None:
@@ -185,8 +180,8 @@ def prune_weights(model, masks: Masks) -> None:
     Works on a stock HF model or a patched one; afterwards ``save_pretrained`` / ``from_pretrained`` with
     stock transformers reproduces the pruned outputs (the weights are zero; no custom module is needed).
     """
-    from .adapters import get_patch, patch_model
-    check_fingerprint(_model_fingerprint(model), masks.fingerprint, "masks")
+    from .adapters import fingerprint, get_patch, patch_model
+    check_fingerprint(fingerprint(model), masks.fingerprint, "masks")
     owned = get_patch(model) is None
     patch = patch_model(model)  # the fused layers reuse the HF Linear modules: zeroing them zeroes the model's
     try:
@@ -196,6 +191,7 @@ def prune_weights(model, masks: Masks) -> None:
             if masks.site == "hidden":
                 for lin in fused.in_proj:
                     _zero_rows(lin, idx)
+                _check_materialised(fused.out_proj)
                 fused.out_proj.weight[:, idx.to(fused.out_proj.weight.device)] = 0
             elif masks.site == "out":
                 _zero_rows(fused.out_proj, idx)

@@ -19,6 +19,7 @@ which ``act_stats`` calls while torch.compile traces it.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -58,7 +59,9 @@ def _triton_backend():
     return act_stats_triton
 
 
+@functools.cache
 def cpp_available() -> bool:
+    """Whether the C++ extension imports (cached: the dispatch asks on every MLP call)."""
     try:
         _cpp_backend()
         return True
@@ -66,6 +69,7 @@ def cpp_available() -> bool:
         return False
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         _triton_backend()
@@ -84,20 +88,27 @@ def get_backend(name: str):
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
 
 
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=4)
+
+
 def pick_backend(device: torch.device) -> str:
     """The dispatch rule: MANU_FAST_BACKEND if set, else Triton on CUDA, C++ on CPU, reference otherwise."""
     forced = os.environ.get("MANU_FAST_BACKEND")
     if forced:
         return forced
-    if device.type == "cuda" and triton_available():
-        return "triton"
+    if device.type == "cuda":
+        if triton_available():
+            return "triton"
+        _warn_once("triton", "manu_fast: Triton kernels unavailable (is triton installed, and manu_fast installed with "
+                             "`pip install -e .` so that manu_fast.kernels exists?); using the slow PyTorch reference")
     if device.type == "cpu":
         if cpp_available():
             return "cpp"
-        if "cpp" not in _warned:
-            _warned.add("cpp")
-            warnings.warn("manu_fast: C++ extension manu_fast._C not built; using the slow PyTorch reference. "
-                          "Build it with `pip install -e .` (needs a C++ compiler and pybind11).", stacklevel=3)
+        _warn_once("cpp", "manu_fast: C++ extension manu_fast._C not built; using the slow PyTorch reference. "
+                          "Build it with `pip install -e .` (needs a C++ compiler and pybind11).")
     return "reference"
 
 
@@ -147,7 +158,9 @@ def _check_common(n, t, device, keep, group_ids, stats, pre_stats, up_stats):
             raise ValueError(f"group_ids must be an integer tensor with {t} elements (one per token), "
                              f"got {tuple(group_ids.shape)} {group_ids.dtype}")
         gid = group_ids.reshape(-1).to(device=device, dtype=torch.int32)
-        if accs and gid.device.type != "cuda" and t:  # on CUDA the profiler validates once per batch (no sync here)
+        # Range-checked off CUDA only (a check there would cost a device sync per MLP call). On CUDA the Triton
+        # kernel ignores ids outside [0, G) like -1; the profiler builds ids in range by construction.
+        if accs and gid.device.type != "cuda" and t:
             lo, hi = int(gid.min()), int(gid.max())
             if lo < -1 or hi >= num_groups:
                 raise ValueError(f"group ids must lie in [-1, {num_groups - 1}], found [{lo}, {hi}]")
@@ -167,6 +180,7 @@ def act_stats(pre: torch.Tensor, up: torch.Tensor | None = None, *, act: str = "
         act: one of ``manu_fast.activations.ACTIVATIONS``.
         keep: (N,) bool, False zeroes the neuron in the output (and in the statistics of ``h``).
         group_ids: (...,) integer group per token, -1 ignores the token; None puts every token in group 0.
+            Ids outside [-1, G) raise off CUDA; on CUDA (no device sync per call) they are ignored like -1.
         stats / pre_stats / up_stats: float64 (NUM_FIELDS, G, N) accumulators for ``h``/``pre``/``up``,
             merged in place; None skips that site.
         tau: activity threshold for the ``active`` count (|a| > tau).
@@ -181,12 +195,12 @@ def act_stats(pre: torch.Tensor, up: torch.Tensor | None = None, *, act: str = "
         raise TypeError(f"pre has dtype {pre.dtype}; supported: float32, float16, bfloat16")
     shape = pre.shape
     n = shape[-1]
-    pre2 = pre.reshape(-1, n)
+    pre2 = pre.reshape(shape[:-1].numel(), n)  # (not -1: N may be 0, e.g. a fully pruned compact layer)
     up2 = None
     if up is not None:
         if up.shape != shape or up.dtype != pre.dtype or up.device != pre.device:
             raise ValueError(f"up {tuple(up.shape)} {up.dtype} {up.device} must match pre {tuple(shape)} {pre.dtype} {pre.device}")
-        up2 = up.reshape(-1, n)
+        up2 = up.reshape(pre2.shape)
     if up_stats is not None and up is None:
         raise ValueError("up_stats given for a plain MLP (no up projection)")
     keep, gid, num_groups = _check_common(n, pre2.shape[0], pre.device, keep, group_ids, stats, pre_stats, up_stats)

@@ -61,20 +61,6 @@ class _LayerRecorder:
             act_stats(y, act="identity", group_ids=gid, stats=acc, tau=self.profiler.tau, write_out=False)
 
 
-def execution_device(layer: nn.Module) -> torch.device:
-    """Where ``layer`` computes: its weights' device or, for weights offloaded by accelerate (on "meta"
-    until a hook loads them), the hook's execution device."""
-    dev = layer.out_proj.weight.device
-    if dev.type != "meta":
-        return dev
-    for module in (layer.out_proj, layer, *layer.in_proj):
-        hook_dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-        if hook_dev is not None:
-            return torch.device(f"cuda:{hook_dev}" if isinstance(hook_dev, int) else hook_dev)
-    raise ValueError("an MLP's weights are on the 'meta' device with no accelerate hook to load them: load the model's "
-                     "weights (or dispatch it with accelerate) before profiling")
-
-
 class Profiler:
     """Attach statistics recorders to every fused MLP of ``model`` (patching it if needed).
 
@@ -104,7 +90,7 @@ class Profiler:
             tower = self.patch.towers[name]
             if towers is not None and tower not in towers:
                 continue
-            dev = execution_device(layer)
+            dev = layer.execution_device
             accs = {}
             for site in sites:
                 if site == "up" and layer.kind != "gated":

@@ -49,7 +49,8 @@ def _hook_reference(name, model, data):
                         continue
                     h = torch.cat(captured[i.name])
                     if i.tower == "language":
-                        gid = torch.full(kw["input_ids"].shape, groups.index(group_label(split, modality, "text")))
+                        gid = torch.full(kw["input_ids"].shape, groups.index(group_label(split, modality, "text")),
+                                         device=kw["input_ids"].device)
                         gid[kw["input_ids"] == tm.IMAGE_TOKEN] = groups.index(group_label(split, modality, "image"))
                         gid[kw["attention_mask"] == 0] = -1
                     else:
@@ -178,3 +179,48 @@ def test_profiler_sites_pre_up_out_match_hooks():
         torch.testing.assert_close(stats.block(info.name, site), ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="sites"):
         Profiler(model, ["a/b/c"], sites=("bogus",))
+
+
+def test_gradients_flow_through_masked_and_profiled_layers():
+    """The compiled backends have no autograd: with gradients wanted, h comes from PyTorch (masked), stats still gathered."""
+    model = tm.build("llama")
+    kw = tm.inputs("llama", model, pad=0)
+    patch = patch_model(model)
+    layer = next(iter(patch.layers.values()))
+    keep = torch.ones(layer.num_neurons, dtype=torch.bool)
+    keep[[0, 3]] = False
+    layer.set_mask("m", keep)
+    with Profiler(model, ["forget/text/image", "forget/text/text"]) as prof:
+        prof.set_batch("forget", "text", kw["input_ids"], kw["attention_mask"])
+        model(**kw).logits.sum().backward()
+    grad = layer.gate_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert (grad[[0, 3]] == 0).all() and (layer.down_proj.weight.grad[:, [0, 3]] == 0).all()  # pruned: no gradient
+    assert prof.stats.block(next(iter(patch.layers)))[F["count"], 1].sum() > 0
+
+
+def test_zero_neuron_layer():
+    from manu_fast import act_stats
+    h = act_stats(torch.zeros(3, 0), torch.zeros(3, 0))
+    assert h.shape == (3, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused layer's GPU path (Triton)")
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+def test_cuda_patch_and_stats_match_hooks(name):
+    model = tm.build(name).cuda()
+    data = {k: [{n: t.cuda() for n, t in b.items()} for b in v] for k, v in _data(name, model).items()}
+    kw = next(iter(data.values()))[0]
+    before = _out(model, kw)
+    ref = _hook_reference(name, model, data)
+    patch = patch_model(model)
+    for layer in patch.layers.values():
+        layer.set_mask("all", torch.ones(layer.num_neurons, dtype=torch.bool))
+    torch.testing.assert_close(_out(model, kw), before, rtol=1e-4, atol=1e-4)  # TF32/fused GEMM on GPU
+    for layer in patch.layers.values():
+        layer.remove_mask("all")
+    stats = profile(model, data, progress=False)
+    for layer_name, r in ref.items():
+        got = stats.block(layer_name)
+        torch.testing.assert_close(got[F["count"]], r[F["count"]], rtol=0, atol=0)
+        torch.testing.assert_close(got, r, rtol=1e-3, atol=1e-4)

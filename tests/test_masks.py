@@ -151,3 +151,19 @@ def test_out_site_zeroes_mlp_output_rows():
     y, idx = captured["y"], m.pruned_indices(LAYER)
     assert idx.numel() > 0 and torch.equal(y[..., idx], torch.zeros_like(y[..., idx]))
     assert (y[..., m.keep[LAYER]].abs() > 0).float().mean() > 0.9
+
+
+def test_masks_on_an_offloaded_model_and_prune_refuses_meta_weights():
+    """accelerate cpu_offload keeps weights on 'meta' between calls: masks live on the execution device, and
+    permanent pruning (which needs the weights in memory) says so instead of silently zeroing nothing."""
+    import accelerate
+    x = inputs("llama", llama())
+    masks = random_masks(llama())
+    expected_model = llama()
+    apply_masks(expected_model, masks)
+    expected = logits(expected_model, x)
+    offloaded = accelerate.cpu_offload(llama(), execution_device="cpu")
+    apply_masks(offloaded, masks)
+    torch.testing.assert_close(logits(offloaded, x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="offloaded"):
+        prune_weights(accelerate.cpu_offload(llama(), execution_device="cpu"), masks)
