@@ -9,7 +9,9 @@ Strategies (metrics of a (split, modality) are pooled over the chosen token kind
 - ``manu-paper``: per split D, cross-modal importance ``I = I_abs + I_freq + I_var + I_rms`` with
   ``I_abs = |Zm - Zt| / (Zm + Zt + eps)`` (Z = mean |a|), ``I_freq = |Nm - Nt| / (Nm + Nt + eps)``
   (N = frequency of |a| > tau), ``I_var = sqrt(Var_m + Var_t)``,
-  ``I_rms = sqrt(|Z2m - Z2t| / (Z2m + Z2t + eps))`` (Z2 = sum a^2, as in DESIGN.md);
+  ``I_rms = sqrt(|Z2m - Z2t| / (Z2m + Z2t + eps))`` with Z2 = mean a^2. DESIGN.md's summary says sum a^2;
+  a raw sum scales with each modality's token count (LLaVA's multimodal prompts have ~15x the language-model
+  tokens of text-only ones), which pins I_rms near 1 for every neuron, so the mean is used like Z and N;
   ``S = I(forget) / (I(retain) + eps)``; global top alpha %. Only the language model sees both
   modalities (text-only inputs never reach the vision tower), so it is the default tower set.
 - ``selective-pruning`` (Pochinkov & Schoots 2024): one modality, ``S = M(forget) / (M(retain) + eps)``
@@ -111,7 +113,8 @@ def _cross_modal_importance(get, layer, split):
     i_abs = (m["abs"] - t["abs"]).abs() / (m["abs"] + t["abs"] + EPS)
     i_freq = (m["freq"] - t["freq"]).abs() / (m["freq"] + t["freq"] + EPS)
     i_var = (m["var"] + t["var"]).sqrt()
-    i_rms = ((m["sum_sq"] - t["sum_sq"]).abs() / (m["sum_sq"] + t["sum_sq"] + EPS)).sqrt()
+    z2m, z2t = m["rms"] ** 2, t["rms"] ** 2  # mean a^2: a raw sum would grow with each modality's token count
+    i_rms = ((z2m - z2t).abs() / (z2m + z2t + EPS)).sqrt()
     return i_abs + i_freq + i_var + i_rms
 
 

@@ -71,10 +71,21 @@ def test_manu_paper_formula_language_only_by_default():
     s = scores(toy_stats(), "manu-paper")
     assert set(s) == {L2, L10}
     i_retain = math.sqrt(2)  # retain: identical modalities except var: sqrt(1 + 1)
-    close(s[L2], [(2 / (4 + E) + 0.5 / (1.5 + E) + math.sqrt(2) + math.sqrt(12 / (20 + E))) / (i_retain + E),
+    close(s[L2], [(2 / (4 + E) + 0.5 / (1.5 + E) + math.sqrt(2) + math.sqrt(3 / (5 + E))) / (i_retain + E),  # Z2: mean a^2 4 vs 1
                   (1 / (3 + E) + math.sqrt(2)) / (i_retain + E),
                   (2 / (4 + E) + math.sqrt(2)) / (i_retain + E)])
     close(s[L10], [math.sqrt(1 + 9) / (i_retain + E), 1.0 * math.sqrt(2) / (i_retain + E), math.sqrt(2) / (i_retain + E)])
+
+
+def test_manu_paper_rms_term_uses_means_not_token_count_dependent_sums():
+    st = toy_stats()
+    b = st.block(L10, "hidden")
+    for g in (0, 3):  # multimodal groups: twice the tokens of text-only, same per-token statistics
+        set_group(b, g, count=8.0)
+    for g in (2, 5):
+        set_group(b, g, count=4.0)
+    # identical per-token metrics in both modalities: I_abs = I_freq = I_rms = 0, I_var = sqrt(2) for both splits
+    close(scores(st, "manu-paper")[L10], [math.sqrt(2) / (math.sqrt(2) + E)] * 3)
 
 
 def test_selective_pruning_formula():
