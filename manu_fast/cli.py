@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .stats import StatsFileError
+from .stats import DEFAULT_TAU, StatsFileError
 
 EXIT_USAGE = 2
 DEMO_CONFIG = "manu_fast_demo.json"  # written by manu_fast.demo next to the model it trained
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sites", nargs="+", default=["hidden"], choices=SITES,
                    help="what to profile: hidden = MLP neuron h (default); pre/up = gate(fc1)/up_proj outputs "
                         "(the official code's convention); out = MLP output")
-    s.add_argument("--tau", type=float, default=0.1, help="activity threshold of the frequency metric (default: %(default)s)")
+    s.add_argument("--tau", type=float, default=DEFAULT_TAU, help="activity threshold of the frequency metric (default: %(default)s)")
     s.add_argument("--towers", nargs="+", choices=("vision", "projector", "language"),
                    help="profile only these towers (default: all)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -279,6 +279,8 @@ def iterative_prune(model, data, rounds: int, strategy: str = "manu-code",
     from .profiler import profile
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if "alive" in select_kwargs:
+        raise ValueError("iterative_prune tracks the alive neurons itself; apply earlier masks to the model instead")
     for key, batches in data.items():
         if iter(batches) is batches:
             raise ValueError(f"data[{key}] is a one-shot iterator; iterative pruning needs a re-iterable (list, DataLoader)")
