@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 MODALITIES = ("multimodal", "text")
+SPLITS = ("forget", "retain")
 FORGET_PERCENTS = (5, 10, 15)
 ATTRIBUTES = ("birthplace", "occupation", "hobby", "education", "pet", "employer", "vehicle", "instrument")
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<image>", "<this-person>", "<answer>")

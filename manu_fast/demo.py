@@ -29,11 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import (EVAL_TEMPLATES, EVAL_VARIANT, MODALITIES, PROFILE_MODES, PROFILE_TEMPLATES, PROFILE_VARIANT,
-                   SyntheticProfiles, num_image_tokens)
+                   SPLITS, SyntheticProfiles, num_image_tokens)
 from .adapters import find_mlps
 from .evaluate import evaluate
 
-SPLITS = ("forget", "retain")
 METHODS = ("manu-code", "manu-paper", "selective-pruning", "multimodal-only", "random")
 DEFAULT_METHOD = "manu-code"
 # Iterative rounds (re-profiling the pruned model) never did better than one shot on this model, in any of our

@@ -24,10 +24,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import fingerprint, image_token_id, patch_model
+from .masks import SITES
 from .ops import act_stats
 from .stats import DEFAULT_TAU, F, NeuronStats, StatsFileError, empty_stats, group_label
 
-SITES = ("hidden", "pre", "up", "out")
 KINDS = ("image", "text")
 NONFINITE_POLICIES = ("count", "error")
 CHECKPOINT_KEY = "checkpoint"  # safetensors metadata entry holding the resume position
@@ -199,10 +199,8 @@ def save_checkpoint(path, stats: NeuronStats, position: dict[str, int], *, compl
     """Write ``stats`` and the resume position ({"split/modality": batches done}) atomically to ``path``.
 
     The file is an ordinary statistics file (``NeuronStats.load`` reads it) with one more metadata entry."""
-    from .io import save_tensors
-    meta = stats.metadata()
-    meta[CHECKPOINT_KEY] = json.dumps(_checkpoint_state(stats, position, complete, rank, world_size), sort_keys=True)
-    save_tensors({k: v.detach().cpu().contiguous() for k, v in stats.blocks.items()}, path, meta)
+    state = _checkpoint_state(stats, position, complete, rank, world_size)
+    stats.save(path, {CHECKPOINT_KEY: json.dumps(state, sort_keys=True)})
 
 
 def load_checkpoint(path, stats: NeuronStats, *, rank: int = 0, world_size: int = 1) -> dict[str, int]:

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .adapters import TOWERS
+from .data import MODALITIES, SPLITS
 from .masks import Masks
 from .stats import F, NeuronStats, metrics, pool_groups
 
@@ -40,8 +41,6 @@ STRATEGIES = ("manu-code", "manu-paper", "selective-pruning", "random")
 EPS = 1e-5
 MANU_CODE_WEIGHTS = {"abs": 2.0, "freq": 0.0, "std": 2.0, "rms": 2.0}
 METRICS = ("abs", "freq", "std", "rms")
-MODALITIES = ("multimodal", "text")
-SPLITS = ("forget", "retain")
 IMAGE_TOWERS = ("vision", "projector")
 
 

@@ -154,10 +154,11 @@ class NeuronStats:
         return {"format": FORMAT, "groups": json.dumps(self.groups), "tau": repr(float(self.tau)),
                 "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
 
-    def save(self, path) -> None:
-        """Write to ``path`` atomically (temp file + rename) in safetensors."""
+    def save(self, path, extra_metadata: dict[str, str] | None = None) -> None:
+        """Write to ``path`` atomically (temp file + rename) in safetensors, with ``extra_metadata`` entries."""
         from .io import save_tensors
-        save_tensors({k: v.detach().cpu().contiguous() for k, v in self.blocks.items()}, path, self.metadata())
+        meta = {**self.metadata(), **(extra_metadata or {})}
+        save_tensors({k: v.detach().cpu().contiguous() for k, v in self.blocks.items()}, path, meta)
 
     @classmethod
     def load(cls, path, expect_fingerprint: dict | None = None) -> "NeuronStats":
