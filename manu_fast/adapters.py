@@ -168,6 +168,11 @@ class Patch:
     towers: dict[str, str] = field(default_factory=dict)
     originals: dict[str, nn.Module] = field(default_factory=dict)
 
+    def replace(self, name: str, layer: FusedMLP) -> None:
+        """Install ``layer`` in place of the fused layer ``name`` (unpatch still restores the original HF module)."""
+        _set_submodule(self.model, name, layer)
+        self.layers[name] = layer
+
     def unpatch(self) -> None:
         for name, orig in self.originals.items():
             _set_submodule(self.model, name, orig)

@@ -200,3 +200,23 @@ def prune_weights(model, masks: Masks) -> None:
     finally:
         if owned:
             patch.unpatch()
+
+
+def compact_model(model) -> int:
+    """Drop the masked neurons of every fused layer from its weights (DESIGN.md §5, "compact"), so that the MLPs
+    do less work at inference; returns how many neurons were dropped.
+
+    The compact layers hold new, smaller weight copies and no mask. ``Patch.unpatch()`` still restores the full
+    original model. Statistics and masks of the full model no longer fit the compacted one (its fingerprint
+    changes), so compact last, for serving.
+    """
+    from .adapters import get_patch
+    patch = get_patch(model)
+    if patch is None:
+        raise ValueError("the model has no fused layers: apply_masks(model, masks) first, then compact")
+    dropped = 0
+    for name, layer in list(patch.layers.items()):
+        if layer.keep is not None:
+            dropped += int((~layer.keep).sum())
+            patch.replace(name, layer.compact())
+    return dropped

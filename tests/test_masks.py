@@ -167,3 +167,21 @@ def test_masks_on_an_offloaded_model_and_prune_refuses_meta_weights():
     torch.testing.assert_close(logits(offloaded, x), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="offloaded"):
         prune_weights(accelerate.cpu_offload(llama(), execution_device="cpu"), masks)
+
+
+def test_compact_model_matches_masks_and_unpatches():
+    from manu_fast.masks import compact_model
+    model = build("llava")
+    x = inputs("llava", model)
+    before = logits(model, x)
+    masks = random_masks(model, fraction=0.4)
+    patch = apply_masks(model, masks)
+    masked = logits(model, x)
+    assert compact_model(model) == masks.num_pruned()
+    torch.testing.assert_close(logits(model, x), masked, rtol=1e-5, atol=1e-5)
+    assert {n: info["neurons"] for n, info in fingerprint(model)["layers"].items()} == {
+        n: int(k.sum()) for n, k in masks.keep.items()}
+    patch.unpatch()
+    torch.testing.assert_close(logits(model, x), before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="apply_masks"):
+        compact_model(build("llama"))
