@@ -125,10 +125,12 @@ class NeuronStats:
         return [k[: -len(suffix)] for k in self.blocks if k.endswith(suffix)]
 
     def group_ids(self, split=None, modality=None, kind=None) -> list[int]:
+        """Ids of the groups matching ``split``/``modality``/``kind`` (None matches any; ``kind`` may be a list)."""
+        kinds = None if kind is None else {kind} if isinstance(kind, str) else set(kind)
         out = []
         for i, label in enumerate(self.groups):
             s, m, k = label.split("/")
-            if (split in (None, s)) and (modality in (None, m)) and (kind in (None, k) if isinstance(kind, (str, type(None))) else k in kind):
+            if split in (None, s) and modality in (None, m) and (kinds is None or k in kinds):
                 out.append(i)
         return out
 
