@@ -1,6 +1,6 @@
 """Kernel-level timing on CUDA: the profiling gated MLP against the plain HF-style MLP.
 
-    python -m manu_fast.kernels.bench_mlp [--tokens 4096 16384] [--out results.md]
+    python benchmarks/gated_paths.py [--tokens 4096 16384] [--out results.md]
 
 Shapes default to LLaVA-1.5-7B's language model (hidden 4096, intermediate 11008, bf16, SiLU). Providers:
 ``plain`` = down(act(gate(x)) * up(x)) as HF runs it (no statistics: the lower bound); ``unfused`` =
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the markdown table to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_mlp: no CUDA device, nothing measured")
+        print("gated_paths: no CUDA device, nothing measured")
         return 0
     import triton
     header = (f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
