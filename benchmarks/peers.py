@@ -19,6 +19,7 @@ or with nothing (``plain``).
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -142,7 +143,9 @@ class StoreStats:
         return sum(t.nbytes for t in self.acts) + sum(t.nbytes for t in self.gids)
 
 
-STATS_PEERS = {cls.name: cls for cls in (StreamStats, WelfordStats, StoreStats)}
+# welford-torch is a pip extra ("bench"); where it is missing (e.g. an offline GPU image) that peer is left out.
+STATS_PEERS = {cls.name: cls for cls in (StreamStats, WelfordStats, StoreStats)
+               if cls is not WelfordStats or importlib.util.find_spec("welford_torch") is not None}
 
 
 def lm_group_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int) -> torch.Tensor:
@@ -249,8 +252,7 @@ class FusedPeer:
 
 def model_peers(image_token: int) -> list:
     """The peers of a model-level comparison, ``fused`` right after ``plain`` (the others are checked against it)."""
-    return [PlainPeer(), FusedPeer(), HookPeer("hooks-stream", image_token), HookPeer("welford", image_token),
-            HookPeer("hooks-store", image_token)]
+    return [PlainPeer(), FusedPeer(), *(HookPeer(name, image_token) for name in STATS_PEERS)]
 
 
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:

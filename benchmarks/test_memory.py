@@ -14,7 +14,7 @@ import math
 import torch
 
 from .harness import available_bytes, fmt_bytes, run_with_peak
-from .peers import HookPeer, model_peers
+from .peers import STATS_PEERS, HookPeer, model_peers
 from .workloads import IMAGE_TOKEN, build_llava, dtype_name, llava_batches
 
 # LLaVA-1.5-7B: 32 Llama layers (11008 neurons), 24 CLIP ViT-L layers (4096 neurons, 577 tokens), projector 4096.
@@ -57,7 +57,7 @@ def test_memory_growth(results, device, sizes):
         results.report("memory", f"{case.label}, {passes} batches",
                        f"Memory while profiling ({case.label}, {tokens} LM tokens in {passes} batches)", entries)
     first, last = sizes.memory_passes[0], sizes.memory_passes[-1]
-    for name in ("fused", "hooks-stream", "welford"):
+    for name in ("fused", *(n for n in STATS_PEERS if n != "hooks-store")):
         assert held[name, first] == held[name, last], f"{name} state grows with tokens"
 
     real = store_bytes_per_sample(**REAL_7B, text_tokens=case.text_tokens, itemsize=2)
