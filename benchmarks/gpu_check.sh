@@ -52,10 +52,10 @@ cat "$OUT_DIR/env.log"
 
 export MANU_FAST_BENCH_MODE=full MANU_FAST_BENCH_OUT="$OUT_DIR/bench"
 mkdir -p "$MANU_FAST_BENCH_OUT"
-run_step install 90 1 "$PY" -m pip install --no-deps --no-build-isolation -e .
-run_step tests 150 1 "$PY" -m pytest tests/ -q --durations=10
-run_step kernels_mlp 90 1 "$PY" benchmarks/gated_paths.py --out "$OUT_DIR/kernels_mlp.md"
-run_step benchmarks 130 1 "$PY" -m pytest benchmarks/ -q -s
+run_step install 60 1 "$PY" -m pip install --no-deps --no-build-isolation -e .
+run_step tests 200 1 "$PY" -m pytest tests/ -q --durations=10
+run_step kernels_mlp 60 1 "$PY" benchmarks/gated_paths.py --out "$OUT_DIR/kernels_mlp.md"
+run_step benchmarks 150 1 "$PY" -m pytest benchmarks/ -q -s
 
 {
     echo
