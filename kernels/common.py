@@ -7,7 +7,7 @@ registers (count, mean, M2 around the *tile* mean, sum|a|, sum a^2, active count
 Chan-merges them, in fp32, into its own slice of a scratch buffer (SITES, C, NUM_FIELDS, G, N). Each slice
 belongs to exactly one program, so the read-modify-write is race free and the reduction order is fixed:
 results are bit-identical for the same inputs and launch configuration. The host then merges the C chunk
-partials into the float64 accumulators with ``manu_fast.stats.merge_partials`` (exact Chan merge).
+partials into the float64 accumulators with ``manu_fast.stats.merge_into`` (exact Chan merge).
 Because each tile's M2 is taken around its own mean, the variance stays accurate when |mean| >> std.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from manu_fast.activations import ACT_CODES, check_activation
-from manu_fast.stats import NUM_FIELDS, merge_partials
+from manu_fast.stats import NUM_FIELDS, merge_into
 
 # fp32 counts are exact below 2**24; a chunk never holds more tokens than this.
 MAX_CHUNK_TOKENS = 1 << 22
@@ -236,6 +236,5 @@ def merge_scratch(scratch: torch.Tensor, accs) -> None:
     for acc in accs:
         if acc is None:
             continue
-        parts = torch.cat([acc.unsqueeze(0), scratch[site].to(torch.float64)])
-        acc.copy_(merge_partials(parts))
+        merge_into(acc, scratch[site])
         site += 1

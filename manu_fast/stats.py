@@ -66,9 +66,13 @@ def merge_partials(parts: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def merge_into(acc: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-    """acc <- merge(acc, part), in place (acc is float64)."""
-    acc.copy_(merge_partials(torch.stack([acc, part.to(acc.device, torch.float64)])))
+def merge_into(acc: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """acc <- merge(acc, parts), in place (acc is float64); ``parts`` is one block (NUM_FIELDS, G, N) or a stack
+    of C blocks (C, NUM_FIELDS, G, N), merged after ``acc`` in order."""
+    parts = parts.to(acc.device, torch.float64)
+    if parts.dim() == acc.dim():
+        parts = parts.unsqueeze(0)
+    acc.copy_(merge_partials(torch.cat([acc.unsqueeze(0), parts])))
     return acc
 
 
