@@ -1,20 +1,39 @@
-"""Model adapters: find every MLP of an HF model by structure, driven by one table of model types.
+"""Model adapters: find every MLP of an HF model and its tower, and patch it. See docs/MODELS.md.
 
-An MLP is recognised by its children (``MLP_LAYOUTS``): gate_proj/up_proj/down_proj (gated), fc1/fc2 or
-linear_1/linear_2 or a Sequential(Linear, act, Linear) (plain). Which tower it belongs to (vision,
-projector, language) comes from ``MODEL_TABLE``: path fragments per tower, most specific first. Module
-paths differ between transformers versions (4.x ``language_model.model.layers`` vs 5.x
-``model.language_model.layers``); fragments match any path component, so both are found.
+**MLPs** are recognised by their Linear children (``MLP_LAYOUTS``: gate_proj/up_proj/down_proj, fc1/fc2,
+linear_1/linear_2, w1/w3/w2, ...) whose widths chain like an MLP's: every input Linear gives N features (2N for one
+Linear that computes gate and up together) and the output Linear takes N. The MLP's N neurons are always the input
+features of its output Linear. A module that is exactly an MLP (those Linears and one supported activation, nothing
+else) and computes ``down(act(gate(x)) * up(x))`` or ``fc2(act(fc1(x)))`` -- checked on a probe input when its
+weights are loaded -- is replaced by a fused layer (``manu_fast.layers``). Any other MLP (a projector that also holds
+a norm and a patch merger, a decoder layer that holds fc1/fc2 itself, a fused gate_up projection, an activation the
+fused op lacks) keeps its module and forward and gets an ``MLPPart``: hooks on its Linears that mask and profile the
+neurons. Mixture-of-experts layers are refused (or, on request, left out) with their module named.
+
+**Towers** (vision, projector, language) are inferred from the config's sub-configs: the topmost modules carrying
+``config.vision_config`` (any ``*vision*`` sub-config) root the vision tower, those carrying ``text_config`` the
+language model, other sub-configs (Q-Former, perceiver, adapter) the projector; audio towers are left out. Inside a
+vision tower, an MLP whose input width differs from its output width (a patch merger) is the projector's. What no
+tower roots is the projector (or the language model, when no module carries a text config). A model without
+sub-configs is one tower: ``vision`` if it reads ``pixel_values``, else ``language``. ``MODEL_TABLE`` overrides the
+inference for a model type (``register_model``).
 """
 from __future__ import annotations
 
+import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from .layers import FusedGatedMLP, FusedMLP, FusedPlainMLP
+from .activations import activation_name
+from .layers import FusedGatedMLP, FusedMLP, FusedPlainMLP, MLPPart
 
 TOWERS = ("vision", "projector", "language")
+TOKEN_KINDS = ("image", "video", "audio", "special", "text")  # language-model token kinds, in group-label order
+MOE_POLICIES = ("refuse", "skip")
 
 
 class UnsupportedModelError(ValueError):
@@ -23,91 +42,311 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class MLPLayout:
-    kind: str                  # "gated" | "plain"
-    linears: tuple[str, ...]   # child names: (gate, up, down) or (fc1, fc2)
-    acts: tuple[str, ...]      # candidate child names of the activation module
+    """Child names of an MLP's Linears (dotted for grandchildren): the input Linear(s) (gate and up, or one), then
+    the output Linear; and the child names its activation may have (for the fused replacement)."""
+
+    linears: tuple[str, ...]
+    acts: tuple[str, ...] = ("act_fn", "act", "activation_fn")
 
 
-MLP_LAYOUTS = (
-    MLPLayout("gated", ("gate_proj", "up_proj", "down_proj"), ("act_fn", "act", "activation_fn")),
-    MLPLayout("plain", ("fc1", "fc2"), ("activation_fn", "act", "act_fn")),
-    MLPLayout("plain", ("linear_1", "linear_2"), ("act", "activation_fn", "act_fn")),
-    MLPLayout("plain", ("0", "2"), ("1",)),  # nn.Sequential(Linear, act, Linear), e.g. Qwen2-VL's patch merger
-)
+MLP_LAYOUTS: list[MLPLayout] = [
+    MLPLayout(("gate_proj", "up_proj", "down_proj")),
+    MLPLayout(("w1", "w3", "w2")),  # LFM2
+    MLPLayout(("wi_0", "wi_1", "wo")),  # T5 v1.1, Pix2Struct
+    MLPLayout(("gate_up_proj", "down_proj")),  # GLM-4V text, Phi-3
+    MLPLayout(("fc1", "fc2")),
+    MLPLayout(("linear_1", "linear_2")),
+    MLPLayout(("linear_fc1", "linear_fc2")),  # Qwen3-VL vision
+    MLPLayout(("lin1", "lin2")),  # SAM, GOT-OCR2 vision
+    MLPLayout(("linear1", "linear2")),  # DeepSeek-VL aligner
+    MLPLayout(("linear_in", "linear_out")),  # Aria projector
+    MLPLayout(("up_proj", "down_proj")),  # Nemotron, Apertus
+    MLPLayout(("dense_h_to_4h", "dense_4h_to_h")),  # Persimmon (Fuyu)
+    MLPLayout(("wi", "wo")),  # T5
+    MLPLayout(("merge_linear_1", "merge_linear_2")),  # MiniMax-VL projector
+    MLPLayout(("0", "2"), ("1",)),  # Sequential(Linear, act, Linear), e.g. Qwen2-VL's patch merger
+    MLPLayout(("intermediate.dense", "output.dense")),  # BERT-style layer (the MLP split over two children)
+    MLPLayout(("intermediate_query.dense", "output_query.dense")),  # BLIP-2 / InstructBLIP Q-Former
+]
+
+
+def register_mlp_layout(*linears: str, acts: tuple[str, ...] = MLPLayout.__dataclass_fields__["acts"].default) -> None:
+    """Teach manu_fast an MLP's Linear names: ``register_mlp_layout("w_in", "w_out")`` (input Linear(s), then output)."""
+    if len(linears) not in (2, 3):
+        raise ValueError(f"an MLP layout names 2 or 3 Linears (input(s), then output), got {linears}")
+    MLP_LAYOUTS.insert(0, MLPLayout(tuple(linears), tuple(acts)))
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where a model type keeps its towers: (tower, path fragment) pairs, most specific first.
-    A fragment is a dotted run of module names ('' matches everything)."""
+    """Where a model type keeps its towers: (tower, path fragment) pairs, most specific first. A fragment is a
+    dotted run of module names ('' matches everything); MLPs under no fragment are left out (and reported)."""
 
     towers: tuple[tuple[str, str], ...]
-    image_token_attrs: tuple[str, ...] = ("image_token_id", "image_token_index")
 
 
-_LLAVA = ModelSpec((("vision", "vision_tower"), ("projector", "multi_modal_projector"), ("language", "language_model")))
-_IDEFICS = ModelSpec((("vision", "vision_model"), ("projector", "connector"), ("language", "text_model")))
-_QWEN_VL = ModelSpec((("projector", "visual.merger"), ("vision", "visual"), ("language", "language_model")))
-_TEXT = ModelSpec((("language", ""),))
-_VISION = ModelSpec((("vision", ""),))
-
-MODEL_TABLE: dict[str, ModelSpec] = {
-    "llava": _LLAVA, "llava_next": _LLAVA, "llava_onevision": _LLAVA, "vipllava": _LLAVA,
-    "idefics2": _IDEFICS, "idefics3": _IDEFICS,
-    "qwen2_vl": _QWEN_VL, "qwen2_5_vl": _QWEN_VL,
-    "llama": _TEXT, "mistral": _TEXT, "qwen2": _TEXT,
-    "clip": _VISION, "clip_vision_model": _VISION, "siglip": _VISION, "siglip_vision_model": _VISION,
-}
+# Overrides only: model types whose towers the inference gets wrong (none of the tested families; see docs/MODELS.md).
+MODEL_TABLE: dict[str, ModelSpec] = {}
 
 
 def register_model(model_type: str, spec: ModelSpec) -> None:
-    """Teach manu_fast a new model type: ``register_model("my_vlm", ModelSpec((("vision", "vision_tower"), ...)))``."""
+    """Fix the towers of a model type: ``register_model("my_vlm", ModelSpec((("vision", "vision_tower"), ...)))``."""
     MODEL_TABLE[model_type] = spec
 
 
 @dataclass
 class MLPInfo:
+    """One MLP: ``module`` holds its Linears (child names ``linears``: inputs, then output). ``act_attr`` names its
+    activation child when the module is exactly the MLP (fused replacement); None when the MLP is part of a larger
+    module (``extra``: the module's other children) or computes its hidden in another way (patched by hooks)."""
+
     name: str
     module: nn.Module
-    kind: str
+    kind: str  # "gated" | "plain" | "gate_up" (one Linear gives gate and up)
     tower: str
-    act_attr: str
+    act_attr: str | None
     linears: tuple[str, ...]
+    path: str = ""  # the module's path ('name' may add the output Linear, when one module holds several MLPs)
+    extra: tuple[str, ...] = ()
+
+    @property
+    def in_linears(self) -> list[nn.Linear]:
+        return [_child(self.module, n) for n in self.linears[:-1]]
+
+    @property
+    def out_linear(self) -> nn.Linear:
+        return _child(self.module, self.linears[-1])
 
     @property
     def neurons(self) -> int:
-        return getattr(self.module, self.linears[-1]).in_features
+        return self.out_linear.in_features
 
     @property
     def hidden(self) -> int:
-        return getattr(self.module, self.linears[-1]).out_features
+        return self.out_linear.out_features
+
+    @property
+    def patched_as(self) -> str:
+        return "fused" if self.act_attr is not None else "part"
 
 
-def _match_layout(module: nn.Module):
-    if isinstance(module, FusedMLP):
-        return None
-    children = dict(module.named_children())
+@dataclass
+class Skipped:
+    """A module with MLP weights that is not patched, and why."""
+
+    name: str
+    reason: str
+    moe: bool = False
+
+
+@dataclass
+class ModelMLPs:
+    """What ``inspect_model`` found: every MLP with its tower, what was left out and why, and how towers were found."""
+
+    model_type: str
+    mlps: list[MLPInfo]
+    skipped: list[Skipped]
+    roots: dict[str, list[str]]  # tower -> module paths rooting it (inferred), or the MODEL_TABLE fragments
+    source: str  # "inferred" | "MODEL_TABLE"
+
+
+# ---------------------------------------------------------------------------------------------------- MLPs
+def _is_activation(m: nn.Module) -> bool:
+    """A nonlinearity module (HF or torch), not an identity."""
+    try:
+        return activation_name(m) != "identity"
+    except ValueError:
+        return type(m).__module__.startswith(("transformers.activations", "torch.nn.modules.activation"))
+
+
+def _child(module: nn.Module, dotted: str) -> nn.Module | None:
+    for part in dotted.split("."):
+        module = module._modules.get(part) if module is not None else None
+    return module
+
+
+def _match_layouts(module: nn.Module) -> list[tuple[MLPLayout, str]]:
+    """The MLP layouts ``module``'s Linear children form, with their kind (one module may hold several MLPs)."""
+    found, used = [], set()
     for layout in MLP_LAYOUTS:
-        lins = [children.get(n) for n in layout.linears]
+        if used & set(layout.linears):
+            continue
+        lins = [_child(module, n) for n in layout.linears]
         if not all(isinstance(lin, nn.Linear) for lin in lins):
             continue
-        act = next((a for a in layout.acts if a in children), None)
-        if act is None or len(children) != len(layout.linears) + 1:
+        *ins, out = lins
+        n = out.in_features
+        if len({lin.in_features for lin in ins}) != 1:
             continue
-        n = lins[-1].in_features
-        if all(lin.out_features == n for lin in lins[:-1]):
-            return layout, act
+        if len(ins) == 2 and all(lin.out_features == n for lin in ins):
+            kind = "gated"
+        elif len(ins) == 1 and ins[0].out_features == n:
+            kind = "plain"
+        elif len(ins) == 1 and ins[0].out_features == 2 * n:
+            kind = "gate_up"
+        else:
+            continue
+        used |= set(layout.linears)
+        found.append((layout, kind))
+    return found
+
+
+def _fused_act(module: nn.Module, layout: MLPLayout, kind: str) -> str | None:
+    """The activation child when ``module`` is exactly one fusable MLP (its Linears + one supported activation)."""
+    if kind == "gate_up":
+        return None
+    children = dict(module.named_children())
+    acts = [a for a in layout.acts if a in children]
+    if len(acts) != 1 or set(children) != set(layout.linears) | {acts[0]}:
+        return None
+    try:
+        activation_name(children[acts[0]])
+    except ValueError:
+        return None
+    return acts[0]
+
+
+def _unrecognised(module: nn.Module) -> str | None:
+    """Why ``module`` looks like an MLP that no layout matched (an activation next to Linear layers), else None."""
+    children = dict(module.named_children())
+    lins = [n for n, c in children.items() if isinstance(c, nn.Linear)]
+    acts = [n for n, c in children.items() if _is_activation(c)]
+    if not lins or not acts:
+        return None
+    return (f"holds Linear layers ({', '.join(lins)}) and an activation ({', '.join(acts)}) but matches no MLP layout "
+            f"of manu_fast.adapters.MLP_LAYOUTS; if it is an MLP, name its Linears with "
+            f"register_mlp_layout(<input Linear(s)>, <output Linear>)")
+
+
+def _experts(name: str, module: nn.Module) -> str | None:
+    """Why ``module`` is a mixture-of-experts container, else None."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return None
+    stacked = [p for p in module.parameters(recurse=False) if p.dim() == 3]
+    if stacked and ("expert" in type(module).__name__.lower() or "expert" in name.lower()):
+        return (f"mixture-of-experts: {type(module).__name__} holds {stacked[0].shape[0]} experts as 3-D weight tensors; "
+                "per-expert statistics are not supported")
     return None
 
 
-def _tower(name: str, spec: ModelSpec) -> str | None:
-    path = f".{name}."
+# ---------------------------------------------------------------------------------------------------- towers
+_VISION_NAMES = ("vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder")
+_PROJECTOR_WORDS = ("merger", "projector", "connector", "adapter", "aligner", "resampler")
+_LANGUAGE_NAMES = ("language_model", "text_model", "llm")
+
+
+def _sub_configs(config) -> list[tuple[str, object]]:
+    from transformers import PretrainedConfig
+    return [(k, v) for k, v in vars(config).items() if isinstance(v, PretrainedConfig)]
+
+
+def _sub_config_tower(key: str) -> tuple[str | None, str]:
+    """(tower, or None with the reason it is left out) of the modules carrying the sub-config ``config.<key>``."""
+    k = key.lower()
+    if any(w in k for w in ("audio", "speech", "sound")):
+        return None, f"audio tower (config.{key}): manu_fast profiles vision, projector and language towers"
+    if "vq" in k:
+        return None, f"image-generation model (config.{key}): not used to read images"
+    if "vision" in k or "visual" in k or "image" in k:
+        return "vision", ""
+    if "text" in k or k in ("llm_config", "language_config", "decoder"):
+        return "language", ""
+    return "projector", ""
+
+
+def _topmost(paths: list[str]) -> list[str]:
+    out = []
+    for p in paths:
+        if not any(p == q or p.startswith(q + ".") for q in out):
+            out.append(p)
+    return out
+
+
+def _carriers(model: nn.Module, sub) -> list[str]:
+    """Topmost modules whose ``config`` is ``sub`` (or, when none is, of the same config class)."""
+    pairs = [(n, getattr(m, "config", None)) for n, m in model.named_modules() if n]
+    paths = [n for n, c in pairs if c is sub] or [n for n, c in pairs if type(c) is type(sub)]
+    return _topmost(paths)
+
+
+def _named(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    return _topmost([n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in names])
+
+
+def _listing(found: list[tuple[str, str]], limit: int = 6) -> str:
+    text = ", ".join(f"{n} ({k})" for n, k in found[:limit]) or "no MLP-shaped modules"
+    return text + (f" ... ({len(found)} in all)" if len(found) > limit else "")
+
+
+def _register_hint(mt: str) -> str:
+    return (f"register its towers with manu_fast.adapters.register_model({mt!r}, ModelSpec(towers=(('vision', "
+            "'<vision path>'), ('projector', '<projector path>'), ('language', '<language path>'))))")
+
+
+def _resolver(roots: list[tuple[str, str | None, str]], rest: str | None, rest_reason: str = ""):
+    """Tower of a module path: (tower or None, reason when None, the root's path or None); the longest matching root
+    wins and what no root covers goes to ``rest``."""
+    roots = sorted(roots, key=lambda r: -len(r[0]))  # (path, tower or None, reason when None)
+
+    def tower_of(path: str) -> tuple[str | None, str, str | None]:
+        for root, tower, reason in roots:
+            if root == "" or path == root or path.startswith(root + "."):
+                return tower, reason, root
+        return rest, rest_reason, None
+    return tower_of
+
+
+def _infer_towers(model: nn.Module, mt: str, found: list[tuple[str, str]]):
+    """(tower_of, {tower: root paths}) from the config's sub-configs and the modules carrying them."""
+    subs = _sub_configs(model.config)
+    if not subs:
+        tower = "vision" if getattr(model, "main_input_name", "input_ids") == "pixel_values" else "language"
+        return _resolver([("", tower, "")], tower), {tower: [""]}
+    roots: list[tuple[str, str | None, str]] = []
+    claimed: dict[str, str] = {}
+    for key, sub in subs:
+        tower, reason = _sub_config_tower(key)
+        paths = _carriers(model, sub)
+        if not paths and tower in ("vision", "language"):
+            paths = _named(model, _VISION_NAMES if tower == "vision" else _LANGUAGE_NAMES)
+        for p in paths:
+            if p in claimed and claimed[p] != key:
+                raise UnsupportedModelError(
+                    f"model type {mt!r}: cannot tell the towers apart: module {p!r} carries both config.{claimed[p]} "
+                    f"and config.{key}. Found MLPs: {_listing(found)}. {_register_hint(mt)}")
+            claimed[p] = key
+            roots.append((p, tower, reason))
+    has = {t for _, t, _ in roots}
+    if any(_sub_config_tower(k)[0] == "vision" for k, _ in subs) and "vision" not in has:
+        raise UnsupportedModelError(
+            f"model type {mt!r}: the config has a vision sub-config but no module carries it and none is named "
+            f"{'/'.join(_VISION_NAMES)}, so the vision tower is unknown. Found MLPs: {_listing(found)}. "
+            f"{_register_hint(mt)}")
+    # what no root covers: the projector between the towers, or the language model itself when no module carries
+    # a text config (e.g. a decoder built into the top-level model)
+    rest = "projector" if "language" in has else "language"
+    table: dict[str, list[str]] = {}
+    for p, t, _ in roots:
+        table.setdefault(t or "left out", []).append(p)
+    table.setdefault(rest, []).append("(the rest)")
+    return _resolver(roots, rest), table
+
+
+def _table_towers(spec: ModelSpec, mt: str):
+    """(tower_of, {tower: fragments}) from a MODEL_TABLE entry: the first fragment in a module's path decides."""
+    def tower_of(path: str) -> tuple[str | None, str, str | None]:
+        dotted = f".{path}."
+        for tower, frag in spec.towers:
+            if frag == "" or f".{frag}." in dotted:
+                return tower, "", None  # the table says exactly which tower: no vision-internal projector rule
+        return None, f"under none of the towers of MODEL_TABLE[{mt!r}] {spec.towers}", None
+    table: dict[str, list[str]] = {}
     for tower, frag in spec.towers:
-        if frag == "" or f".{frag}." in path:
-            return tower
-    return None
+        table.setdefault(tower, []).append(frag)
+    return tower_of, table
 
 
+# ---------------------------------------------------------------------------------------------------- inspection
 def model_type(model: nn.Module) -> str:
     cfg = getattr(model, "config", None)
     mt = getattr(cfg, "model_type", None)
@@ -116,26 +355,74 @@ def model_type(model: nn.Module) -> str:
     return mt
 
 
+def inspect_model(model: nn.Module) -> ModelMLPs:
+    """Every MLP of ``model`` (not yet patched) with its tower, and every module with MLP weights that is left out."""
+    mt = model_type(model)
+    candidates, skipped, unrecognised = [], [], []
+    for path, m in model.named_modules():
+        if isinstance(m, FusedMLP):
+            continue
+        why = _experts(path, m)
+        if why:
+            skipped.append(Skipped(path, why, moe=True))
+            continue
+        layouts = _match_layouts(m)
+        if layouts:
+            candidates.append((path, m, layouts))
+        elif (why := _unrecognised(m)) is not None:
+            unrecognised.append(Skipped(path, why))
+    # a BERT-style MLP spans two children ("intermediate.dense", "output.dense"): those children are not left out
+    covered = {f"{p}.{n.rpartition('.')[0]}".lstrip(".") for p, _, lays in candidates for lay, _ in lays
+               for n in lay.linears if "." in n}
+    skipped += [s for s in unrecognised if s.name not in covered]
+    found = [(p, kind) for p, _, lays in candidates for _, kind in lays]
+    spec = MODEL_TABLE.get(mt)
+    if spec is not None:
+        (tower_of, roots), source = _table_towers(spec, mt), "MODEL_TABLE"
+    else:
+        (tower_of, roots), source = _infer_towers(model, mt, found), "inferred"
+    mlps = []
+    for path, m, layouts in candidates:
+        tower, reason, root = tower_of(path)
+        for layout, kind in layouts:
+            name = path if len(layouts) == 1 else f"{path}.{layout.linears[-1]}"
+            if tower is None:
+                skipped.append(Skipped(name, reason))
+                continue
+            if re.search(r"(^|\.)experts(\.|$)", path):
+                skipped.append(Skipped(name, "mixture-of-experts: an expert MLP sees only the tokens routed to it; "
+                                             "per-expert statistics are not supported", moe=True))
+                continue
+            act = _fused_act(m, layout, kind) if len(layouts) == 1 else None
+            own = {n.split(".")[0] for n in layout.linears} | {act}
+            info = MLPInfo(name, m, kind, tower, act, layout.linears, path,
+                           tuple(c for c, _ in m.named_children() if c not in own))
+            if tower == "vision" and root is not None and _merges_into_projector(info, path[len(root):]):
+                info.tower = "projector"
+            mlps.append(info)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    skipped.sort(key=lambda s: order.get(s.name, order.get(s.name.rpartition(".")[0], 0)))
+    return ModelMLPs(mt, mlps, skipped, roots, source)
+
+
+def _merges_into_projector(info: MLPInfo, below_root: str) -> bool:
+    """An MLP inside the vision tower that feeds the language model: it changes the width (a patch merger maps
+    merged patches to the language model's width) or sits under a merger/projector/adapter/... module."""
+    if info.in_linears[0].in_features != info.hidden:
+        return True
+    return any(w in part for part in below_root.split(".") for w in _PROJECTOR_WORDS)
+
+
 def find_mlps(model: nn.Module) -> list[MLPInfo]:
     """Every MLP of ``model`` (not yet patched), with its tower, in module order."""
-    mt = model_type(model)
-    found = [(name, m, *lay) for name, m in model.named_modules() if (lay := _match_layout(m)) is not None]
-    spec = MODEL_TABLE.get(mt)
-    if spec is None:
-        listing = ", ".join(f"{n} ({lay.kind})" for n, _, lay, _ in found[:6]) or "no MLP-shaped modules"
+    found = inspect_model(model)
+    if not found.mlps:
+        listing = "; ".join(f"{s.name}: {s.reason}" for s in found.skipped[:3]) or "no module holds the Linear layers of an MLP"
         raise UnsupportedModelError(
-            f"model type {mt!r} is not in manu_fast.adapters.MODEL_TABLE (supported: {', '.join(sorted(MODEL_TABLE))}). "
-            f"Found {len(found)} MLP-shaped modules: {listing}{' ...' if len(found) > 6 else ''}. Register it with "
-            f"manu_fast.adapters.register_model({mt!r}, ModelSpec(towers=(('vision', '<vision path>'), "
-            f"('projector', '<projector path>'), ('language', '<language path>'))))")
-    out = []
-    for name, m, layout, act in found:
-        tower = _tower(name, spec)
-        if tower is not None:
-            out.append(MLPInfo(name, m, layout.kind, tower, act, layout.linears))
-    if not out:
-        raise UnsupportedModelError(f"no MLP found in model type {mt!r} under the towers {spec.towers}")
-    return out
+            f"model type {found.model_type!r} is not in manu_fast.adapters.MODEL_TABLE and no MLP was found in it "
+            f"({listing}). If its MLPs use other Linear names, add them with register_mlp_layout(...); to place MLPs "
+            f"in towers, {_register_hint(found.model_type)}")
+    return found.mlps
 
 
 def fingerprint(model: nn.Module) -> dict:
@@ -150,18 +437,44 @@ def fingerprint(model: nn.Module) -> dict:
     return {"model_type": model_type(model), "layers": layers}
 
 
-def image_token_id(model: nn.Module) -> int | None:
-    spec = MODEL_TABLE.get(model_type(model))
-    for attr in spec.image_token_attrs if spec else ():
-        v = getattr(model.config, attr, None)
-        if v is not None:
-            return int(v)
-    return None
+_PLACEHOLDER = re.compile(r"^(image|video|audio)_token_(id|index)$")
+_SPECIAL_WORDS = ("vision", "image", "video", "img", "boi", "eoi", "frame", "visual", "audio", "boa", "eoa")
 
 
+def token_ids(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Language-model token ids of each non-text kind the config names: the ``image``/``video``/``audio``
+    placeholders (``image_token_id`` ...) and ``special`` boundary tokens (``vision_start_token_id``,
+    ``boi_token_index``, ``image_end_token_id`` ...). Every other token is ``text``."""
+    out: dict[str, set[int]] = {}
+    for key, value in vars(model.config).items():
+        if key.startswith("_") or not re.search(r"_token_(id|index|ids)$", key) or value is None:
+            continue
+        m = _PLACEHOLDER.match(key)
+        kind = m.group(1) if m else "special" if any(w in key for w in _SPECIAL_WORDS) else None
+        if kind is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        out.setdefault(kind, set()).update(int(v) for v in values if isinstance(v, int))
+    return {k: tuple(sorted(v)) for k, v in out.items() if v}
+
+
+def video_span_ids(model: nn.Module) -> tuple[int, int] | None:
+    """(video_start_token_id, video_end_token_id) when the config names both: image placeholders between them are a
+    video's frames (GLM-4.1V writes video frames with the image token)."""
+    start, end = (getattr(model.config, f"video_{k}_token_id", None) for k in ("start", "end"))
+    return (int(start), int(end)) if isinstance(start, int) and isinstance(end, int) else None
+
+
+def default_token_kinds(model: nn.Module) -> tuple[str, ...]:
+    """The token kinds profiled by default: image and text, plus every other kind the config names tokens of."""
+    ids = token_ids(model)
+    return tuple(k for k in TOKEN_KINDS if k in ("image", "text") or k in ids)
+
+
+# ---------------------------------------------------------------------------------------------------- patching
 @dataclass
 class Patch:
-    """The fused layers installed in a model, and what they replaced (for an exact undo)."""
+    """The fused layers and MLP parts installed in a model, and what they replaced (for an exact undo)."""
 
     model: nn.Module
     layers: dict[str, FusedMLP] = field(default_factory=dict)
@@ -170,12 +483,17 @@ class Patch:
 
     def replace(self, name: str, layer: FusedMLP) -> None:
         """Install ``layer`` in place of the fused layer ``name`` (unpatch still restores the original HF module)."""
+        if name not in self.originals:
+            raise ValueError(f"{name!r} is an MLP part (hooks on a larger module), not a fused layer: it cannot be replaced")
         _set_submodule(self.model, name, layer)
         self.layers[name] = layer
 
     def unpatch(self) -> None:
         for name, orig in self.originals.items():
             _set_submodule(self.model, name, orig)
+        for layer in self.layers.values():
+            if isinstance(layer, MLPPart):
+                layer.remove_hooks()
         self.layers.clear()
         self.originals.clear()
         self.model.__dict__.pop("_manu_fast_patch", None)
@@ -191,28 +509,101 @@ def get_patch(model: nn.Module) -> Patch | None:
     return model.__dict__.get("_manu_fast_patch")
 
 
-def patch_model(model: nn.Module) -> Patch:
-    """Replace every MLP of ``model`` by a fused layer, in place, sharing the original weights. Idempotent."""
+def _fused_layer(info: MLPInfo) -> FusedMLP:
+    m = info.module
+    act = getattr(m, info.act_attr)
+    if info.kind == "gated":
+        gate, up, down = info.linears
+        return FusedGatedMLP(getattr(m, gate), getattr(m, up), getattr(m, down), act, info.act_attr)
+    fc1, fc2 = info.linears
+    return FusedPlainMLP(getattr(m, fc1), getattr(m, fc2), act, fc1, fc2, info.act_attr)
+
+
+@contextmanager
+def _hooks_suspended(module: nn.Module):
+    """Run without the forward hooks of ``module`` and its submodules (users' hooks must not see the probe)."""
+    saved = [(m, dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in module.modules()]
+    for m, _, _ in saved:
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    try:
+        yield
+    finally:
+        for m, pre, post in saved:
+            m._forward_pre_hooks.update(pre)
+            m._forward_hooks.update(post)
+
+
+@torch.no_grad()
+def _computes_the_same(original: nn.Module, fused: FusedMLP) -> bool:
+    """Whether ``original`` computes what the fused layer does, on a 2-token probe input run with forward hooks
+    suspended (True when it cannot be run: weights on 'meta', or not floating point)."""
+    w = fused.out_proj.weight
+    if w.device.type == "meta" or not w.is_floating_point():
+        return True
+    x = torch.randn(2, fused.in_proj[0].in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=w.device, dtype=w.dtype)
+    try:
+        with _hooks_suspended(original):
+            a, b = original(x), fused(x)
+    except Exception:  # noqa: BLE001 -- a forward that needs more than one tensor is not a plain MLP
+        return False
+    if not isinstance(a, torch.Tensor) or a.shape != b.shape:
+        return False
+    a, b = a.float(), b.float()
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max()) + 1e-6))
+
+
+def _moe_error(mt: str, moe: list[Skipped]) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"model type {mt!r} has mixture-of-experts layers: {moe[0].name} ({moe[0].reason})"
+        f"{f' and {len(moe) - 1} more' if len(moe) > 1 else ''}. Call manu_fast.adapters.patch_model(model, "
+        "moe='skip') before profiling to patch the other MLPs (shared experts, dense layers, vision tower) and "
+        "leave the experts out")
+
+
+def patch_model(model: nn.Module, moe: str = "refuse") -> Patch:
+    """Patch every MLP of ``model`` in place: whole MLP modules become fused layers sharing the original weights,
+    MLPs inside larger modules get hooks (``MLPPart``). Idempotent; ``Patch.unpatch()`` restores the model exactly.
+
+    ``moe``: ``"refuse"`` (default) raises UnsupportedModelError naming the mixture-of-experts layers; ``"skip"``
+    patches everything else and warns. Other modules left out (audio towers, unrecognised MLP-like modules) are
+    named in a warning; ``inspect_model`` / ``manu-fast report MODEL_DIR`` list them with the reason.
+    """
+    if moe not in MOE_POLICIES:
+        raise ValueError(f"moe must be one of {MOE_POLICIES}, got {moe!r}")
     patch = get_patch(model)
     if patch is not None:
         return patch
+    found = inspect_model(model)
+    moe_skipped = [s for s in found.skipped if s.moe]
+    if moe_skipped and moe == "refuse":
+        raise _moe_error(found.model_type, moe_skipped)
+    if not found.mlps:
+        find_mlps(model)  # raises the error that says what was found
+    if found.skipped:
+        warnings.warn(f"manu_fast.patch_model: {len(found.skipped)} modules with MLP weights are not patched: "
+                      + "; ".join(f"{s.name}: {s.reason}" for s in found.skipped[:3])
+                      + (" ..." if len(found.skipped) > 3 else "")
+                      + " (inspect_model(model) or `manu-fast report MODEL_DIR` lists them all)", stacklevel=2)
     patch = Patch(model)
-    for info in find_mlps(model):
+    for info in found.mlps:
         m = info.module
-        act = getattr(m, info.act_attr)
-        if info.kind == "gated":
-            fused = FusedGatedMLP(m.gate_proj, m.up_proj, m.down_proj, act, info.act_attr)
-        else:
-            fc1, fc2 = info.linears
-            fused = FusedPlainMLP(getattr(m, fc1), getattr(m, fc2), act, fc1, fc2, info.act_attr)
-        fused.train(m.training)
-        hook = getattr(m, "_hf_hook", None)
-        if hook is not None:  # accelerate device_map/offload hook on the MLP itself: it moves the MLP's inputs
-            from accelerate.hooks import add_hook_to_module
-            add_hook_to_module(fused, hook)
-        _set_submodule(model, info.name, fused)
-        patch.layers[info.name] = fused
+        layer = None
+        if info.act_attr is not None:
+            fused = _fused_layer(info)
+            fused.train(m.training)
+            hook = getattr(m, "_hf_hook", None)
+            if hook is not None:  # accelerate device_map/offload hook on the MLP itself: it moves the MLP's inputs
+                from accelerate.hooks import add_hook_to_module
+                add_hook_to_module(fused, hook)
+            if _computes_the_same(m, fused):
+                layer = fused
+                _set_submodule(model, info.name, fused)
+                patch.originals[info.name] = m
+        if layer is None:
+            layer = MLPPart(info.kind, info.in_linears, info.out_linear)
+        patch.layers[info.name] = layer
         patch.towers[info.name] = info.tower
-        patch.originals[info.name] = m
     model.__dict__["_manu_fast_patch"] = patch
     return patch

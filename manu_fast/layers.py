@@ -194,3 +194,56 @@ def _compact(layer: FusedMLP) -> FusedMLP:
                              _slice_linear(layer.down_proj, idx, 1), act_module, layer.act_attr)
     return FusedPlainMLP(_slice_linear(layer.in_proj[0], idx, 0), _slice_linear(layer.out_proj, idx, 1), act_module,
                          layer.fc1_name, layer.fc2_name, layer.act_attr)
+
+
+class MLPPart(FusedMLP):
+    """An MLP that stays inside its own module, patched by hooks instead of replaced.
+
+    For MLPs the fused layers cannot stand in for: the MLP part of a larger module (a projector that also holds a
+    norm and a patch merger, a decoder layer holding fc1/fc2 itself), one Linear computing gate and up together
+    (``kind == "gate_up"``), or an activation the fused op lacks. The neurons are the input features of the output
+    Linear ``out_proj``: a forward pre-hook there masks and profiles them (``_hidden`` with the identity activation:
+    the owner has computed ``h`` already), a forward hook profiles the output ('out' site), and forward hooks on
+    the input Linears profile the 'pre'/'up' sites (none for "gate_up"). The owner's forward runs unchanged; the
+    object is not a module of the model, so parameters and state_dict keys do not change.
+    """
+
+    def __init__(self, kind: str, in_proj: list[nn.Linear], out_proj: nn.Linear):
+        super().__init__()
+        self.kind = kind
+        self._init_common(nn.Identity(), "act")
+        self.__dict__["_linears"] = (tuple(in_proj), out_proj)  # the model's modules, not children of this object
+        self._handles = [out_proj.register_forward_pre_hook(self._on_hidden),
+                         out_proj.register_forward_hook(self._on_output)]
+        if kind != "gate_up":
+            for site, lin in zip(("pre", "up"), in_proj):
+                self._handles.append(lin.register_forward_hook(
+                    lambda module, args, out, site=site: self._on_input(site, out)))
+
+    @property
+    def in_proj(self) -> list[nn.Linear]:
+        """Input Linears whose output row j feeds neuron j (none for a fused gate_up Linear)."""
+        return [] if self.kind == "gate_up" else list(self._linears[0])
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self._linears[1]
+
+    def _on_hidden(self, linear, args):
+        h = self._hidden(args[0], None)
+        return None if h is args[0] else (h, *args[1:])
+
+    def _on_output(self, linear, args, y):
+        self._output(y)
+
+    def _on_input(self, site: str, y: torch.Tensor) -> None:
+        if self.recorder is not None:
+            self.recorder.record_input(self, site, y)
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def compact(self) -> "FusedMLP":
+        raise ValueError("an MLP part (hooks inside a larger module) cannot be compacted; its mask stays applied")

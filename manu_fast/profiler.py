@@ -1,8 +1,12 @@
 """Profiling: run a model over forget/retain data in each modality, gathering statistics inside the fused MLPs.
 
-Each batch is homogeneous in (split, modality); within it, language-model tokens are labelled by kind
-(``image`` at image-token positions, ``text`` elsewhere, padding ignored) and every vision-tower and
-projector token is ``image``. Group labels are ``f"{split}/{modality}/{kind}"``. Statistics live in
+Each batch is homogeneous in (split, modality); within it, language-model tokens are labelled by kind:
+``image`` / ``video`` / ``audio`` at the placeholder tokens the model's config names (``image_token_id`` ...;
+image placeholders between ``video_start_token_id`` and ``video_end_token_id`` are ``video``),
+``special`` at the boundary tokens it names (``vision_start_token_id``, ``boi_token_index`` ...), ``text``
+elsewhere, padding ignored (``manu_fast.adapters.token_ids``). Vision-tower and projector tokens are ``image``, or
+``video`` in a batch that has video pixels only. A token whose kind is not profiled is ignored, never counted as
+another kind. Group labels are ``f"{split}/{modality}/{kind}"``. Statistics live in
 float64 accumulators of O(neurons) per layer on that layer's (execution) device, so memory does not grow
 with tokens and a model split over devices (accelerate ``device_map``, CPU/disk offload) keeps every
 layer's statistics next to it until they are saved.
@@ -23,12 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import fingerprint, image_token_id, patch_model
+from .adapters import TOKEN_KINDS, default_token_kinds, fingerprint, patch_model, token_ids, video_span_ids
+from .layers import MLPPart
 from .masks import SITES
 from .ops import act_stats
 from .stats import DEFAULT_TAU, F, NeuronStats, StatsFileError, empty_stats, group_label
 
-KINDS = ("image", "text")
 NONFINITE_POLICIES = ("count", "error")
 CHECKPOINT_KEY = "checkpoint"  # safetensors metadata entry holding the resume position
 
@@ -49,20 +53,33 @@ class _LayerRecorder:
         gid = self.profiler.group_ids(self.tower, num_tokens, self.device)
         if gid is None:
             return {}
+        if isinstance(layer, MLPPart):  # its pre/up sites come from hooks on its input Linears (record_input)
+            return {"group_ids": gid, "stats": self.accs.get("hidden"), "tau": self.profiler.tau}
         return {"group_ids": gid, "stats": self.accs.get("hidden"), "pre_stats": self.accs.get("pre"),
                 "up_stats": self.accs.get("up"), "tau": self.profiler.tau}
 
     def record_output(self, layer, y: torch.Tensor) -> None:
-        acc = self.accs.get("out")
+        self._record("out", y)
+
+    def record_input(self, layer, site: str, a: torch.Tensor) -> None:
+        """Statistics of an MLP part's input Linear output (site 'pre' or 'up')."""
+        self._record(site, a)
+
+    def _record(self, site: str, a: torch.Tensor) -> None:
+        acc = self.accs.get(site)
         if acc is None:
             return
-        gid = self.profiler.group_ids(self.tower, y.shape[:-1].numel(), y.device)
+        gid = self.profiler.group_ids(self.tower, a.shape[:-1].numel(), a.device)
         if gid is not None:
-            act_stats(y, act="identity", group_ids=gid, stats=acc, tau=self.profiler.tau, write_out=False)
+            act_stats(a.detach(), act="identity", group_ids=gid, stats=acc, tau=self.profiler.tau, write_out=False)
 
 
 class Profiler:
     """Attach statistics recorders to every fused MLP of ``model`` (patching it if needed).
+
+    ``token_kinds``: the language-model token kinds to profile (default: ``default_token_kinds(model)``, image
+    and text plus every kind the config names tokens of); ``special_token_ids``: more ids to label ``special``
+    (boundary tokens the config does not name, e.g. Idefics3's ``<fake_token_around_image>``).
 
     Use as a context manager around your own forward passes, calling ``set_batch`` before each::
 
@@ -73,7 +90,7 @@ class Profiler:
     """
 
     def __init__(self, model: nn.Module, groups: list[str], *, sites=("hidden",), tau: float = DEFAULT_TAU,
-                 towers=None, token_kinds=KINDS):
+                 towers=None, token_kinds=None, special_token_ids=()):
         bad = [s for s in sites if s not in SITES]
         if bad or not sites:
             raise ValueError(f"unknown sites {bad}; choose from {SITES}")
@@ -81,11 +98,20 @@ class Profiler:
             raise ValueError(f"tau must be a finite non-negative threshold, got {tau}")
         if len(set(groups)) != len(groups) or not groups:
             raise ValueError("groups must be a non-empty list of distinct labels")
-        self.model, self.tau, self.token_kinds = model, float(tau), tuple(token_kinds)
         self.patch = patch_model(model)
-        self.image_token = image_token_id(model)
+        self.token_kinds = default_token_kinds(model) if token_kinds is None else tuple(token_kinds)
+        bad = [k for k in self.token_kinds if k not in TOKEN_KINDS]
+        if bad:
+            raise ValueError(f"unknown token kinds {bad}; choose from {TOKEN_KINDS}")
+        self.model, self.tau = model, float(tau)
+        ids = token_ids(model)
+        if special_token_ids:
+            ids["special"] = tuple(sorted({*ids.get("special", ()), *map(int, special_token_ids)}))
+        self._kind_ids = {k: torch.tensor(v) for k, v in ids.items()}
+        self._video_span = video_span_ids(model) if "image" in ids else None
         self.stats = NeuronStats(list(groups), fingerprint(model), self.tau)
         self._recorders = {}
+        no_input_sites = []
         for name, layer in self.patch.layers.items():
             tower = self.patch.towers[name]
             if towers is not None and tower not in towers:
@@ -93,11 +119,18 @@ class Profiler:
             dev = layer.execution_device
             accs = {}
             for site in sites:
-                if site == "up" and layer.kind != "gated":
+                if site == "up" and layer.kind not in ("gated", "gate_up"):
+                    continue
+                if site in ("pre", "up") and layer.kind == "gate_up":  # one Linear gives gate and up: no own site
+                    no_input_sites.append(name)
                     continue
                 width = layer.hidden_size if site == "out" else layer.num_neurons
                 accs[site] = self.stats.blocks[NeuronStats.key(name, site)] = empty_stats(len(groups), width, dev)
             self._recorders[name] = _LayerRecorder(self, tower, accs, dev)
+        if no_input_sites:
+            warnings.warn(f"manu_fast.Profiler: {len(set(no_input_sites))} MLPs compute gate and up in one Linear "
+                          f"({no_input_sites[0]} ...): their 'pre'/'up' sites are not profiled (their 'hidden' and "
+                          "'out' sites are)", stacklevel=2)
         self._lm = None
         self._vision = None
         self._cache: dict = {}
@@ -122,16 +155,26 @@ class Profiler:
             return -1
 
     def set_batch(self, split: str, modality: str, input_ids: torch.Tensor | None = None,
-                  attention_mask: torch.Tensor | None = None, profile_mask: torch.Tensor | None = None) -> None:
-        """Declare the next forward's data: its (split, modality) and the token layout of the language model."""
-        text, image = self._gid(split, modality, "text"), self._gid(split, modality, "image")
+                  attention_mask: torch.Tensor | None = None, profile_mask: torch.Tensor | None = None,
+                  vision_kind: str = "image") -> None:
+        """Declare the next forward's data: its (split, modality), the token layout of the language model, and the
+        kind of the vision tower's tokens (``"video"`` for a batch of video frames)."""
+        if vision_kind not in ("image", "video"):
+            raise ValueError(f"vision_kind must be 'image' or 'video', got {vision_kind!r}")
+        text = self._gid(split, modality, "text")
         ref = input_ids if input_ids is not None else attention_mask
         if ref is None:
             self._lm = text
         else:
             lm = torch.full(ref.shape, text, dtype=torch.int32, device=ref.device)
-            if input_ids is not None and self.image_token is not None:
-                lm[input_ids == self.image_token] = image
+            if input_ids is not None:
+                for kind, ids in self._kind_ids.items():
+                    lm[torch.isin(input_ids, ids.to(input_ids.device))] = self._gid(split, modality, kind)
+                if self._video_span is not None:  # image placeholders inside a video_start ... video_end span
+                    start, end = self._video_span
+                    depth = (input_ids == start).cumsum(-1) - (input_ids == end).cumsum(-1)
+                    frames = (depth > 0) & torch.isin(input_ids, self._kind_ids["image"].to(input_ids.device))
+                    lm[frames] = self._gid(split, modality, "video")
             if attention_mask is not None:
                 lm[attention_mask == 0] = -1
             if profile_mask is not None:
@@ -139,7 +182,7 @@ class Profiler:
                     raise ValueError(f"profile_mask has shape {tuple(profile_mask.shape)}, input_ids {tuple(ref.shape)}")
                 lm[~profile_mask.to(device=ref.device, dtype=torch.bool)] = -1
             self._lm = lm.reshape(-1)
-        self._vision = image
+        self._vision = self._gid(split, modality, vision_kind)
         self._cache.clear()
 
     def group_ids(self, tower: str, num_tokens: int, device) -> torch.Tensor | None:
@@ -170,6 +213,16 @@ def _forward_kwargs(model: nn.Module) -> dict:
     if "logits_to_keep" in params:
         extra["logits_to_keep"] = 1
     return extra
+
+
+def _vision_kind(batch: dict) -> str:
+    """``video`` for a batch whose only pixels are video frames, else ``image``."""
+    video = any(k.startswith("pixel_values_video") for k in batch)
+    image = any(k.startswith("pixel_values") and not k.startswith("pixel_values_video") for k in batch)
+    if video and image:
+        raise ValueError("a batch holds both image and video pixels: the vision tower's statistics could not be "
+                         "labelled image or video; give images and videos in separate batches")
+    return "video" if video else "image"
 
 
 def _data_key(split: str, modality: str) -> str:
@@ -285,7 +338,8 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
                 continue
             batch = dict(batch)
             pm = batch.pop("profile_mask", None)
-            prof.set_batch(split, modality, batch.get("input_ids"), batch.get("attention_mask"), pm)
+            prof.set_batch(split, modality, batch.get("input_ids"), batch.get("attention_mask"), pm,
+                           vision_kind=_vision_kind(batch))
             model(**batch, **extra)
             position[key] = seen
             since_save += 1
@@ -313,13 +367,16 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
 
 
 def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, sites=("hidden",),
-            tau: float = DEFAULT_TAU, towers=None, token_kinds=KINDS, progress: bool = True, checkpoint=None,
-            checkpoint_every: int = 50, resume: bool = False, on_nonfinite: str = "count",
+            tau: float = DEFAULT_TAU, towers=None, token_kinds=None, special_token_ids=(), progress: bool = True,
+            checkpoint=None, checkpoint_every: int = 50, resume: bool = False, on_nonfinite: str = "count",
             distributed: bool = False) -> NeuronStats:
     """Profile ``model`` over ``data`` ({(split, modality): batches}) and return its NeuronStats.
 
     A batch is a dict of model kwargs on the model's device, with an optional ``profile_mask`` (B, L) bool
-    selecting the language-model positions to profile. Groups: every (split, modality) x token kind.
+    selecting the language-model positions to profile. Groups: every (split, modality) x token kind
+    (``token_kinds``, default ``manu_fast.adapters.default_token_kinds(model)``; ``special_token_ids`` as in
+    ``Profiler``). A batch with video pixels (``pixel_values_videos``) and no image pixels labels its vision-tower
+    tokens ``video``; give images and videos in separate batches.
 
     Args:
         checkpoint: path of a checkpoint written atomically (temp file + rename) every ``checkpoint_every``
@@ -350,12 +407,16 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
         rank, world = dist_mod.init()
         if checkpoint is not None:
             checkpoint = dist_mod.rank_path(checkpoint, rank, world)
+    if token_kinds is None:
+        patch_model(model)  # refuses an unsupported model before anything else
+        token_kinds = default_token_kinds(model)
     groups = [group_label(s, m, k) for (s, m) in data for k in token_kinds]
     was_training = model.training
     model.eval()
     error = None
     try:
-        with Profiler(model, groups, sites=sites, tau=tau, towers=towers, token_kinds=token_kinds) as prof, torch.no_grad():
+        with Profiler(model, groups, sites=sites, tau=tau, towers=towers, token_kinds=token_kinds,
+                      special_token_ids=special_token_ids) as prof, torch.no_grad():
             position = {}
             if resume and Path(checkpoint).is_file():
                 position = load_checkpoint(checkpoint, prof.stats, rank=rank, world_size=world)

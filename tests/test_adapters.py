@@ -1,44 +1,81 @@
 """Adapters and fused layers on real HF architectures (tiny configs, random weights, no downloads).
 
-For every supported architecture: patching keeps outputs (float32, <= 1e-5), unpatching restores the
-model exactly, and profiled statistics equal a float64 computation from plain forward hooks on the
-unpatched model.
+For every family in tests/tiny_models.py: the towers are inferred as expected without registration, patching keeps
+outputs (float32, <= 1e-5), unpatching restores the model exactly, profiled statistics equal a float64 computation
+from plain forward hooks on the unpatched model (token kinds labelled independently here), and masks zero exactly
+the masked neurons.
 """
+import re
+import warnings
+
 import pytest
 import torch
 import transformers as tf
 
 import tiny_models as tm  # noqa: E402
-from manu_fast.adapters import UnsupportedModelError, find_mlps, fingerprint, get_patch, patch_model
-from manu_fast.layers import FusedMLP
+from manu_fast import adapters
+from manu_fast.adapters import (ModelSpec, UnsupportedModelError, default_token_kinds, find_mlps, fingerprint,
+                                get_patch, inspect_model, patch_model, register_mlp_layout, register_model)
+from manu_fast.layers import FusedMLP, MLPPart
 from manu_fast.profiler import Profiler, profile
-from manu_fast.stats import F, group_label, segment_stats_reference
+from manu_fast.stats import F, group_label, merge_partials, segment_stats_reference
 
 ARCHS = list(tm.ARCHS)
+
+# MLPs per tower (vision, projector, language) and how many of them are MLP parts (hooks, not a fused module)
+EXPECTED = {
+    "llava": ((2, 1, 2), 0), "llava_next": ((2, 1, 2), 0), "llava_onevision": ((3, 1, 2), 0), "vipllava": ((3, 1, 2), 1),
+    "idefics2": ((2, 2, 2), 0), "idefics3": ((2, 0, 2), 0), "smolvlm": ((2, 0, 2), 0),
+    "qwen2_vl": ((2, 1, 2), 0), "qwen2_5_vl": ((2, 1, 2), 0), "qwen3_vl": ((2, 2, 2), 2), "glm4v": ((2, 1, 2), 3),
+    "paligemma": ((3, 0, 2), 0), "gemma3": ((3, 0, 2), 0), "internvl": ((2, 1, 2), 1), "aya_vision": ((3, 1, 2), 1),
+    "mistral3": ((2, 1, 2), 1), "llama4": ((2, 1, 2), 1), "lfm2_vl": ((3, 1, 2), 3), "blip2": ((2, 1, 2), 3),
+    "llama": ((0, 0, 2), 0), "mistral": ((0, 0, 2), 0), "qwen2": ((0, 0, 2), 0), "clip": ((2, 0, 0), 0),
+    "siglip": ((3, 0, 0), 0),
+}
+LM_KIND = {tm.IMAGE_TOKEN: "image", tm.VIDEO_TOKEN: "video", tm.START: "special", tm.END: "special",
+           tm.VIDEO_START: "special", tm.VIDEO_END: "special"}
 
 
 def _out(model, kw):
     with torch.no_grad():
         o = model(**kw)
+    if isinstance(o, tuple):
+        return o[0]
     return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
 
 
+def _build(name):
+    model = tm.build(name)
+    if tm.ARCHS[name].moe:
+        with pytest.warns(UserWarning, match="mixture-of-experts"):
+            patch_model(model, moe="skip").unpatch()  # checks the warning; the test patches again below
+    return model
+
+
 def _data(name, model):
-    kind = tm.ARCHS[name][1]
-    data = {("forget", "multimodal" if kind != "text" else "text"): [tm.inputs(name, model, seed=1)]}
-    if kind == "mm":
-        data[("retain", "text")] = [tm.inputs(name, model, multimodal=False, seed=2)]
+    fam = tm.ARCHS[name]
+    data = {("forget", "multimodal" if fam.kind != "text" else "text"): [tm.inputs(name, model, seed=1)]}
+    if fam.video:
+        data[("forget", "multimodal")].append(tm.inputs(name, model, seed=3, video=True))
+    if fam.kind == "mm":
+        data[("retain", "text" if fam.text_only else "multimodal")] = [tm.inputs(name, model, multimodal=not fam.text_only,
+                                                                                 seed=2)]
     return data
 
 
-def _hook_reference(name, model, data):
-    """float64 statistics of every MLP intermediate, captured by forward pre-hooks on down_proj/fc2 of the stock model."""
+def _hook_reference(name, model, data, kinds):
+    """float64 statistics of every MLP intermediate, captured by forward pre-hooks on the output Linear of the stock
+    model; language tokens labelled from their ids (LM_KIND), vision tokens by the batch's pixels."""
     infos = find_mlps(model)
-    groups = [group_label(s, m, k) for (s, m) in data for k in ("image", "text")]
+    groups = [group_label(s, m, k) for (s, m) in data for k in kinds]
     captured, out = {}, {}
-    handles = [getattr(i.module, i.linears[-1]).register_forward_pre_hook(
+    handles = [i.out_linear.register_forward_pre_hook(
         lambda mod, args, n=i.name: captured.setdefault(n, []).append(args[0].detach().reshape(-1, args[0].shape[-1])))
         for i in infos]
+
+    def gid_of(split, modality, kind):
+        label = group_label(split, modality, kind)
+        return groups.index(label) if label in groups else -1
     try:
         for (split, modality), batches in data.items():
             for kw in batches:
@@ -49,37 +86,74 @@ def _hook_reference(name, model, data):
                         continue
                     h = torch.cat(captured[i.name])
                     if i.tower == "language":
-                        gid = torch.full(kw["input_ids"].shape, groups.index(group_label(split, modality, "text")),
-                                         device=kw["input_ids"].device)
-                        gid[kw["input_ids"] == tm.IMAGE_TOKEN] = groups.index(group_label(split, modality, "image"))
+                        ids = kw["input_ids"]
+                        gid = torch.full(ids.shape, gid_of(split, modality, "text"))
+                        for token, kind in LM_KIND.items():
+                            gid[ids == token] = gid_of(split, modality, kind if kind in kinds else "text")
+                        if name == "glm4v":  # its video frames are image tokens between VIDEO_START and VIDEO_END
+                            inside = (ids == tm.VIDEO_START).cumsum(-1) > (ids == tm.VIDEO_END).cumsum(-1)
+                            gid[inside & (ids == tm.IMAGE_TOKEN)] = gid_of(split, modality, "video")
                         gid[kw["attention_mask"] == 0] = -1
                     else:
-                        gid = torch.full((h.shape[0],), groups.index(group_label(split, modality, "image")))
-                    part = segment_stats_reference(h, gid.reshape(-1), len(groups), 0.1)
-                    out.setdefault(i.name, []).append(part)
+                        kind = "video" if "pixel_values_videos" in kw else "image"
+                        gid = torch.full((h.shape[0],), gid_of(split, modality, kind))
+                    out.setdefault(i.name, []).append(segment_stats_reference(h, gid.reshape(-1), len(groups), 0.1))
     finally:
         for hd in handles:
             hd.remove()
-    from manu_fast.stats import merge_partials
     return {n: merge_partials(torch.stack(p)) for n, p in out.items()}
 
 
+def _check_masks(model, patch, kw):
+    """Mask neurons 0, 2 and the last of every layer: exactly those inputs of every output Linear are zero."""
+    seen, handles = {}, []
+    for name, layer in patch.layers.items():
+        n = layer.num_neurons
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[[0, 2, n - 1]] = False
+        layer.set_mask("m", keep)
+        handles.append(layer.out_proj.register_forward_pre_hook(
+            lambda mod, args, name=name: seen.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+    try:
+        _out(model, kw)
+    finally:
+        for hd in handles:
+            hd.remove()
+    for name, layer in patch.layers.items():
+        layer.remove_mask("m")
+        if name not in seen:
+            continue
+        h = torch.cat(seen[name])
+        assert (h[:, [0, 2, layer.num_neurons - 1]] == 0).all(), name
+        assert (h[:, 1] != 0).any(), name
+
+
 @pytest.mark.parametrize("name", ARCHS)
-def test_patch_same_outputs_unpatch_exact_and_stats_match_hooks(name):
-    model = tm.build(name)
+def test_family_patch_unpatch_stats_and_masks(name):
+    model = _build(name)
+    fam = tm.ARCHS[name]
+    found = inspect_model(model)
+    assert found.source == "inferred"  # no registration needed
+    assert not [s for s in found.skipped if not s.moe], found.skipped
+    counts = tuple(sum(i.tower == t for i in found.mlps) for t in adapters.TOWERS)
+    assert (counts, sum(i.patched_as == "part" for i in found.mlps) + (name == "llama4")) == EXPECTED[name], \
+        [(i.name, i.tower, i.patched_as) for i in found.mlps]  # llama4: its vision adapter fails the probe
+    assert default_token_kinds(model) == fam.kinds
+    if (bug := tm.upstream_bug(name, model)) is not None:
+        pytest.skip(bug)  # structure checked above; the forward-pass checks need a transformers that runs it
     data = _data(name, model)
     kw = next(iter(data.values()))[0]
-    originals = {i.name: i.module for i in find_mlps(model)}
-    towers = {i.tower for i in find_mlps(model)}
-    expected_towers = {"mm": {"vision", "language"}, "text": {"language"}, "vision": {"vision"}}[tm.ARCHS[name][1]]
-    assert expected_towers <= towers
+    originals = {i.name: i.module for i in found.mlps}
     before = _out(model, kw)
-    ref = _hook_reference(name, model, data)
+    ref = _hook_reference(name, model, data, fam.kinds)
     weights = {k: v.data_ptr() for k, v in model.state_dict().items()}
 
-    patch = patch_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if fam.moe else "error")
+        patch = patch_model(model, moe="skip" if fam.moe else "refuse")
     assert patch_model(model) is patch  # idempotent
     assert set(patch.layers) == set(originals)
+    assert sum(isinstance(l, MLPPart) for l in patch.layers.values()) == EXPECTED[name][1]
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == weights  # same keys, no copy
     torch.testing.assert_close(_out(model, kw), before, rtol=0, atol=1e-5)
     for layer in patch.layers.values():  # all-keep mask routes through the fused op: still equal
@@ -89,17 +163,20 @@ def test_patch_same_outputs_unpatch_exact_and_stats_match_hooks(name):
         layer.remove_mask("all")
 
     stats = profile(model, data, progress=False)
+    assert stats.groups == [group_label(s, m, k) for (s, m) in data for k in fam.kinds]
     assert set(stats.layers()) == set(originals)
     for layer_name, r in ref.items():
         got = stats.block(layer_name)
         torch.testing.assert_close(got[F["count"]], r[F["count"]], rtol=0, atol=0)
         torch.testing.assert_close(got, r, rtol=1e-5, atol=1e-6)
-    # statistics of the forget data never leak into other groups
     assert stats.fingerprint == fingerprint(model)
+    _check_masks(model, patch, kw)
 
     patch.unpatch()
     assert get_patch(model) is None
     assert {i.name: i.module for i in find_mlps(model)} == originals  # the very same module objects
+    assert all(not l._forward_hooks and not l._forward_pre_hooks for i in find_mlps(model)
+               for l in (*i.in_linears, i.out_linear))  # MLP parts leave no hook behind
     torch.testing.assert_close(_out(model, kw), before, rtol=0, atol=0)
 
 
@@ -141,12 +218,15 @@ def test_compact_layer_matches_masked_layer():
 
 
 def test_unknown_architecture_lists_what_was_found_and_how_to_register():
-    model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=50, hidden_size=16, intermediate_size=24,
-                                                  num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(UnsupportedModelError, match="register_model"):
-        patch_model(model)
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=tm.VOCAB))  # Conv1D MLPs
+    with pytest.raises(UnsupportedModelError, match="no MLP was found.*register_mlp_layout.*register_model"):
+        patch_model(gpt2)
     with pytest.raises(UnsupportedModelError, match="not in manu_fast.adapters.MODEL_TABLE"):
-        find_mlps(model)
+        find_mlps(gpt2)
+    # a model type no table names is inferred from its structure (GPT-NeoX: dense_h_to_4h / dense_4h_to_h)
+    neox = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=50, hidden_size=16, intermediate_size=24,
+                                                 num_hidden_layers=1, num_attention_heads=2))
+    assert [(i.name, i.tower, i.kind) for i in find_mlps(neox)] == [("gpt_neox.layers.0.mlp", "language", "plain")]
 
 
 def test_profile_mask_and_padding_are_ignored_and_memory_is_constant():

@@ -1,11 +1,20 @@
-"""Tiny configs of every supported architecture (random weights, no downloads) and matching inputs."""
+"""Tiny configs of every tested architecture (random weights, no downloads) and matching inputs.
+
+``ARCHS`` is the list of families the adapter tests cover (tests/test_adapters.py); the README's "Supported
+models" section is checked against it (``supported_models_markdown``).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import transformers as tf
 
 VOCAB = 96
 IMAGE_TOKEN = 90
+START, END, VIDEO_TOKEN = 91, 92, 93  # boundary tokens around an image, and the video placeholder
+VIDEO_START, VIDEO_END = 94, 95  # GLM-4.1V: a video's frames are image tokens between these
 
 
 def _llama_text(**kw):
@@ -22,11 +31,19 @@ def _clip_vision(**kw):
     return base
 
 
-def build(name: str, seed: int = 0):
-    """Build the tiny model ``name`` (a key of ARCHS) in float32 eval mode."""
-    torch.manual_seed(seed)
-    model = ARCHS[name][0]()
-    return model.eval()
+def _vision(model_type=None, **kw):
+    base = dict(hidden_size=24, intermediate_size=36, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+                patch_size=4)
+    base.update(kw)
+    return dict(base, model_type=model_type) if model_type else base
+
+
+def _mrope(**kw):
+    return dict(**_llama_text(head_dim=8), rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2], **kw})
+
+
+_QWEN_TOKENS = dict(image_token_id=IMAGE_TOKEN, vision_start_token_id=START, vision_end_token_id=END,
+                    video_token_id=VIDEO_TOKEN)
 
 
 def _llava():
@@ -39,6 +56,20 @@ def _llava_next():
     cfg = tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(**_clip_vision()), text_config=tf.LlamaConfig(**_llama_text()),
                              image_token_index=IMAGE_TOKEN, vision_feature_layer=-1, image_grid_pinpoints=[[16, 16]])
     return tf.LlavaNextForConditionalGeneration(cfg)
+
+
+def _llava_onevision():
+    cfg = tf.LlavaOnevisionConfig(vision_config=_vision("siglip_vision_model"), text_config=dict(model_type="qwen2", **_llama_text()),
+                                  image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN, vision_feature_layer=-1,
+                                  image_grid_pinpoints=[[16, 16]])
+    return tf.LlavaOnevisionForConditionalGeneration(cfg)
+
+
+def _vipllava():
+    cfg = tf.VipLlavaConfig(vision_config=_vision("clip_vision_model", num_hidden_layers=3),
+                            text_config=dict(model_type="llama", **_llama_text()), image_token_index=IMAGE_TOKEN,
+                            vision_feature_layers=[-2, -1])
+    return tf.VipLlavaForConditionalGeneration(cfg)
 
 
 def _idefics2():
@@ -59,12 +90,17 @@ def _idefics3():
     return tf.Idefics3ForConditionalGeneration(cfg)
 
 
+def _smolvlm():
+    cfg = tf.SmolVLMConfig(vision_config=_vision(), text_config=dict(model_type="llama", **_llama_text()),
+                           image_token_id=IMAGE_TOKEN, scale_factor=2)
+    return tf.SmolVLMForConditionalGeneration(cfg)
+
+
 def _qwen2_vl():
     cfg = tf.Qwen2VLConfig(
         vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        text_config=dict(**_llama_text(), rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
-        image_token_id=IMAGE_TOKEN, vision_start_token_id=91, vision_end_token_id=92, video_token_id=93)
+        text_config=dict(**_llama_text(), rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}), **_QWEN_TOKENS)
     return tf.Qwen2VLForConditionalGeneration(cfg)
 
 
@@ -73,64 +109,251 @@ def _qwen2_5_vl():
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, patch_size=4,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, fullatt_block_indexes=[1],
                            window_size=16),
-        text_config=dict(**_llama_text(), rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
-        image_token_id=IMAGE_TOKEN, vision_start_token_id=91, vision_end_token_id=92, video_token_id=93)
+        text_config=dict(**_llama_text(), rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}), **_QWEN_TOKENS)
     return tf.Qwen2_5_VLForConditionalGeneration(cfg)
 
 
-ARCHS = {
-    "llava": (_llava, "mm"),
-    "llava_next": (_llava_next, "mm"),
-    "idefics2": (_idefics2, "mm"),
-    "idefics3": (_idefics3, "mm"),
-    "qwen2_vl": (_qwen2_vl, "mm"),
-    "qwen2_5_vl": (_qwen2_5_vl, "mm"),
-    "llama": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_llama_text())), "text"),
-    "mistral": (lambda: tf.MistralForCausalLM(tf.MistralConfig(**_llama_text())), "text"),
-    "qwen2": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_llama_text())), "text"),
-    "clip": (lambda: tf.CLIPVisionModel(tf.CLIPVisionConfig(**_clip_vision())), "vision"),
-    "siglip": (lambda: tf.SiglipVisionModel(tf.SiglipVisionConfig(**_clip_vision())), "vision"),
+def _qwen3_vl():
+    cfg = tf.Qwen3VLConfig(
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]),
+        text_config=_mrope(mrope_interleaved=True), **_QWEN_TOKENS)
+    return tf.Qwen3VLForConditionalGeneration(cfg)
+
+
+def _glm4v():
+    cfg = tf.Glm4vConfig(
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, patch_size=4,
+                           image_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        text_config=_mrope(), image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, image_start_token_id=START,
+        image_end_token_id=END, video_start_token_id=VIDEO_START, video_end_token_id=VIDEO_END)
+    return tf.Glm4vForConditionalGeneration(cfg)
+
+
+def _paligemma():
+    cfg = tf.PaliGemmaConfig(vision_config=_vision("siglip_vision_model", projection_dim=32),
+                             text_config=dict(model_type="gemma", **_llama_text(head_dim=8)), image_token_index=IMAGE_TOKEN,
+                             projection_dim=32, hidden_size=32, vocab_size=VOCAB)
+    return tf.PaliGemmaForConditionalGeneration(cfg)
+
+
+def _gemma3():
+    cfg = tf.Gemma3Config(vision_config=_vision("siglip_vision_model"), text_config=_llama_text(head_dim=8, sliding_window=8),
+                          mm_tokens_per_image=4, image_token_index=IMAGE_TOKEN, boi_token_index=START, eoi_token_index=END)
+    return tf.Gemma3ForConditionalGeneration(cfg)
+
+
+def _internvl():
+    cfg = tf.InternVLConfig(vision_config=_vision(image_size=[16, 16], patch_size=[4, 4]),
+                            text_config=dict(model_type="qwen2", **_llama_text()), image_token_id=IMAGE_TOKEN,
+                            image_seq_length=4)
+    return tf.InternVLForConditionalGeneration(cfg)
+
+
+def _aya_vision():
+    cfg = tf.AyaVisionConfig(vision_config=_vision("siglip_vision_model"), text_config=dict(model_type="cohere2", **_llama_text(head_dim=8)),
+                             image_token_index=IMAGE_TOKEN, downsample_factor=2, alignment_intermediate_size=48)
+    return tf.AyaVisionForConditionalGeneration(cfg)
+
+
+def _mistral3():
+    cfg = tf.Mistral3Config(vision_config=_vision("pixtral", head_dim=6), text_config=dict(model_type="mistral", **_llama_text()),
+                            image_token_index=IMAGE_TOKEN, spatial_merge_size=2)
+    return tf.Mistral3ForConditionalGeneration(cfg)
+
+
+def _llama4():
+    cfg = tf.Llama4Config(
+        vision_config=_vision(hidden_size=32, intermediate_size=128, vision_output_dim=32, projector_input_dim=32,
+                              projector_output_dim=32, pixel_shuffle_ratio=0.5, rope_theta=10000),
+        text_config=_llama_text(head_dim=8, intermediate_size_mlp=48, num_local_experts=2, interleave_moe_layer_step=2),
+        image_token_index=IMAGE_TOKEN, boi_token_index=START, eoi_token_index=END)
+    return tf.Llama4ForConditionalGeneration(cfg)
+
+
+def _lfm2_vl():
+    vision = {k: v for k, v in _vision("siglip2_vision_model").items() if k != "image_size"}
+    cfg = tf.Lfm2VlConfig(vision_config=dict(vision, num_patches=16),
+                          text_config=dict(model_type="lfm2", **_llama_text(), layer_types=["conv", "full_attention"]),
+                          image_token_id=IMAGE_TOKEN, downsample_factor=2, projector_hidden_size=48)
+    return tf.Lfm2VlForConditionalGeneration(cfg)
+
+
+def _blip2():
+    cfg = tf.Blip2Config(
+        vision_config=_vision(), num_query_tokens=4, image_token_index=IMAGE_TOKEN,
+        qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=40,
+                            encoder_hidden_size=24),
+        text_config=dict(model_type="opt", vocab_size=VOCAB, hidden_size=32, ffn_dim=40, num_hidden_layers=2,
+                         num_attention_heads=4, word_embed_proj_dim=32, pad_token_id=0))
+    return tf.Blip2ForConditionalGeneration(cfg)
+
+
+def _pixels(batch: int, g: torch.Generator):
+    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+
+
+def _tiles(n: int):
+    return lambda batch, g: {"pixel_values": torch.randn(batch, n, 3, 16, 16, generator=g),
+                             "image_sizes": torch.tensor([[16, 16]] * batch)}
+
+
+def _idefics_pixels(batch, g):
+    return {"pixel_values": torch.randn(batch, 1, 3, 16, 16, generator=g),
+            "pixel_attention_mask": torch.ones(batch, 1, 16, 16, dtype=torch.bool)}
+
+
+def _pixtral_pixels(batch, g):
+    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g), "image_sizes": torch.tensor([[16, 16]] * batch)}
+
+
+def _qwen_pixels(batch, g, video=False):
+    """One 16x16 image (or 1-frame video) per sample as 4x4 flattened patches of 3x2x4x4 values."""
+    pixels, grid = ("pixel_values_videos", "video_grid_thw") if video else ("pixel_values", "image_grid_thw")
+    return {pixels: torch.randn(batch * 16, 96, generator=g), grid: torch.tensor([[1, 4, 4]] * batch)}
+
+
+def _siglip2_pixels(batch, g):
+    return {"pixel_values": torch.randn(batch, 16, 48, generator=g),
+            "pixel_attention_mask": torch.ones(batch, 16, dtype=torch.long), "spatial_shapes": torch.tensor([[4, 4]] * batch)}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A tested architecture: README title, builder, kind ('mm' | 'text' | 'vision'), pixel kwargs (batch, generator),
+    whether inputs wrap image tokens in the config's boundary tokens (START ... END), the language-model token kinds
+    its config names, whether it takes 1-frame videos as ``_qwen_pixels(video=True)``, and notes for the README."""
+
+    title: str
+    build: Callable
+    kind: str = "mm"
+    pixels: Callable | None = None
+    boundary: bool = False
+    kinds: tuple[str, ...] = ("image", "text")
+    video: bool = False
+    text_only: bool = True  # runs without pixels (BLIP-2's forward needs them)
+    moe: bool = False
+    notes: str = ""
+
+    def __getitem__(self, i):  # (builder, kind) like the tuples this table replaced
+        return (self.build, self.kind)[i]
+
+
+ARCHS: dict[str, Family] = {
+    "llava": Family("LLaVA 1.5", _llava, pixels=_pixels),
+    "llava_next": Family("LLaVA-NeXT", _llava_next, pixels=_tiles(2)),
+    "llava_onevision": Family("LLaVA-OneVision", _llava_onevision, pixels=_tiles(2), kinds=("image", "video", "text")),
+    "vipllava": Family("VipLLaVA", _vipllava, pixels=_pixels, notes="projector with a norm: MLP part"),
+    "idefics2": Family("Idefics2", _idefics2, pixels=_idefics_pixels),
+    "idefics3": Family("Idefics3", _idefics3, pixels=_idefics_pixels),
+    "smolvlm": Family("SmolVLM", _smolvlm, pixels=_idefics_pixels),
+    "qwen2_vl": Family("Qwen2-VL", _qwen2_vl, pixels=_qwen_pixels, boundary=True, kinds=("image", "video", "special", "text"), video=True),
+    "qwen2_5_vl": Family("Qwen2.5-VL", _qwen2_5_vl, pixels=_qwen_pixels, boundary=True, kinds=("image", "video", "special", "text"), video=True),
+    "qwen3_vl": Family("Qwen3-VL", _qwen3_vl, pixels=_qwen_pixels, boundary=True, kinds=("image", "video", "special", "text"), video=True,
+                       notes="patch mergers with a norm: MLP parts"),
+    "glm4v": Family("GLM-4.1V", _glm4v, pixels=_qwen_pixels, boundary=True, kinds=("image", "video", "special", "text"), video=True,
+                    notes="fused gate_up language MLPs and a gated merger with extra parts: MLP parts"),
+    "paligemma": Family("PaliGemma", _paligemma, pixels=_pixels, notes="single-Linear projector: no projector MLP"),
+    "gemma3": Family("Gemma 3", _gemma3, pixels=_pixels, boundary=True, kinds=("image", "special", "text"),
+                     notes="projector without MLP"),
+    "internvl": Family("InternVL", _internvl, pixels=_pixels, notes="projector with a norm: MLP part"),
+    "aya_vision": Family("Aya Vision", _aya_vision, pixels=_pixels, notes="SwiGLU projector in one Linear: MLP part"),
+    "mistral3": Family("Mistral 3", _mistral3, pixels=_pixtral_pixels,
+                       notes="projector with a norm and a patch merger: MLP part"),
+    "llama4": Family("Llama 4", _llama4, pixels=_pixels, boundary=True, kinds=("image", "special", "text"), moe=True,
+                     notes="experts left out with moe='skip'; vision adapter MLP: MLP part"),
+    "lfm2_vl": Family("LFM2-VL", _lfm2_vl, pixels=_siglip2_pixels, notes="w1/w3/w2 language MLPs: MLP parts"),
+    "blip2": Family("BLIP-2", _blip2, pixels=_pixels, text_only=False,
+                    notes="Q-Former and OPT decoder layers hold their MLP Linears: MLP parts"),
+    "llama": Family("Llama", lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_llama_text())), "text"),
+    "mistral": Family("Mistral", lambda: tf.MistralForCausalLM(tf.MistralConfig(**_llama_text())), "text"),
+    "qwen2": Family("Qwen2", lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_llama_text())), "text"),
+    "clip": Family("CLIP vision", lambda: tf.CLIPVisionModel(tf.CLIPVisionConfig(**_clip_vision())), "vision"),
+    "siglip": Family("SigLIP vision", lambda: tf.SiglipVisionModel(tf.SiglipVisionConfig(**_clip_vision())), "vision"),
 }
 
 
-def _image_tokens_and_pixels(name: str, model, batch: int, g: torch.Generator):
-    """(number of image tokens per sample, vision kwargs) for one image per sample."""
-    if name == "llava":
-        return 16, {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
-    if name == "llava_next":
-        pv = torch.randn(batch, 2, 3, 16, 16, generator=g)
-        sizes = torch.tensor([[16, 16]] * batch)
-        feats = model.model.get_image_features(pixel_values=pv, image_sizes=sizes)
-        feats = getattr(feats, "pooler_output", feats)
-        return feats[0].shape[0], {"pixel_values": pv, "image_sizes": sizes}
-    if name == "idefics2":
-        return 4, {"pixel_values": torch.randn(batch, 1, 3, 16, 16, generator=g),
-                   "pixel_attention_mask": torch.ones(batch, 1, 16, 16, dtype=torch.bool)}
-    if name == "idefics3":
-        return 4, {"pixel_values": torch.randn(batch, 1, 3, 16, 16, generator=g),
-                   "pixel_attention_mask": torch.ones(batch, 1, 16, 16, dtype=torch.bool)}
-    if name in ("qwen2_vl", "qwen2_5_vl"):
-        return 4, {"pixel_values": torch.randn(batch * 16, 96, generator=g),
-                   "image_grid_thw": torch.tensor([[1, 4, 4]] * batch)}
-    raise KeyError(name)
+def build(name: str, seed: int = 0):
+    """Build the tiny model ``name`` (a key of ARCHS) in float32 eval mode."""
+    torch.manual_seed(seed)
+    model = ARCHS[name].build()
+    return model.eval()
 
 
-def inputs(name: str, model, batch: int = 2, text_len: int = 7, pad: int = 2, multimodal: bool = True, seed: int = 1):
+def _image_features(model, pixels: dict) -> int:
+    """Number of language-model image tokens per sample for one image per sample (as the model computes them)."""
+    base = model.model if hasattr(getattr(model, "model", None), "get_image_features") else model
+    with torch.no_grad():
+        try:
+            f = base.get_image_features(**pixels)
+        except TypeError:  # Llama 4 wants its feature choice spelled out
+            f = base.get_image_features(**pixels, vision_feature_select_strategy="default", vision_feature_layer=-1)
+    for attr in ("pooler_output", "last_hidden_state"):
+        if getattr(f, attr, None) is not None and not isinstance(f, torch.Tensor):
+            f = getattr(f, attr)
+            break
+    if isinstance(f, (list, tuple)):
+        f = torch.cat([x.reshape(-1, x.shape[-1]) for x in f])
+    batch = next(iter(pixels.values())).shape[0]
+    if "image_grid_thw" in pixels:
+        batch = pixels["image_grid_thw"].shape[0]
+    return f.reshape(-1, f.shape[-1]).shape[0] // batch
+
+
+def image_tokens(name: str, model) -> int:
+    fam = ARCHS[name]
+    if name == "blip2":  # the Q-Former's query tokens
+        return model.config.num_query_tokens
+    return _image_features(model, fam.pixels(1, torch.Generator().manual_seed(0)))
+
+
+def inputs(name: str, model, batch: int = 2, text_len: int = 7, pad: int = 2, multimodal: bool = True, seed: int = 1,
+           video: bool = False):
     """Model kwargs for a tiny model: right-padded text (last sample shorter by ``pad``), with one image per sample
-    in front for multimodal models."""
+    in front for multimodal models (wrapped in START/END for families with boundary tokens); ``video``: the
+    pixels are given as one 1-frame video per sample instead (Qwen2-VL family)."""
     g = torch.Generator().manual_seed(seed)
-    kind = ARCHS[name][1]
-    if kind == "vision":
+    fam = ARCHS[name]
+    if fam.kind == "vision":
         return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
-    n_img, extra = (0, {})
-    if kind == "mm" and multimodal:
-        n_img, extra = _image_tokens_and_pixels(name, model, batch, g)
+    n_img, extra, placeholder, start, end = 0, {}, IMAGE_TOKEN, START, END
+    if fam.kind == "mm" and multimodal:
+        n_img = image_tokens(name, model)
+        extra = _qwen_pixels(batch, g, video=True) if video else fam.pixels(batch, g)
+        if video:
+            placeholder, start, end = (IMAGE_TOKEN, VIDEO_START, VIDEO_END) if name == "glm4v" else (VIDEO_TOKEN, START, END)
     ids = torch.randint(3, 80, (batch, n_img + text_len), generator=g)
-    ids[:, :n_img] = IMAGE_TOKEN
+    ids[:, :n_img] = placeholder
+    if n_img and fam.boundary:
+        ids = torch.cat([torch.full((batch, 1), start), ids[:, :n_img], torch.full((batch, 1), end), ids[:, n_img:]], 1)
     att = torch.ones_like(ids)
     if pad:
         ids[-1, -pad:] = 0
         att[-1, -pad:] = 0
-    if name in ("qwen2_vl", "qwen2_5_vl") and n_img:
-        extra["mm_token_type_ids"] = (ids == IMAGE_TOKEN).long()
+    if name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v") and n_img:
+        extra["mm_token_type_ids"] = (ids == placeholder).long() * (2 if video else 1)
     return {"input_ids": ids, "attention_mask": att, **extra}
+
+
+def upstream_bug(name: str, model) -> str | None:
+    """Why the installed transformers cannot run ``name`` at all (a bug there, not here), else None."""
+    if name != "llama4":
+        return None
+    try:
+        with torch.no_grad():
+            model(**inputs(name, model, multimodal=False))
+    except AttributeError as e:  # transformers 5.24: the output dataclass reads a field the language model lacks
+        return f"transformers {tf.__version__}: Llama4ForConditionalGeneration.forward raises {e!r}"
+    return None
+
+
+def supported_models_markdown() -> str:
+    """The README's "Supported models" list: every family the adapter tests cover."""
+    groups = {"mm": [], "text": [], "vision": []}
+    for name, fam in ARCHS.items():
+        groups[fam.kind].append(f"{fam.title} (`{name}`)" + (f": {fam.notes}" if fam.notes else ""))
+    return ("Image-text-to-text models, each tested (tests/test_adapters.py) from a tiny random config:\n\n"
+            + "\n".join(f"- {line}" for line in groups["mm"])
+            + "\n\nText-only LLMs: " + ", ".join(groups["text"])
+            + ". Bare vision encoders: " + ", ".join(groups["vision"]) + ".\n")
