@@ -211,7 +211,7 @@ class HookPeer:
             return hook
 
         for info in find_mlps(model):
-            out_proj = getattr(info.module, info.linears[-1])
+            out_proj = info.out_linear
             stats[info.name] = self.stats_cls(len(GROUP_LABELS), info.neurons, self.tau, out_proj.weight.device)
             handles.append(out_proj.register_forward_pre_hook(make_hook(info.name, info.tower)))
         try:

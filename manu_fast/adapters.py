@@ -64,6 +64,7 @@ MLP_LAYOUTS: list[MLPLayout] = [
     MLPLayout(("dense_h_to_4h", "dense_4h_to_h")),  # Persimmon (Fuyu)
     MLPLayout(("wi", "wo")),  # T5
     MLPLayout(("merge_linear_1", "merge_linear_2")),  # MiniMax-VL projector
+    MLPLayout(("in_proj", "out_proj")),  # Kimi-K2.5 projector (widths must chain, so Mamba mixers do not match)
     MLPLayout(("0", "2"), ("1",)),  # Sequential(Linear, act, Linear), e.g. Qwen2-VL's patch merger
     MLPLayout(("intermediate.dense", "output.dense")),  # BERT-style layer (the MLP split over two children)
     MLPLayout(("intermediate_query.dense", "output_query.dense")),  # BLIP-2 / InstructBLIP Q-Former
@@ -152,7 +153,9 @@ class ModelMLPs:
 
 # ---------------------------------------------------------------------------------------------------- MLPs
 def _is_activation(m: nn.Module) -> bool:
-    """A nonlinearity module (HF or torch), not an identity."""
+    """A nonlinearity module (HF or torch): no submodules, not an identity."""
+    if next(m.children(), None) is not None:  # e.g. nn.MultiheadAttention, which lives in torch's activation module
+        return False
     try:
         return activation_name(m) != "identity"
     except ValueError:
@@ -209,10 +212,11 @@ def _fused_act(module: nn.Module, layout: MLPLayout, kind: str) -> str | None:
 def _unrecognised(module: nn.Module) -> str | None:
     """Why ``module`` looks like an MLP that no layout matched (an activation next to Linear layers), else None."""
     children = dict(module.named_children())
-    lins = [n for n, c in children.items() if isinstance(c, nn.Linear)]
+    lins = [n for n, c in children.items() if isinstance(c, nn.Linear)
+            or isinstance(c, (nn.ModuleList, nn.Sequential)) and any(isinstance(g, nn.Linear) for g in c)]
     acts = [n for n, c in children.items() if _is_activation(c)]
-    if not lins or not acts:
-        return None
+    if not acts or sum(len(c) if isinstance(c := children[n], (nn.ModuleList, nn.Sequential)) else 1 for n in lins) < 2:
+        return None  # one Linear and an activation (a pooler, an LM-head transform) is not an MLP
     return (f"holds Linear layers ({', '.join(lins)}) and an activation ({', '.join(acts)}) but matches no MLP layout "
             f"of manu_fast.adapters.MLP_LAYOUTS; if it is an MLP, name its Linears with "
             f"register_mlp_layout(<input Linear(s)>, <output Linear>)")
@@ -240,7 +244,7 @@ def _sub_configs(config) -> list[tuple[str, object]]:
     return [(k, v) for k, v in vars(config).items() if isinstance(v, PretrainedConfig)]
 
 
-def _sub_config_tower(key: str) -> tuple[str | None, str]:
+def _sub_config_tower(key: str, carrier: nn.Module | None = None) -> tuple[str | None, str]:
     """(tower, or None with the reason it is left out) of the modules carrying the sub-config ``config.<key>``."""
     k = key.lower()
     if any(w in k for w in ("audio", "speech", "sound")):
@@ -251,6 +255,8 @@ def _sub_config_tower(key: str) -> tuple[str | None, str]:
         return "vision", ""
     if "text" in k or k in ("llm_config", "language_config", "decoder"):
         return "language", ""
+    if getattr(carrier, "main_input_name", None) == "pixel_values":  # e.g. VisionEncoderDecoder's "encoder"
+        return "vision", ""
     return "projector", ""
 
 
@@ -278,9 +284,9 @@ def _listing(found: list[tuple[str, str]], limit: int = 6) -> str:
     return text + (f" ... ({len(found)} in all)" if len(found) > limit else "")
 
 
-def _register_hint(mt: str) -> str:
-    return (f"register its towers with manu_fast.adapters.register_model({mt!r}, ModelSpec(towers=(('vision', "
-            "'<vision path>'), ('projector', '<projector path>'), ('language', '<language path>'))))")
+def _register_call(mt: str) -> str:
+    return (f"manu_fast.adapters.register_model({mt!r}, ModelSpec(towers=(('vision', '<vision path>'), "
+            "('projector', '<projector path>'), ('language', '<language path>'))))")
 
 
 def _resolver(roots: list[tuple[str, str | None, str]], rest: str | None, rest_reason: str = ""):
@@ -305,15 +311,15 @@ def _infer_towers(model: nn.Module, mt: str, found: list[tuple[str, str]]):
     roots: list[tuple[str, str | None, str]] = []
     claimed: dict[str, str] = {}
     for key, sub in subs:
-        tower, reason = _sub_config_tower(key)
         paths = _carriers(model, sub)
+        tower, reason = _sub_config_tower(key, model.get_submodule(paths[0]) if paths else None)
         if not paths and tower in ("vision", "language"):
             paths = _named(model, _VISION_NAMES if tower == "vision" else _LANGUAGE_NAMES)
         for p in paths:
             if p in claimed and claimed[p] != key:
                 raise UnsupportedModelError(
                     f"model type {mt!r}: cannot tell the towers apart: module {p!r} carries both config.{claimed[p]} "
-                    f"and config.{key}. Found MLPs: {_listing(found)}. {_register_hint(mt)}")
+                    f"and config.{key}. Found MLPs: {_listing(found)}. Register its towers: {_register_call(mt)}")
             claimed[p] = key
             roots.append((p, tower, reason))
     has = {t for _, t, _ in roots}
@@ -321,7 +327,7 @@ def _infer_towers(model: nn.Module, mt: str, found: list[tuple[str, str]]):
         raise UnsupportedModelError(
             f"model type {mt!r}: the config has a vision sub-config but no module carries it and none is named "
             f"{'/'.join(_VISION_NAMES)}, so the vision tower is unknown. Found MLPs: {_listing(found)}. "
-            f"{_register_hint(mt)}")
+            f"Register its towers: {_register_call(mt)}")
     # what no root covers: the projector between the towers, or the language model itself when no module carries
     # a text config (e.g. a decoder built into the top-level model)
     rest = "projector" if "language" in has else "language"
@@ -374,13 +380,16 @@ def inspect_model(model: nn.Module) -> ModelMLPs:
     # a BERT-style MLP spans two children ("intermediate.dense", "output.dense"): those children are not left out
     covered = {f"{p}.{n.rpartition('.')[0]}".lstrip(".") for p, _, lays in candidates for lay, _ in lays
                for n in lay.linears if "." in n}
-    skipped += [s for s in unrecognised if s.name not in covered]
     found = [(p, kind) for p, _, lays in candidates for _, kind in lays]
     spec = MODEL_TABLE.get(mt)
     if spec is not None:
         (tower_of, roots), source = _table_towers(spec, mt), "MODEL_TABLE"
     else:
         (tower_of, roots), source = _infer_towers(model, mt, found), "inferred"
+    for s in unrecognised:  # under a left-out tower (audio), that tower is the reason
+        if s.name not in covered:
+            tower, reason, _ = tower_of(s.name)
+            skipped.append(s if tower is not None else Skipped(s.name, reason))
     mlps = []
     for path, m, layouts in candidates:
         tower, reason, root = tower_of(path)
@@ -421,7 +430,7 @@ def find_mlps(model: nn.Module) -> list[MLPInfo]:
         raise UnsupportedModelError(
             f"model type {found.model_type!r} is not in manu_fast.adapters.MODEL_TABLE and no MLP was found in it "
             f"({listing}). If its MLPs use other Linear names, add them with register_mlp_layout(...); to place MLPs "
-            f"in towers, {_register_hint(found.model_type)}")
+            f"in towers: {_register_call(found.model_type)}")
     return found.mlps
 
 

@@ -4,7 +4,7 @@
     manu-fast profile MODEL_DIR stats.safetensors --forget F.parquet --retain R.parquet   # MLLMU-Bench-style
     manu-fast select stats.safetensors masks.safetensors --strategy manu-code --alpha 2
     manu-fast prune MODEL_DIR masks.safetensors PRUNED_DIR
-    manu-fast report stats.safetensors   (or masks.safetensors)
+    manu-fast report stats.safetensors   (or masks.safetensors, or MODEL_DIR: its MLPs per tower, what is left out)
     manu-fast evaluate MODEL_DIR --forget F.parquet --retain R.parquet [--masks masks.safetensors] [--json out.json]
     manu-fast demo --help
 
@@ -42,18 +42,32 @@ def _dtype(name: str):
     return table[name]
 
 
-def load_model(path, dtype: str = "float32", device: str = "cpu"):
-    """A model saved with ``save_pretrained`` in ``path``, with the first HF auto class that accepts its config."""
+def _auto_class(path: Path):
+    """(config, the first HF auto class that accepts it) of the model folder ``path``."""
     import transformers as tf
-    path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model folder not found or has no config.json: {path}")
     config = tf.AutoConfig.from_pretrained(path)
     for auto in (tf.AutoModelForImageTextToText, tf.AutoModelForCausalLM, tf.AutoModel):
         if type(config) in auto._model_mapping:
-            model = auto.from_pretrained(path, dtype=_dtype(dtype))
-            return model.to(device).eval()
+            return config, auto
     raise ValueError(f"{path}: no transformers auto class loads model type {config.model_type!r}")
+
+
+def load_model(path, dtype: str = "float32", device: str = "cpu"):
+    """A model saved with ``save_pretrained`` in ``path``, with the first HF auto class that accepts its config."""
+    path = Path(path)
+    _, auto = _auto_class(path)
+    model = auto.from_pretrained(path, dtype=_dtype(dtype))
+    return model.to(device).eval()
+
+
+def model_skeleton(path):
+    """The model of folder ``path`` built from its config.json alone on the 'meta' device (no weights read)."""
+    import torch
+    config, auto = _auto_class(Path(path))
+    with torch.device("meta"):
+        return auto.from_config(config)
 
 
 # ---------------------------------------------------------------------------------------------------- profile
@@ -133,6 +147,9 @@ def cmd_profile(args) -> None:
             else _parquet_data(processor, args, device))
     if args.distributed:
         data = {key: mdist.Shard(batches) for key, batches in data.items()}
+    if args.moe == "skip":
+        from .adapters import patch_model
+        patch_model(model, moe="skip")
     stats = profile(model, data, sites=tuple(args.sites), tau=args.tau, towers=args.towers,
                     progress=not args.no_progress, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                     resume=args.resume, on_nonfinite=args.on_nonfinite, distributed=args.distributed)
@@ -253,12 +270,38 @@ def format_stats(stats) -> str:
             + _table(["group (tokens profiled)"] + list(towers), rows))
 
 
+def format_model(found) -> str:
+    """Every MLP of a model per tower (``manu_fast.adapters.inspect_model``), and what is left out and why."""
+    from .adapters import TOWERS
+    how = "inferred from the config" if found.source == "inferred" else "from MODEL_TABLE"
+    roots = "; ".join(f"{t}: {', '.join(p or '(the whole model)' for p in ps)}" for t, ps in found.roots.items())
+    rows = [[t, sum(i.tower == t for i in found.mlps), sum(i.neurons for i in found.mlps if i.tower == t),
+             sum(i.tower == t and i.patched_as == "fused" for i in found.mlps),
+             sum(i.tower == t and i.patched_as == "part" for i in found.mlps)] for t in TOWERS]
+    lines = [f"model type {found.model_type!r}: towers {how} ({roots})",
+             _table(["tower", "MLPs", "neurons", "fused", "parts"], rows), "", "MLPs:"]
+    width = max((len(i.name) for i in found.mlps), default=0)
+    for t in TOWERS:
+        for i in (i for i in found.mlps if i.tower == t):
+            extra = f", inside a module that also holds {', '.join(i.extra)}" if i.extra else ""
+            lines.append(f"  {t:9s}  {i.name.ljust(width)}  {i.kind:7s}  {i.neurons:6d} neurons  {i.patched_as}{extra}")
+    lines.append(f"left out ({len(found.skipped)}):" if found.skipped else "left out: nothing")
+    lines += [f"  {s.name}: {s.reason}" for s in found.skipped]
+    lines.append("fused: replaced by a fused layer if it computes the same on a probe input at patch time, else "
+                 "patched by hooks; parts: patched by hooks on its Linears (manu_fast.layers.MLPPart)")
+    return "\n".join(lines)
+
+
 def cmd_report(args) -> None:
     from .masks import FORMAT as MASKS_FORMAT
     from .masks import Masks
     from .stats import FORMAT as STATS_FORMAT
     from .stats import NeuronStats
     path = Path(args.file)
+    if path.is_dir():
+        from .adapters import inspect_model
+        print(format_model(inspect_model(model_skeleton(path))))
+        return
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
     from safetensors import safe_open
@@ -288,6 +331,7 @@ def cmd_demo(demo_args: list[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .adapters import TOKEN_KINDS
     from .masks import SITES
     from .select import METRICS, MODALITIES, STRATEGIES
     p = _Parser(prog="manu-fast", description=__doc__.split("\n\n")[0],
@@ -318,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tau", type=float, default=DEFAULT_TAU, help="activity threshold of the frequency metric (default: %(default)s)")
     s.add_argument("--towers", nargs="+", choices=("vision", "projector", "language"),
                    help="profile only these towers (default: all)")
+    s.add_argument("--moe", default="refuse", choices=("refuse", "skip"),
+                   help="mixture-of-experts layers: refuse the model (default) or profile every other MLP")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--checkpoint", help="write the statistics so far to this file every --checkpoint-every batches "
                                         "(atomic), so that a killed run can continue with --resume")
@@ -348,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--site", default="hidden", choices=SITES, help="which profiled site to select at (default: %(default)s)")
     s.add_argument("--metric", choices=METRICS, help="selective-pruning: the metric (default: freq)")
     s.add_argument("--modality", choices=MODALITIES, help="selective-pruning: the data modality (default: text)")
-    s.add_argument("--token-kinds", nargs="+", choices=("image", "text"),
+    s.add_argument("--token-kinds", nargs="+", choices=TOKEN_KINDS,
                    help="pool only these token kinds (default: all)")
     s.add_argument("--towers", nargs="+", choices=("vision", "projector", "language"),
                    help="score only these towers (default: every tower the strategy's data reaches)")
@@ -375,10 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="also write the results to this JSON file")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("report", help="summarise a statistics or masks file",
-                       description="Print a summary of a statistics file (layers per tower, groups, tokens profiled) "
-                                   "or a masks file (how it was made, pruned neurons per tower).")
-    s.add_argument("file", help="a .safetensors statistics or masks file")
+    s = sub.add_parser("report", help="summarise a statistics or masks file, or a model's MLPs",
+                       description="Print a summary of a statistics file (layers per tower, groups, tokens profiled), "
+                                   "a masks file (how it was made, pruned neurons per tower), or a model folder (every "
+                                   "MLP found per tower, how it is patched, and what is left out and why; built from "
+                                   "config.json on the meta device, no weights read).")
+    s.add_argument("file", help="a .safetensors statistics or masks file, or a model folder")
     s.set_defaults(func=cmd_report)
 
     # listed for --help only: main() hands `demo ...` to the demo's own parser (imported lazily)

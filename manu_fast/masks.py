@@ -14,6 +14,7 @@ A ``Masks`` holds, for each MLP layer, a ``keep`` vector (True = neuron kept) fo
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,8 @@ def site_length(layer_info: dict, site: str) -> int:
         raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
     if site == "up" and layer_info.get("kind") != "gated":
         raise ValueError(f"site 'up' exists only on gated MLPs, this layer is {layer_info.get('kind')!r}")
+    if site == "pre" and layer_info.get("kind") == "gate_up":
+        raise ValueError("site 'pre' does not exist on an MLP whose gate and up come from one Linear ('gate_up')")
     return int(layer_info["hidden"] if site == "out" else layer_info["neurons"])
 
 
@@ -141,7 +144,7 @@ def apply_masks(model, masks: Masks, name: str = "forget"):
     check_fingerprint(fingerprint(model), masks.fingerprint, "masks")
     if masks.site == "out":
         raise ValueError("masks of site 'out' (down_proj/fc2 output rows) have no reversible form; use prune_weights")
-    patch = patch_model(model)
+    patch = patch_model(model, moe="skip")  # masks never hold experts (they are never profiled)
     for layer, keep in masks.keep.items():  # a 'pre' mask zeroes h too: act(0) == 0 for every supported activation
         patch.layers[layer].set_mask(name, keep)
     return patch
@@ -183,7 +186,7 @@ def prune_weights(model, masks: Masks) -> None:
     from .adapters import fingerprint, get_patch, patch_model
     check_fingerprint(fingerprint(model), masks.fingerprint, "masks")
     owned = get_patch(model) is None
-    patch = patch_model(model)  # the fused layers reuse the HF Linear modules: zeroing them zeroes the model's
+    patch = patch_model(model, moe="skip")  # the fused layers reuse the HF Linear modules: zeroing them zeroes the model's
     try:
         for layer, keep in masks.keep.items():
             fused = patch.layers[layer]
@@ -206,17 +209,23 @@ def compact_model(model) -> int:
     """Drop the masked neurons of every fused layer from its weights (DESIGN.md §5, "compact"), so that the MLPs
     do less work at inference; returns how many neurons were dropped.
 
-    The compact layers hold new, smaller weight copies and no mask. ``Patch.unpatch()`` still restores the full
-    original model. Statistics and masks of the full model no longer fit the compacted one (its fingerprint
-    changes), so compact last, for serving.
+    The compact layers hold new, smaller weight copies and no mask. MLP parts (hooks inside a larger module,
+    ``manu_fast.layers.MLPPart``) are not compacted (a warning names them); their masks stay applied.
+    ``Patch.unpatch()`` still restores the full original model. Statistics and masks of the full model no longer
+    fit the compacted one (its fingerprint changes), so compact last, for serving.
     """
     from .adapters import get_patch
     patch = get_patch(model)
     if patch is None:
         raise ValueError("the model has no fused layers: apply_masks(model, masks) first, then compact")
-    dropped = 0
+    dropped, parts = 0, []
     for name, layer in list(patch.layers.items()):
-        if layer.keep is not None:
+        if layer.keep is not None and name not in patch.originals:  # an MLP part: hooks inside a larger module
+            parts.append(name)
+        elif layer.keep is not None:
             dropped += int((~layer.keep).sum())
             patch.replace(name, layer.compact())
+    if parts:
+        warnings.warn(f"manu_fast.compact_model: {len(parts)} masked MLPs live inside larger modules ({parts[0]} ...) "
+                      "and are not compacted; their masks stay applied", stacklevel=2)
     return dropped

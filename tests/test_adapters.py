@@ -304,3 +304,195 @@ def test_cuda_patch_and_stats_match_hooks(name):
         got = stats.block(layer_name)
         torch.testing.assert_close(got[F["count"]], r[F["count"]], rtol=0, atol=0)
         torch.testing.assert_close(got, r, rtol=1e-3, atol=1e-4)
+
+
+# ---- inference rules, MLP parts, mixture-of-experts, token kinds ----
+
+def test_mixture_of_experts_is_refused_naming_the_module_unless_skipped():
+    model = tm.build("llama4")
+    with pytest.raises(UnsupportedModelError, match=r"language_model\.model\.layers\.1\.feed_forward\.experts.*moe='skip'"):
+        patch_model(model)
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
+        profile(model, {("forget", "text"): [tm.inputs("llama4", model, multimodal=False)]}, progress=False)
+    assert get_patch(model) is None
+    with pytest.warns(UserWarning, match=r"feed_forward\.experts: mixture-of-experts"):
+        patch = patch_model(model, moe="skip")
+    assert "language_model.model.layers.1.feed_forward.shared_expert" in patch.layers  # sees every token: kept
+    with pytest.raises(ValueError, match="moe must be one of"):
+        patch_model(tm.build("llama"), moe="maybe")
+
+
+class _OddMLP(torch.nn.Module):
+    """An MLP whose Linears have names no layout knows."""
+
+    def __init__(self, d=32, n=40):
+        super().__init__()
+        self.w_in, self.nonlin, self.w_out = torch.nn.Linear(d, n), torch.nn.GELU(), torch.nn.Linear(n, d)
+
+    def forward(self, x):
+        return self.w_out(self.nonlin(self.w_in(x)))
+
+
+def test_unrecognised_mlp_is_reported_and_a_layout_can_be_registered(monkeypatch):
+    model = tm.build("llama")
+    model.model.layers[1].mlp = _OddMLP()
+    found = inspect_model(model)
+    assert [i.name for i in found.mlps] == ["model.layers.0.mlp"]
+    assert [s.name for s in found.skipped] == ["model.layers.1.mlp"]
+    assert "w_in, w_out" in found.skipped[0].reason and "register_mlp_layout" in found.skipped[0].reason
+    with pytest.warns(UserWarning, match=r"model\.layers\.1\.mlp: holds Linear layers"):
+        patch_model(model).unpatch()
+    monkeypatch.setattr(adapters, "MLP_LAYOUTS", list(adapters.MLP_LAYOUTS))
+    register_mlp_layout("w_in", "w_out", acts=("nonlin",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch = patch_model(model)
+    assert type(patch.layers["model.layers.1.mlp"]).__name__ == "FusedPlainMLP"
+    with pytest.raises(ValueError, match="2 or 3 Linears"):
+        register_mlp_layout("only_one")
+
+
+class _TwiceActivated(torch.nn.Module):
+    """The children of a plain MLP, but the forward applies the activation after fc2 too (as Llama 4's vision
+    adapter does): replacing it by fc2(act(fc1(x))) would change the model."""
+
+    def __init__(self, d=32, n=40):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(d, n), torch.nn.GELU(), torch.nn.Linear(n, d)
+
+    def forward(self, x):
+        return self.act(self.fc2(self.act(self.fc1(x))))
+
+
+def test_probe_keeps_an_mlp_that_computes_more_as_a_part_and_user_hooks_do_not_see_it():
+    model = tm.build("llama")
+    model.model.layers[0].mlp = _TwiceActivated()
+    kw = tm.inputs("llama", model)
+    calls = []
+    model.model.layers[0].mlp.fc2.register_forward_pre_hook(lambda m, a: calls.append(1))
+    before = _out(model, kw)
+    calls.clear()
+    patch = patch_model(model)
+    assert calls == []  # the probe ran with forward hooks suspended
+    assert isinstance(patch.layers["model.layers.0.mlp"], MLPPart)
+    assert isinstance(patch.layers["model.layers.1.mlp"], FusedMLP) and "model.layers.1.mlp" in patch.originals
+    torch.testing.assert_close(_out(model, kw), before, rtol=0, atol=0)
+
+
+def test_missing_vision_tower_says_what_it_found_and_register_model_overrides(monkeypatch):
+    from types import SimpleNamespace
+    model = tm.build("llava")
+    eyes = model.model.vision_tower
+    del model.model.vision_tower
+    model.model.eyes = eyes  # neither carries config.vision_config nor has a known name
+    for m in eyes.modules():
+        if hasattr(m, "config"):
+            m.config = SimpleNamespace()
+    with pytest.raises(UnsupportedModelError, match=r"vision tower is unknown. Found MLPs: .*model\.eyes.*Register its towers: .*register_model"):
+        find_mlps(model)
+    monkeypatch.setattr(adapters, "MODEL_TABLE", {})
+    register_model("llava", ModelSpec((("vision", "eyes"), ("projector", "multi_modal_projector"),
+                                       ("language", "language_model"))))
+    found = inspect_model(model)
+    assert found.source == "MODEL_TABLE"
+    assert sorted((i.tower, i.name) for i in found.mlps)[-2:] == [("vision", "model.eyes.encoder.layers.0.mlp"),
+                                                                  ("vision", "model.eyes.encoder.layers.1.mlp")]
+    assert [i.tower for i in found.mlps].count("projector") == 1
+
+
+def test_table_override_reports_mlps_outside_its_towers(monkeypatch):
+    monkeypatch.setattr(adapters, "MODEL_TABLE", {})
+    register_model("llava", ModelSpec((("language", "language_model"),)))
+    found = inspect_model(tm.build("llava"))
+    assert {i.tower for i in found.mlps} == {"language"}
+    assert len(found.skipped) == 3 and all("none of the towers of MODEL_TABLE['llava']" in s.reason for s in found.skipped)
+
+
+def test_token_kinds_from_the_config_and_extra_special_ids():
+    model = tm.build("qwen2_vl")
+    assert adapters.token_ids(model) == {"image": (tm.IMAGE_TOKEN,), "video": (tm.VIDEO_TOKEN,),
+                                         "special": (tm.START, tm.END)}
+    kw = tm.inputs("qwen2_vl", model, pad=0)
+    groups = [group_label("forget", "multimodal", k) for k in ("image", "video", "special", "text")]
+    ids = kw["input_ids"]
+    ids[:, -1] = 7  # marked special below, by id
+    with Profiler(model, groups, token_kinds=("image", "text"), special_token_ids=[7]) as prof:
+        prof.set_batch("forget", "multimodal", ids, kw["attention_mask"])
+        lm = prof.group_ids("language", ids.numel(), "cpu").reshape(ids.shape)
+    # boundary and video tokens are not profiled here: ignored (-1), never counted as text
+    assert (lm[ids == tm.IMAGE_TOKEN] == 0).all() and (lm[(ids == tm.START) | (ids == tm.END) | (ids == 7)] == -1).all()
+    assert (lm[(ids > 7) & (ids < 80)] == 3).all()
+    with pytest.raises(ValueError, match="unknown token kinds"):
+        Profiler(model, groups, token_kinds=("image", "sound"))
+
+
+def test_a_batch_with_image_and_video_pixels_is_refused():
+    model = tm.build("qwen2_vl")
+    batch = tm.inputs("qwen2_vl", model)
+    batch.update(tm._qwen_pixels(2, torch.Generator().manual_seed(0), video=True))
+    with pytest.raises(ValueError, match="both image and video pixels"):
+        profile(model, {("forget", "multimodal"): [batch]}, progress=False)
+
+
+def test_mlp_parts_profile_pre_up_out_like_hooks_and_warn_for_gate_up():
+    """Sites of MLP parts come from hooks on their Linears: compared with forward hooks on the stock model."""
+    model = tm.build("glm4v")
+    kw = tm.inputs("glm4v", model, pad=0)
+    merger, lm = model.model.visual.merger, model.model.language_model.layers[0].mlp
+    caps = {}
+    taps = {"pre": merger.gate_proj, "up": merger.up_proj, "out": merger.down_proj, "lm_out": lm.down_proj}
+    hds = [m.register_forward_hook(lambda m, a, o, k=k: caps.__setitem__(k, o.detach().reshape(-1, o.shape[-1])))
+           for k, m in taps.items()]
+    _out(model, kw)
+    for h in hds:
+        h.remove()
+    with pytest.warns(UserWarning, match="compute gate and up in one Linear"):
+        stats = profile(model, {("retain", "multimodal"): [kw]}, sites=("hidden", "pre", "up", "out"), progress=False)
+    image = stats.groups.index("retain/multimodal/image")
+    for site in ("pre", "up", "out"):
+        gid = torch.full((caps[site].shape[0],), image)
+        ref = segment_stats_reference(caps[site], gid, len(stats.groups), 0.1)
+        torch.testing.assert_close(stats.block("model.visual.merger", site), ref, rtol=1e-5, atol=1e-6)
+    assert ("model.language_model.layers.0.mlp::pre" not in stats.blocks
+            and "model.language_model.layers.0.mlp::out" in stats.blocks)
+
+
+def test_masks_on_mlp_parts_prune_to_a_stock_model(tmp_path):
+    from manu_fast.masks import Masks, apply_masks, compact_model, prune_weights
+    model = tm.build("mistral3")
+    kw = tm.inputs("mistral3", model)
+    fp = fingerprint(model)
+    keep = {n: torch.rand(i["neurons"], generator=torch.Generator().manual_seed(1)) > 0.3 for n, i in fp["layers"].items()}
+    masks = Masks(keep, fp)
+    patch = apply_masks(model, masks)
+    assert isinstance(patch.layers["model.multi_modal_projector"], MLPPart)
+    masked = _out(model, kw)
+    with pytest.warns(UserWarning, match=r"model\.multi_modal_projector .*not compacted"):
+        compact_model(model)
+    torch.testing.assert_close(_out(model, kw), masked, rtol=1e-5, atol=1e-5)
+    patch.unpatch()
+    prune_weights(model, masks)  # stock model, zeroed weights: the same outputs without manu_fast
+    assert get_patch(model) is None
+    torch.testing.assert_close(_out(model, kw), masked, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="site 'pre' does not exist"):
+        Masks.all_kept(fingerprint(tm.build("glm4v")), site="pre")
+
+
+def test_readme_supported_models_is_what_the_tests_cover():
+    from pathlib import Path
+    text = (Path(tm.__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- supported-models:start.*?-->\n(.*?)<!-- supported-models:end -->", text, re.S)
+    assert block is not None, "README.md lacks the supported-models markers"
+    assert block.group(1) == tm.supported_models_markdown(), \
+        "README's Supported models differs from tests/tiny_models.py; paste:\n" + tm.supported_models_markdown()
+
+
+def test_every_image_text_to_text_model_type_is_inferred_or_refused_clearly():
+    """Structure only (default configs, one layer per stack, meta device): inference never crashes."""
+    import survey_models
+    rows = {r.model_type: r for r in survey_models.survey()}
+    assert all(r.status in ("inferred", "refused", "not built here") for r in rows.values())
+    tested = [name for name in tm.ARCHS if name in rows and rows[name].status != "not built here"]
+    assert tested and all(rows[name].status == "inferred" for name in tested)
+    inferred = [r for r in rows.values() if r.status == "inferred"]
+    assert sum(r.mlps[0] > 0 and r.mlps[2] > 0 for r in inferred) >= 0.8 * len(inferred)  # vision and language found

@@ -77,6 +77,19 @@ def test_pipeline_profile_select_report_prune(model_dir, tmp_path, capsys):
     one_line_error(capsys, "prune", model_dir, masks, model_dir, match="must differ")
 
 
+def test_report_on_a_model_folder_lists_every_mlp_per_tower(model_dir, tmp_path, capsys):
+    rc, out, _ = run(capsys, "report", model_dir)
+    assert rc == 0 and "towers inferred from the config" in out and "left out: nothing" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith(("vision ", "projector ", "language "))] \
+        == [["vision", "2"], ["projector", "1"], ["language", "2"]]
+    assert "  projector  model.multi_modal_projector" in out
+    import tiny_models as tm
+    moe = tmp_path / "llama4"
+    tm.build("llama4").save_pretrained(moe)
+    rc, out, _ = run(capsys, "report", moe)
+    assert rc == 0 and "left out (1):\n  language_model.model.layers.1.feed_forward.experts: mixture-of-experts" in out
+
+
 def test_one_line_errors(model_dir, tmp_path, capsys):
     one_line_error(capsys, "select", tmp_path / "missing.safetensors", tmp_path / "m.safetensors", match="not found")
     one_line_error(capsys, "select", "a", "b", "--alpha", "lots", match="expected a number or tower=number")

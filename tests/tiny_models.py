@@ -244,28 +244,30 @@ ARCHS: dict[str, Family] = {
     "llava": Family("LLaVA 1.5", _llava, pixels=_pixels),
     "llava_next": Family("LLaVA-NeXT", _llava_next, pixels=_tiles(2)),
     "llava_onevision": Family("LLaVA-OneVision", _llava_onevision, pixels=_tiles(2), kinds=("image", "video", "text")),
-    "vipllava": Family("VipLLaVA", _vipllava, pixels=_pixels, notes="projector with a norm: MLP part"),
+    "vipllava": Family("VipLLaVA", _vipllava, pixels=_pixels, notes="projector (norm + MLP)"),
     "idefics2": Family("Idefics2", _idefics2, pixels=_idefics_pixels),
     "idefics3": Family("Idefics3", _idefics3, pixels=_idefics_pixels),
     "smolvlm": Family("SmolVLM", _smolvlm, pixels=_idefics_pixels),
     "qwen2_vl": Family("Qwen2-VL", _qwen2_vl, pixels=_qwen_pixels, boundary=True, kinds=("image", "video", "special", "text"), video=True),
     "qwen2_5_vl": Family("Qwen2.5-VL", _qwen2_5_vl, pixels=_qwen_pixels, boundary=True, kinds=("image", "video", "special", "text"), video=True),
     "qwen3_vl": Family("Qwen3-VL", _qwen3_vl, pixels=_qwen_pixels, boundary=True, kinds=("image", "video", "special", "text"), video=True,
-                       notes="patch mergers with a norm: MLP parts"),
+                       notes="patch mergers (norm + MLP)"),
     "glm4v": Family("GLM-4.1V", _glm4v, pixels=_qwen_pixels, boundary=True, kinds=("image", "video", "special", "text"), video=True,
-                    notes="fused gate_up language MLPs and a gated merger with extra parts: MLP parts"),
-    "paligemma": Family("PaliGemma", _paligemma, pixels=_pixels, notes="single-Linear projector: no projector MLP"),
+                    notes="language MLPs (one gate_up Linear), patch merger (Linear, norm, gated MLP)"),
+    "paligemma": Family("PaliGemma", _paligemma, pixels=_pixels, notes="none (the projector is one Linear, not an MLP)"),
     "gemma3": Family("Gemma 3", _gemma3, pixels=_pixels, boundary=True, kinds=("image", "special", "text"),
-                     notes="projector without MLP"),
-    "internvl": Family("InternVL", _internvl, pixels=_pixels, notes="projector with a norm: MLP part"),
-    "aya_vision": Family("Aya Vision", _aya_vision, pixels=_pixels, notes="SwiGLU projector in one Linear: MLP part"),
+                     notes="none (the projector has no MLP)"),
+    "internvl": Family("InternVL", _internvl, pixels=_pixels, notes="projector (norm + MLP)"),
+    "aya_vision": Family("Aya Vision", _aya_vision, pixels=_pixels, notes="projector (norm + SwiGLU from one Linear)"),
     "mistral3": Family("Mistral 3", _mistral3, pixels=_pixtral_pixels,
-                       notes="projector with a norm and a patch merger: MLP part"),
+                       notes="projector (norm + patch merger + MLP)"),
     "llama4": Family("Llama 4", _llama4, pixels=_pixels, boundary=True, kinds=("image", "special", "text"), moe=True,
-                     notes="experts left out with moe='skip'; vision adapter MLP: MLP part"),
-    "lfm2_vl": Family("LFM2-VL", _lfm2_vl, pixels=_siglip2_pixels, notes="w1/w3/w2 language MLPs: MLP parts"),
+                     notes="vision adapter (a second activation after fc2); experts left out with `moe='skip'`; "
+                           "forward checks skipped on transformers 5.24 (upstream bug), run on 5.17"),
+    "lfm2_vl": Family("LFM2-VL", _lfm2_vl, pixels=_siglip2_pixels,
+                      notes="projector (norm + MLP), language MLPs (w1/w3/w2, no activation module)"),
     "blip2": Family("BLIP-2", _blip2, pixels=_pixels, text_only=False,
-                    notes="Q-Former and OPT decoder layers hold their MLP Linears: MLP parts"),
+                    notes="Q-Former and OPT decoder layers (they hold their MLP Linears); no text-only forward"),
     "llama": Family("Llama", lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_llama_text())), "text"),
     "mistral": Family("Mistral", lambda: tf.MistralForCausalLM(tf.MistralConfig(**_llama_text())), "text"),
     "qwen2": Family("Qwen2", lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_llama_text())), "text"),
@@ -349,11 +351,11 @@ def upstream_bug(name: str, model) -> str | None:
 
 
 def supported_models_markdown() -> str:
-    """The README's "Supported models" list: every family the adapter tests cover."""
-    groups = {"mm": [], "text": [], "vision": []}
-    for name, fam in ARCHS.items():
-        groups[fam.kind].append(f"{fam.title} (`{name}`)" + (f": {fam.notes}" if fam.notes else ""))
-    return ("Image-text-to-text models, each tested (tests/test_adapters.py) from a tiny random config:\n\n"
-            + "\n".join(f"- {line}" for line in groups["mm"])
-            + "\n\nText-only LLMs: " + ", ".join(groups["text"])
-            + ". Bare vision encoders: " + ", ".join(groups["vision"]) + ".\n")
+    """The README's "Supported models" table: every family the adapter tests cover."""
+    rows = [f"| {fam.title} | `{name}` | {', '.join(fam.kinds)} | {fam.notes or 'none'} |"
+            for name, fam in ARCHS.items() if fam.kind == "mm"]
+    others = {kind: ", ".join(f"{fam.title} (`{name}`)" for name, fam in ARCHS.items() if fam.kind == kind)
+              for kind in ("text", "vision")}
+    return ("| family | model type | language-model token kinds | MLPs patched by hooks (MLP parts) |\n"
+            "| --- | --- | --- | --- |\n" + "\n".join(rows)
+            + f"\n\nText-only LLMs: {others['text']}. Bare vision encoders: {others['vision']}.\n")
