@@ -40,13 +40,16 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+_ACTS = ("act_fn", "act", "activation_fn")  # the child names an MLP's activation usually has
+
+
 @dataclass(frozen=True)
 class MLPLayout:
     """Child names of an MLP's Linears (dotted for grandchildren): the input Linear(s) (gate and up, or one), then
     the output Linear; and the child names its activation may have (for the fused replacement)."""
 
     linears: tuple[str, ...]
-    acts: tuple[str, ...] = ("act_fn", "act", "activation_fn")
+    acts: tuple[str, ...] = _ACTS
 
 
 MLP_LAYOUTS: list[MLPLayout] = [
@@ -71,8 +74,8 @@ MLP_LAYOUTS: list[MLPLayout] = [
 ]
 
 
-def register_mlp_layout(*linears: str, acts: tuple[str, ...] = MLPLayout.__dataclass_fields__["acts"].default) -> None:
-    """Teach manu_fast an MLP's Linear names: ``register_mlp_layout("w_in", "w_out")`` (input Linear(s), then output)."""
+def register_mlp_layout(*linears: str, acts: tuple[str, ...] = _ACTS) -> None:
+    """Teach manu_fast an MLP's Linear names: ``register_mlp_layout("w_in", "w_out")`` (input(s), then output)."""
     if len(linears) not in (2, 3):
         raise ValueError(f"an MLP layout names 2 or 3 Linears (input(s), then output), got {linears}")
     MLP_LAYOUTS.insert(0, MLPLayout(tuple(linears), tuple(acts)))
@@ -209,13 +212,22 @@ def _fused_act(module: nn.Module, layout: MLPLayout, kind: str) -> str | None:
     return acts[0]
 
 
+def _linear_count(child: nn.Module) -> int:
+    """Linear layers in a child: itself, or the members of a ModuleList/Sequential."""
+    if isinstance(child, nn.Linear):
+        return 1
+    if isinstance(child, (nn.ModuleList, nn.Sequential)):
+        return sum(isinstance(g, nn.Linear) for g in child)
+    return 0
+
+
 def _unrecognised(module: nn.Module) -> str | None:
     """Why ``module`` looks like an MLP that no layout matched (an activation next to Linear layers), else None."""
     children = dict(module.named_children())
-    lins = [n for n, c in children.items() if isinstance(c, nn.Linear)
-            or isinstance(c, (nn.ModuleList, nn.Sequential)) and any(isinstance(g, nn.Linear) for g in c)]
+    linears = {n: _linear_count(c) for n, c in children.items()}
+    lins = [n for n, k in linears.items() if k]
     acts = [n for n, c in children.items() if _is_activation(c)]
-    if not acts or sum(len(c) if isinstance(c := children[n], (nn.ModuleList, nn.Sequential)) else 1 for n in lins) < 2:
+    if not acts or sum(linears.values()) < 2:
         return None  # one Linear and an activation (a pooler, an LM-head transform) is not an MLP
     return (f"holds Linear layers ({', '.join(lins)}) and an activation ({', '.join(acts)}) but matches no MLP layout "
             f"of manu_fast.adapters.MLP_LAYOUTS; if it is an MLP, name its Linears with "
@@ -228,8 +240,8 @@ def _experts(name: str, module: nn.Module) -> str | None:
         return None
     stacked = [p for p in module.parameters(recurse=False) if p.dim() == 3]
     if stacked and ("expert" in type(module).__name__.lower() or "expert" in name.lower()):
-        return (f"mixture-of-experts: {type(module).__name__} holds {stacked[0].shape[0]} experts as 3-D weight tensors; "
-                "per-expert statistics are not supported")
+        return (f"mixture-of-experts: {type(module).__name__} holds {stacked[0].shape[0]} experts as 3-D weight "
+                "tensors; per-expert statistics are not supported")
     return None
 
 
@@ -426,7 +438,8 @@ def find_mlps(model: nn.Module) -> list[MLPInfo]:
     """Every MLP of ``model`` (not yet patched), with its tower, in module order."""
     found = inspect_model(model)
     if not found.mlps:
-        listing = "; ".join(f"{s.name}: {s.reason}" for s in found.skipped[:3]) or "no module holds the Linear layers of an MLP"
+        listing = ("; ".join(f"{s.name}: {s.reason}" for s in found.skipped[:3])
+                   or "no module holds the Linear layers of an MLP")
         raise UnsupportedModelError(
             f"model type {found.model_type!r} is not in manu_fast.adapters.MODEL_TABLE and no MLP was found in it "
             f"({listing}). If its MLPs use other Linear names, add them with register_mlp_layout(...); to place MLPs "
@@ -493,7 +506,8 @@ class Patch:
     def replace(self, name: str, layer: FusedMLP) -> None:
         """Install ``layer`` in place of the fused layer ``name`` (unpatch still restores the original HF module)."""
         if name not in self.originals:
-            raise ValueError(f"{name!r} is an MLP part (hooks on a larger module), not a fused layer: it cannot be replaced")
+            raise ValueError(f"{name!r} is an MLP part (hooks in a larger module), not a fused layer: it cannot be "
+                             "replaced")
         _set_submodule(self.model, name, layer)
         self.layers[name] = layer
 

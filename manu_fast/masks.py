@@ -186,7 +186,7 @@ def prune_weights(model, masks: Masks) -> None:
     from .adapters import fingerprint, get_patch, patch_model
     check_fingerprint(fingerprint(model), masks.fingerprint, "masks")
     owned = get_patch(model) is None
-    patch = patch_model(model, moe="skip")  # the fused layers reuse the HF Linear modules: zeroing them zeroes the model's
+    patch = patch_model(model, moe="skip")  # fused layers and parts use the HF Linears: zeroing them zeroes the model's
     try:
         for layer, keep in masks.keep.items():
             fused = patch.layers[layer]

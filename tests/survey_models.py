@@ -51,7 +51,8 @@ def survey_one(model_type: str, class_name: str) -> Row:
             warnings.simplefilter("ignore")
             model = getattr(tf, class_name)(config)
     except Exception as e:  # noqa: BLE001 -- a default config this transformers cannot build, or a missing extra
-        return Row(model_type, "not built here", left_out=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        return Row(model_type, "not built here", left_out=f"{type(e).__name__}: {first[:80]}")
     try:
         found = inspect_model(model)
     except UnsupportedModelError as e:
@@ -69,7 +70,8 @@ def markdown(rows: list[Row]) -> str:
     lines = [f"transformers {tf.__version__}: {len(rows)} image-text-to-text model types, "
              f"{sum(r.status == 'inferred' for r in rows)} inferred, {sum(r.status == 'refused' for r in rows)} "
              f"refused, {sum(r.status == 'not built here' for r in rows)} not built here.", "",
-             "| model type | towers | MLPs vision / projector / language (one layer per stack) | MLP parts | left out |",
+             "| model type | towers | MLPs vision / projector / language (one layer per stack) | MLP parts "
+             "| left out |",
              "| --- | --- | --- | --- | --- |"]
     for r in rows:
         mlps = " / ".join(map(str, r.mlps)) if r.status == "inferred" else ""

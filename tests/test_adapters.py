@@ -24,7 +24,8 @@ ARCHS = list(tm.ARCHS)
 
 # MLPs per tower (vision, projector, language) and how many of them are MLP parts (hooks, not a fused module)
 EXPECTED = {
-    "llava": ((2, 1, 2), 0), "llava_next": ((2, 1, 2), 0), "llava_onevision": ((3, 1, 2), 0), "vipllava": ((3, 1, 2), 1),
+    "llava": ((2, 1, 2), 0), "llava_next": ((2, 1, 2), 0), "llava_onevision": ((3, 1, 2), 0),
+    "vipllava": ((3, 1, 2), 1),
     "idefics2": ((2, 2, 2), 0), "idefics3": ((2, 0, 2), 0), "smolvlm": ((2, 0, 2), 0),
     "qwen2_vl": ((2, 1, 2), 0), "qwen2_5_vl": ((2, 1, 2), 0), "qwen3_vl": ((2, 2, 2), 2), "glm4v": ((2, 1, 2), 3),
     "paligemma": ((3, 0, 2), 0), "gemma3": ((3, 0, 2), 0), "internvl": ((2, 1, 2), 1), "aya_vision": ((3, 1, 2), 1),
@@ -58,8 +59,8 @@ def _data(name, model):
     if fam.video:
         data[("forget", "multimodal")].append(tm.inputs(name, model, seed=3, video=True))
     if fam.kind == "mm":
-        data[("retain", "text" if fam.text_only else "multimodal")] = [tm.inputs(name, model, multimodal=not fam.text_only,
-                                                                                 seed=2)]
+        modality = "text" if fam.text_only else "multimodal"
+        data[("retain", modality)] = [tm.inputs(name, model, multimodal=not fam.text_only, seed=2)]
     return data
 
 
@@ -87,7 +88,7 @@ def _hook_reference(name, model, data, kinds):
                     h = torch.cat(captured[i.name])
                     if i.tower == "language":
                         ids = kw["input_ids"]
-                        gid = torch.full(ids.shape, gid_of(split, modality, "text"))
+                        gid = torch.full(ids.shape, gid_of(split, modality, "text"), device=ids.device)
                         for token, kind in LM_KIND.items():
                             gid[ids == token] = gid_of(split, modality, kind if kind in kinds else "text")
                         if name == "glm4v":  # its video frames are image tokens between VIDEO_START and VIDEO_END
@@ -96,7 +97,7 @@ def _hook_reference(name, model, data, kinds):
                         gid[kw["attention_mask"] == 0] = -1
                     else:
                         kind = "video" if "pixel_values_videos" in kw else "image"
-                        gid = torch.full((h.shape[0],), gid_of(split, modality, kind))
+                        gid = torch.full((h.shape[0],), gid_of(split, modality, kind), device=h.device)
                     out.setdefault(i.name, []).append(segment_stats_reference(h, gid.reshape(-1), len(groups), 0.1))
     finally:
         for hd in handles:
@@ -112,8 +113,8 @@ def _check_masks(model, patch, kw):
         keep = torch.ones(n, dtype=torch.bool)
         keep[[0, 2, n - 1]] = False
         layer.set_mask("m", keep)
-        handles.append(layer.out_proj.register_forward_pre_hook(
-            lambda mod, args, name=name: seen.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+        handles.append(layer.out_proj.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(
+            name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))))
     try:
         _out(model, kw)
     finally:
@@ -286,13 +287,15 @@ def test_zero_neuron_layer():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused layer's GPU path (Triton)")
-@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "mistral3", "glm4v"])  # fused; fused + video; MLP parts
 def test_cuda_patch_and_stats_match_hooks(name):
-    model = tm.build(name).cuda()
-    data = {k: [{n: t.cuda() for n, t in b.items()} for b in v] for k, v in _data(name, model).items()}
+    model = tm.build(name)
+    data = {k: [{n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in b.items()} for b in v]
+            for k, v in _data(name, model).items()}  # inputs sized on the CPU model
+    model = model.cuda()
     kw = next(iter(data.values()))[0]
     before = _out(model, kw)
-    ref = _hook_reference(name, model, data)
+    ref = _hook_reference(name, model, data, tm.ARCHS[name].kinds)
     patch = patch_model(model)
     for layer in patch.layers.values():
         layer.set_mask("all", torch.ones(layer.num_neurons, dtype=torch.bool))
@@ -310,7 +313,7 @@ def test_cuda_patch_and_stats_match_hooks(name):
 
 def test_mixture_of_experts_is_refused_naming_the_module_unless_skipped():
     model = tm.build("llama4")
-    with pytest.raises(UnsupportedModelError, match=r"language_model\.model\.layers\.1\.feed_forward\.experts.*moe='skip'"):
+    with pytest.raises(UnsupportedModelError, match=r"layers\.1\.feed_forward\.experts.*moe='skip'"):
         patch_model(model)
     with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
         profile(model, {("forget", "text"): [tm.inputs("llama4", model, multimodal=False)]}, progress=False)
@@ -388,7 +391,8 @@ def test_missing_vision_tower_says_what_it_found_and_register_model_overrides(mo
     for m in eyes.modules():
         if hasattr(m, "config"):
             m.config = SimpleNamespace()
-    with pytest.raises(UnsupportedModelError, match=r"vision tower is unknown. Found MLPs: .*model\.eyes.*Register its towers: .*register_model"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"vision tower is unknown. Found MLPs: .*model\.eyes.*Register its towers: "):
         find_mlps(model)
     monkeypatch.setattr(adapters, "MODEL_TABLE", {})
     register_model("llava", ModelSpec((("vision", "eyes"), ("projector", "multi_modal_projector"),
@@ -405,7 +409,8 @@ def test_table_override_reports_mlps_outside_its_towers(monkeypatch):
     register_model("llava", ModelSpec((("language", "language_model"),)))
     found = inspect_model(tm.build("llava"))
     assert {i.tower for i in found.mlps} == {"language"}
-    assert len(found.skipped) == 3 and all("none of the towers of MODEL_TABLE['llava']" in s.reason for s in found.skipped)
+    assert len(found.skipped) == 3
+    assert all("none of the towers of MODEL_TABLE['llava']" in s.reason for s in found.skipped)
 
 
 def test_token_kinds_from_the_config_and_extra_special_ids():
@@ -462,7 +467,8 @@ def test_masks_on_mlp_parts_prune_to_a_stock_model(tmp_path):
     model = tm.build("mistral3")
     kw = tm.inputs("mistral3", model)
     fp = fingerprint(model)
-    keep = {n: torch.rand(i["neurons"], generator=torch.Generator().manual_seed(1)) > 0.3 for n, i in fp["layers"].items()}
+    g = torch.Generator().manual_seed(1)
+    keep = {n: torch.rand(i["neurons"], generator=g) > 0.3 for n, i in fp["layers"].items()}
     masks = Masks(keep, fp)
     patch = apply_masks(model, masks)
     assert isinstance(patch.layers["model.multi_modal_projector"], MLPPart)

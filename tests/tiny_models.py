@@ -59,7 +59,8 @@ def _llava_next():
 
 
 def _llava_onevision():
-    cfg = tf.LlavaOnevisionConfig(vision_config=_vision("siglip_vision_model"), text_config=dict(model_type="qwen2", **_llama_text()),
+    cfg = tf.LlavaOnevisionConfig(vision_config=_vision("siglip_vision_model"),
+                                  text_config=dict(model_type="qwen2", **_llama_text()),
                                   image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN, vision_feature_layer=-1,
                                   image_grid_pinpoints=[[16, 16]])
     return tf.LlavaOnevisionForConditionalGeneration(cfg)
@@ -133,14 +134,15 @@ def _glm4v():
 
 def _paligemma():
     cfg = tf.PaliGemmaConfig(vision_config=_vision("siglip_vision_model", projection_dim=32),
-                             text_config=dict(model_type="gemma", **_llama_text(head_dim=8)), image_token_index=IMAGE_TOKEN,
-                             projection_dim=32, hidden_size=32, vocab_size=VOCAB)
+                             text_config=dict(model_type="gemma", **_llama_text(head_dim=8)),
+                             image_token_index=IMAGE_TOKEN, projection_dim=32, hidden_size=32, vocab_size=VOCAB)
     return tf.PaliGemmaForConditionalGeneration(cfg)
 
 
 def _gemma3():
-    cfg = tf.Gemma3Config(vision_config=_vision("siglip_vision_model"), text_config=_llama_text(head_dim=8, sliding_window=8),
-                          mm_tokens_per_image=4, image_token_index=IMAGE_TOKEN, boi_token_index=START, eoi_token_index=END)
+    cfg = tf.Gemma3Config(vision_config=_vision("siglip_vision_model"),
+                          text_config=_llama_text(head_dim=8, sliding_window=8), mm_tokens_per_image=4,
+                          image_token_index=IMAGE_TOKEN, boi_token_index=START, eoi_token_index=END)
     return tf.Gemma3ForConditionalGeneration(cfg)
 
 
@@ -152,14 +154,16 @@ def _internvl():
 
 
 def _aya_vision():
-    cfg = tf.AyaVisionConfig(vision_config=_vision("siglip_vision_model"), text_config=dict(model_type="cohere2", **_llama_text(head_dim=8)),
+    cfg = tf.AyaVisionConfig(vision_config=_vision("siglip_vision_model"),
+                             text_config=dict(model_type="cohere2", **_llama_text(head_dim=8)),
                              image_token_index=IMAGE_TOKEN, downsample_factor=2, alignment_intermediate_size=48)
     return tf.AyaVisionForConditionalGeneration(cfg)
 
 
 def _mistral3():
-    cfg = tf.Mistral3Config(vision_config=_vision("pixtral", head_dim=6), text_config=dict(model_type="mistral", **_llama_text()),
-                            image_token_index=IMAGE_TOKEN, spatial_merge_size=2)
+    cfg = tf.Mistral3Config(vision_config=_vision("pixtral", head_dim=6),
+                            text_config=dict(model_type="mistral", **_llama_text()), image_token_index=IMAGE_TOKEN,
+                            spatial_merge_size=2)
     return tf.Mistral3ForConditionalGeneration(cfg)
 
 
@@ -216,7 +220,8 @@ def _qwen_pixels(batch, g, video=False):
 
 def _siglip2_pixels(batch, g):
     return {"pixel_values": torch.randn(batch, 16, 48, generator=g),
-            "pixel_attention_mask": torch.ones(batch, 16, dtype=torch.long), "spatial_shapes": torch.tensor([[4, 4]] * batch)}
+            "pixel_attention_mask": torch.ones(batch, 16, dtype=torch.long),
+            "spatial_shapes": torch.tensor([[4, 4]] * batch)}
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,8 @@ class Family:
         return (self.build, self.kind)[i]
 
 
+_ALL_KINDS = ("image", "video", "special", "text")
+
 ARCHS: dict[str, Family] = {
     "llava": Family("LLaVA 1.5", _llava, pixels=_pixels),
     "llava_next": Family("LLaVA-NeXT", _llava_next, pixels=_tiles(2)),
@@ -248,13 +255,14 @@ ARCHS: dict[str, Family] = {
     "idefics2": Family("Idefics2", _idefics2, pixels=_idefics_pixels),
     "idefics3": Family("Idefics3", _idefics3, pixels=_idefics_pixels),
     "smolvlm": Family("SmolVLM", _smolvlm, pixels=_idefics_pixels),
-    "qwen2_vl": Family("Qwen2-VL", _qwen2_vl, pixels=_qwen_pixels, boundary=True, kinds=("image", "video", "special", "text"), video=True),
-    "qwen2_5_vl": Family("Qwen2.5-VL", _qwen2_5_vl, pixels=_qwen_pixels, boundary=True, kinds=("image", "video", "special", "text"), video=True),
-    "qwen3_vl": Family("Qwen3-VL", _qwen3_vl, pixels=_qwen_pixels, boundary=True, kinds=("image", "video", "special", "text"), video=True,
+    "qwen2_vl": Family("Qwen2-VL", _qwen2_vl, pixels=_qwen_pixels, boundary=True, kinds=_ALL_KINDS, video=True),
+    "qwen2_5_vl": Family("Qwen2.5-VL", _qwen2_5_vl, pixels=_qwen_pixels, boundary=True, kinds=_ALL_KINDS, video=True),
+    "qwen3_vl": Family("Qwen3-VL", _qwen3_vl, pixels=_qwen_pixels, boundary=True, kinds=_ALL_KINDS, video=True,
                        notes="patch mergers (norm + MLP)"),
-    "glm4v": Family("GLM-4.1V", _glm4v, pixels=_qwen_pixels, boundary=True, kinds=("image", "video", "special", "text"), video=True,
+    "glm4v": Family("GLM-4.1V", _glm4v, pixels=_qwen_pixels, boundary=True, kinds=_ALL_KINDS, video=True,
                     notes="language MLPs (one gate_up Linear), patch merger (Linear, norm, gated MLP)"),
-    "paligemma": Family("PaliGemma", _paligemma, pixels=_pixels, notes="none (the projector is one Linear, not an MLP)"),
+    "paligemma": Family("PaliGemma", _paligemma, pixels=_pixels,
+                        notes="none (the projector is one Linear, not an MLP)"),
     "gemma3": Family("Gemma 3", _gemma3, pixels=_pixels, boundary=True, kinds=("image", "special", "text"),
                      notes="none (the projector has no MLP)"),
     "internvl": Family("InternVL", _internvl, pixels=_pixels, notes="projector (norm + MLP)"),
@@ -324,7 +332,9 @@ def inputs(name: str, model, batch: int = 2, text_len: int = 7, pad: int = 2, mu
         n_img = image_tokens(name, model)
         extra = _qwen_pixels(batch, g, video=True) if video else fam.pixels(batch, g)
         if video:
-            placeholder, start, end = (IMAGE_TOKEN, VIDEO_START, VIDEO_END) if name == "glm4v" else (VIDEO_TOKEN, START, END)
+            # GLM-4.1V writes a video's frames with the image token, between its video boundary tokens
+            placeholder, start, end = ((IMAGE_TOKEN, VIDEO_START, VIDEO_END) if name == "glm4v"
+                                       else (VIDEO_TOKEN, START, END))
     ids = torch.randint(3, 80, (batch, n_img + text_len), generator=g)
     ids[:, :n_img] = placeholder
     if n_img and fam.boundary:
