@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from manu_fast.schema import check_backend_args
 from .common import (act_code, apply_activation, chunk_token_range, fp32_threshold, group_args,
                      hidden_tile_epilogue, interpreting, keep_args, merge_scratch, new_scratch, plan_chunks,
                      rtne_by_hand, scratch_offsets)
@@ -64,12 +65,7 @@ def act_stats_triton(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_a
     ``block_t``/``block_n``/``tiles_per_chunk`` override the launch configuration (tests use them to cover
     several chunks and partial tiles); statistics are bit-identical for a fixed configuration.
     """
-    if pre.dim() != 2 or pre.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"pre must be a 2-D fp32/fp16/bf16 tensor, got {tuple(pre.shape)} {pre.dtype}")
-    if up is not None and (up.shape != pre.shape or up.dtype != pre.dtype or up.device != pre.device):
-        raise ValueError(f"up {tuple(up.shape)} {up.dtype} must match pre {tuple(pre.shape)} {pre.dtype}")
-    if up_acc is not None and up is None:
-        raise ValueError("up_acc given without up")
+    check_backend_args(pre, up, act, keep, gid, num_groups, hidden_acc, pre_acc, up_acc)
     T, N = pre.shape
     device = pre.device
     out = torch.empty((T, N), dtype=pre.dtype, device=device) if write_out else None
@@ -78,8 +74,8 @@ def act_stats_triton(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_a
         return out
     default_t, default_n, num_warps = _default_blocks(N)
     block_t, block_n = block_t or default_t, block_n or default_n
-    gid_t, has_gid = group_args(gid, T, device)
-    keep_t, has_keep = keep_args(keep, N, device)
+    gid_t, has_gid = group_args(gid, device)
+    keep_t, has_keep = keep_args(keep, device)
     n_blocks = triton.cdiv(N, block_n)
     tiles_per_chunk, chunks = plan_chunks(T, block_t, n_blocks, device, tiles_per_chunk)
     scratch = new_scratch(accs, chunks, num_groups, N, device)

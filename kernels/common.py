@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from manu_fast.activations import ACT_CODES, check_activation
-from manu_fast.stats import NUM_FIELDS, merge_into
+from manu_fast.schema import NUM_FIELDS
+from manu_fast.stats import merge_into
 
 # fp32 counts are exact below 2**24; a chunk never holds more tokens than this.
 MAX_CHUNK_TOKENS = 1 << 22
@@ -197,22 +198,17 @@ def act_code(act: str) -> int:
     return ACT_CODES[check_activation(act)]
 
 
-def group_args(gid, num_tokens: int, device):
+def group_args(gid, device):
     """(pointer tensor, HAS_GID) for the kernels; gid None puts every token in group 0."""
     if gid is None:
         return torch.empty(1, dtype=torch.int32, device=device), False
-    if gid.dtype != torch.int32 or gid.shape != (num_tokens,) or gid.device != device:
-        raise ValueError(f"gid must be an int32 tensor of shape ({num_tokens},) on {device}, "
-                         f"got {tuple(gid.shape)} {gid.dtype} {gid.device}")
     return gid.contiguous(), True
 
 
-def keep_args(keep, n: int, device):
+def keep_args(keep, device):
     if keep is None:
         return torch.empty(1, dtype=torch.uint8, device=device), False
-    if keep.shape != (n,):
-        raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({n},)")
-    return keep.to(device=device, dtype=torch.uint8).contiguous(), True
+    return keep.to(dtype=torch.uint8).contiguous(), True
 
 
 def new_scratch(accs, num_chunks: int, num_groups: int, n: int, device) -> torch.Tensor:

@@ -15,9 +15,12 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from manu_fast.schema import check_launch_args, check_linear
+from .act_stats import act_stats_triton
 from .common import (act_code, apply_activation, chunk_token_range, fp32_threshold, group_args,
                      hidden_tile_epilogue, interpreting, keep_args, merge_scratch, new_scratch, plan_chunks,
                      rtne_by_hand, scratch_offsets)
@@ -126,15 +129,6 @@ def _default_blocks() -> tuple[int, int, int, int, int]:
     return 128, 64, 64, 8, 3
 
 
-def _check_linear(w, b, name, n, d, x):
-    if w.dim() != 2 or w.shape != (n, d) or w.dtype != x.dtype or w.device != x.device:
-        raise ValueError(f"{name} weight must be ({n}, {d}) {x.dtype} on {x.device}, "
-                         f"got {tuple(w.shape)} {w.dtype} {w.device}")
-    if b is not None and (b.shape != (n,) or b.dtype != x.dtype or b.device != x.device):
-        raise ValueError(f"{name} bias must be ({n},) {x.dtype} on {x.device}, "
-                         f"got {tuple(b.shape)} {b.dtype} {b.device}")
-
-
 def gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc,
                            pre_acc, up_acc, *, block_m: int | None = None, block_n: int | None = None,
                            block_k: int | None = None, tiles_per_chunk: int | None = None):
@@ -148,8 +142,9 @@ def gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_gr
         raise TypeError(f"x must be a 2-D fp32/fp16/bf16 tensor, got {tuple(x.shape)} {x.dtype}")
     T, D = x.shape
     N = w_gate.shape[0]
-    _check_linear(w_gate, b_gate, "gate", N, D, x)
-    _check_linear(w_up, b_up, "up", N, D, x)
+    check_linear(w_gate, b_gate, "gate", N, D, x)
+    check_linear(w_up, b_up, "up", N, D, x)
+    check_launch_args(T, N, x.device, act, keep, gid, num_groups, hidden_acc, pre_acc, up_acc, True)
     device = x.device
     out = torch.empty((T, N), dtype=x.dtype, device=device)
     if T == 0 or N == 0:
@@ -157,8 +152,8 @@ def gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_gr
     accs = (hidden_acc, pre_acc, up_acc)
     dm, dn, dk, num_warps, num_stages = _default_blocks()
     block_m, block_n, block_k = block_m or dm, block_n or dn, block_k or dk
-    gid_t, has_gid = group_args(gid, T, device)
-    keep_t, has_keep = keep_args(keep, N, device)
+    gid_t, has_gid = group_args(gid, device)
+    keep_t, has_keep = keep_args(keep, device)
     n_blocks = triton.cdiv(N, block_n)
     tiles_per_chunk, chunks = plan_chunks(T, block_m, n_blocks, device, tiles_per_chunk, GEMM_MIN_CHUNKS)
     scratch = new_scratch(accs, chunks, num_groups, N, device)
@@ -175,3 +170,14 @@ def gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_gr
     )
     merge_scratch(scratch, accs)
     return out
+
+
+def gated_linear_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc,
+                                  pre_acc, up_acc):
+    """The ``gated_linear_act_stats`` backend contract (docs/OPS.md) on CUDA: the fused GEMM where
+    ``prefer_fused_gemm`` picks it for the shape, else cuBLAS projections + ``act_stats_triton``."""
+    if prefer_fused_gemm(x.shape[0], x.shape[1], w_gate.shape[0]):
+        return gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc,
+                                      pre_acc, up_acc)
+    return act_stats_triton(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), act, keep, gid, num_groups, tau,
+                            hidden_acc, pre_acc, up_acc, True)

@@ -70,7 +70,7 @@ class FusedMLP(nn.Module):
         self._refresh_keep()
 
     def compact(self) -> "FusedMLP":
-        """A smaller copy without the masked neurons (same outputs, less work); see DESIGN.md §5."""
+        """A smaller copy without the masked neurons (same outputs, less work); see docs/OPS.md (masks)."""
         return _compact(self)
 
     def mask_names(self) -> list[str]:
@@ -83,25 +83,14 @@ class FusedMLP(nn.Module):
         self.keep = keep
 
     # ---- forward ----
-    def _hidden(self, pre: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+    def _op_kwargs(self, x: torch.Tensor) -> dict | None:
+        """The op's keyword arguments for this call (mask, and group ids + accumulators while profiling), or
+        None when neither a mask nor a profiler is attached (the layer then runs the plain HF forward)."""
         rec, keep = self.recorder, self.keep
-        kw = rec.op_kwargs(self, pre.shape[:-1].numel()) if rec is not None else {}
-        if not kw and keep is None:  # plain HF path
-            act = getattr(self, self.act_attr)(pre)
-            return act if up is None else act * up
-        if torch.is_grad_enabled() and (pre.requires_grad or (up is not None and up.requires_grad)):
-            # The compiled backends write h through raw pointers (no autograd). When gradients are wanted
-            # (e.g. fine-tuning on retain data with masks applied) h comes from differentiable PyTorch and the
-            # fused op only gathers the statistics.
-            act = getattr(self, self.act_attr)(pre)
-            h = act if up is None else act * up
-            if keep is not None:
-                h = torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device))
-            if kw:
-                act_stats(pre.detach(), None if up is None else up.detach(), act=self.act_name, keep=keep,
-                          write_out=False, **kw)
-            return h
-        return act_stats(pre, up, act=self.act_name, keep=keep, **kw)
+        kw = rec.op_kwargs(self, x.shape[:-1].numel()) if rec is not None else {}
+        if not kw and keep is None:
+            return None
+        return {"act": self.act_name, "keep": keep, **kw}
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         rec = self.recorder
@@ -131,19 +120,13 @@ class FusedGatedMLP(FusedMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.gate_proj, self.up_proj
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or g.weight.requires_grad or u.weight.requires_grad)
-        plain_linears = all(type(m) is nn.Linear and not hasattr(m, "_hf_hook") and not m._forward_hooks
-                            and not m._forward_pre_hooks for m in (g, u))
-        if x.is_cuda and (self.recorder is not None or self.keep is not None) and plain_linears and not needs_grad:
-            # CUDA: gate/up GEMMs and act+mask+stats may fuse into one kernel (ops picks per shape). Only for plain
-            # nn.Linear without hooks (quantised subclasses, accelerate offload hooks and user hooks keep the
-            # module calls below) and without autograd (the fused kernel has no backward).
-            kw = self.recorder.op_kwargs(self, x.shape[:-1].numel()) if self.recorder is not None else {}
-            if kw or self.keep is not None:
-                h = gated_linear_act_stats(x, g.weight, g.bias, u.weight, u.bias, act=self.act_name, keep=self.keep,
-                                           **kw)
-                return self._output(self.down_proj(h))
-        h = self._hidden(g(x), u(x))
+        kw = self._op_kwargs(x)
+        if kw is None:
+            h = getattr(self, self.act_attr)(g(x)) * u(x)
+        elif _plain_linear(g) and _plain_linear(u):
+            h = gated_linear_act_stats(x, g.weight, g.bias, u.weight, u.bias, **kw)
+        else:  # the projections must run as modules (quantised Linear subclasses, accelerate or user hooks)
+            h = act_stats(g(x), u(x), **kw)
         return self._output(self.down_proj(h))
 
 
@@ -169,8 +152,15 @@ class FusedPlainMLP(FusedMLP):
         return getattr(self, self.fc2_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._hidden(self.in_proj[0](x), None)
+        f = self.in_proj[0](x)
+        kw = self._op_kwargs(x)
+        h = getattr(self, self.act_attr)(f) if kw is None else act_stats(f, **kw)
         return self._output(self.out_proj(h))
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """An nn.Linear whose weights the op may use directly: exactly the class, no hook that would change the call."""
+    return type(m) is nn.Linear and not hasattr(m, "_hf_hook") and not m._forward_hooks and not m._forward_pre_hooks
 
 
 def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:

@@ -18,19 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .stats import StatsFileError, check_fingerprint
+from .adapters import fingerprint, get_patch, patch_model
+from .io import load_tensors, save_tensors
+from .schema import SITES, StatsFileError, check_fingerprint, site_length  # noqa: F401
 
 FORMAT = "manu_fast.masks/1"
-SITES = ("hidden", "pre", "up", "out")
-
-
-def site_length(layer_info: dict, site: str) -> int:
-    """Length of a keep vector of one layer (a fingerprint entry) at ``site``."""
-    if site not in SITES:
-        raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
-    if site == "up" and layer_info.get("kind") != "gated":
-        raise ValueError(f"site 'up' exists only on gated MLPs, this layer is {layer_info.get('kind')!r}")
-    return int(layer_info["hidden"] if site == "out" else layer_info["neurons"])
 
 
 @dataclass
@@ -107,7 +99,6 @@ class Masks:
 
     def save(self, path) -> None:
         """Write to ``path`` atomically in safetensors (bool tensors + JSON metadata, no pickle)."""
-        from .io import save_tensors
         meta = {"format": FORMAT, "site": self.site, "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
                 "description": json.dumps(self.description, sort_keys=True, default=str)}
         save_tensors({n: k.contiguous() for n, k in self.keep.items()}, path, meta)
@@ -115,7 +106,6 @@ class Masks:
     @classmethod
     def load(cls, path, expect_fingerprint: dict | None = None) -> "Masks":
         """Read a masks file; refuse (StatsFileError) a damaged file or one made for another model."""
-        from .io import load_tensors
         tensors, meta = load_tensors(path, FORMAT, "masks")
         try:
             fp = json.loads(meta["fingerprint"])
@@ -137,7 +127,6 @@ def apply_masks(model, masks: Masks, name: str = "forget"):
     Patches the model first if needed (``manu_fast.adapters.patch_model``) and returns the Patch. Several
     names compose (a neuron is active only if every enabled mask keeps it); ``remove_masks`` undoes one.
     """
-    from .adapters import fingerprint, patch_model
     check_fingerprint(fingerprint(model), masks.fingerprint, "masks")
     if masks.site == "out":
         raise ValueError("masks of site 'out' (down_proj/fc2 output rows) have no reversible form; use prune_weights")
@@ -149,7 +138,6 @@ def apply_masks(model, masks: Masks, name: str = "forget"):
 
 def remove_masks(model, name: str = "forget") -> None:
     """Remove the reversible mask ``name`` from every fused layer that has it."""
-    from .adapters import get_patch
     patch = get_patch(model)
     holders = [] if patch is None else [layer for layer in patch.layers.values() if name in layer.mask_names()]
     if not holders:
@@ -180,7 +168,6 @@ def prune_weights(model, masks: Masks) -> None:
     Works on a stock HF model or a patched one; afterwards ``save_pretrained`` / ``from_pretrained`` with
     stock transformers reproduces the pruned outputs (the weights are zero; no custom module is needed).
     """
-    from .adapters import fingerprint, get_patch, patch_model
     check_fingerprint(fingerprint(model), masks.fingerprint, "masks")
     owned = get_patch(model) is None
     patch = patch_model(model)  # the fused layers reuse the HF Linear modules: zeroing them zeroes the model's
@@ -210,7 +197,6 @@ def compact_model(model) -> int:
     original model. Statistics and masks of the full model no longer fit the compacted one (its fingerprint
     changes), so compact last, for serving.
     """
-    from .adapters import get_patch
     patch = get_patch(model)
     if patch is None:
         raise ValueError("the model has no fused layers: apply_masks(model, masks) first, then compact")
