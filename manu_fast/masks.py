@@ -190,10 +190,11 @@ def prune_weights(model, masks: Masks) -> None:
 
 
 def compact_model(model) -> int:
-    """Drop the masked neurons of every fused layer from its weights (DESIGN.md §5, "compact"), so that the MLPs
-    do less work at inference; returns how many neurons were dropped.
+    """Drop the masked neurons of every fused layer from its weights (docs/OPS.md, section 5, "compact"), so that
+    the MLPs do less work at inference; returns how many masked neurons were dropped.
 
-    The compact layers hold new, smaller weight copies and no mask. ``Patch.unpatch()`` still restores the full
+    The compact layers hold new, smaller weight copies and no mask; each width is rounded up to a multiple of 64
+    with zero neurons (``manu_fast.layers.compact_width``), which keeps the GEMMs at GEMM-friendly widths. ``Patch.unpatch()`` still restores the full
     original model. Statistics and masks of the full model no longer fit the compacted one (its fingerprint
     changes), so compact last, for serving.
     """
