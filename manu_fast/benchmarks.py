@@ -311,7 +311,8 @@ class MllmuPerson:
 
 
 def _images(row: Row) -> list[ImageRef]:
-    if row.has("image") and row.values["image"] is not None or not row.has("images"):
+    """``images`` (Test_Set's renderings) when the row has them, as eval.py prefers them, else ``image``."""
+    if not row.has("images") or row.values["images"] is None:
         return [image_ref(row.get("image"), row.where)]
     images = _parsed(row.values["images"], list, row.where, "images")
     if not images:
@@ -484,10 +485,11 @@ CLEAR_CAPTION_QUESTIONS = (  # mm/dataset.py IMAGE_CAPTION_QUESTIONS, in order
 CLEAR_FACE_PROMPT = "The name of the person on the image is "  # mm/dataset.py, question_strategy "random_faces"
 
 
-def caption_question(seed: int, where: str) -> str:
-    """One of the nine caption questions for the row at ``where`` (CLEAR draws one with ``random.choice`` each
-    time a row is read; here the choice is fixed by ``seed`` and the row)."""
-    return random.Random(f"{seed}/{where}").choice(CLEAR_CAPTION_QUESTIONS)
+def caption_question(seed: int, caption: str) -> str:
+    """One of the nine caption questions for an image with ``caption`` (CLEAR draws one with ``random.choice`` each
+    time a row is read; here the choice is fixed by ``seed`` and the caption, so an image is asked the same
+    question wherever its file lies and in every config that holds it)."""
+    return random.Random(f"{seed}/{caption}").choice(CLEAR_CAPTION_QUESTIONS)
 
 
 def _text_list(value, where: str, field: str) -> list[str]:
@@ -506,7 +508,7 @@ def load_clear_profiles(path, seed: int = 0) -> list[BenchmarkItem]:
             image = image_ref(row.values["image"], row.where)
             caption = text_field(row.get("caption"), row.where, "caption")
             name = text_field(row.values["name"], row.where, "name") if row.has("name") else None
-            items.append(BenchmarkItem(name or row.where, name, "multimodal", caption_question(seed, row.where),
+            items.append(BenchmarkItem(name or row.where, name, "multimodal", caption_question(seed, caption),
                                        caption, image))
         else:
             items.append(BenchmarkItem(row.where, None, "text", text_field(row.get("question"), row.where, "question"),
@@ -563,7 +565,7 @@ def load_clear_choices(path, kind: str) -> list[ClearChoice]:
         if kind == "real_faces":
             image, question = image_ref(row.get("image"), row.where), CLEAR_FACE_PROMPT
         else:
-            image = image_ref(row.values["image"], row.where) if row.values.get("image") is not None else None
+            image = image_ref(row.values["image"], row.where) if row.get("image") is not None else None
             question = text_field(row.get("question"), row.where, "question")
         out.append(ClearChoice(row.where, image, question, text_field(row.get("answer"), row.where, "answer"),
                                _text_list(row.get("options"), row.where, "options")))

@@ -224,24 +224,24 @@ def _evaluation_data(args, tasks) -> dict:
     return data
 
 
+# the evaluate options each protocol reads (any other given is refused, not ignored)
+PROTOCOL_OPTIONS = {"few_shot": ("mllmu",), "test": ("logit", "mllmu"), "celebrity": ("logit", "mllmu"),
+                    "tasks": ("mllmu",), "real_faces": ("clear",), "real_world": ("clear",),
+                    "max_new_tokens": ("mllmu", "clear")}
+
+
 def _evaluation_tasks(args) -> tuple:
     """The tasks to run; arguments that do not fit the protocol are refused before anything is read."""
     from .benchmarks import MLLMU_TASKS
     from .evaluate import require_rouge
-    clear_only = {"--real-faces": args.real_faces, "--real-world": args.real_world}
-    mllmu_only = {"--few-shot": args.few_shot, "--test": args.test, "--celebrity": args.celebrity,
-                  "--tasks": args.tasks}
-    wrong = [k for k, v in (mllmu_only if args.protocol == "clear" else clear_only).items() if v]
-    if wrong:
-        raise UsageError(f"evaluate: {wrong[0]} does not apply to --protocol {args.protocol}")
+    for option, protocols in PROTOCOL_OPTIONS.items():
+        if getattr(args, option) is not None and args.protocol not in protocols:
+            raise UsageError(f"evaluate: --{option.replace('_', '-')} does not apply to --protocol {args.protocol}")
     if args.protocol == "mllmu" and not args.few_shot:
         raise UsageError("evaluate: --protocol mllmu needs --few-shot (MLLMU-Bench's Full_Set file)")
-    tasks = tuple(args.tasks or (MLLMU_TASKS if args.protocol == "mllmu" else ("classification",)))
-    if args.protocol == "logit" and tasks != ("classification",):
-        raise UsageError("evaluate: --protocol logit runs the classification task only (generation and cloze are "
-                         "--protocol mllmu)")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    tasks = tuple(args.tasks or (MLLMU_TASKS if args.protocol == "mllmu" else ("classification",)))
     if args.protocol == "clear" or "generation" in tasks:
         require_rouge()
     return tasks
@@ -364,7 +364,9 @@ def cmd_demo(demo_args: list[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .benchmarks import MLLMU_TASKS
     from .masks import SITES
+    from .protocols import PROTOCOLS
     from .select import METRICS, MODALITIES, STRATEGIES
     p = _Parser(prog="manu-fast", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -463,14 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "forget01/05/10_perturbed (parquet file or folder)")
     s.add_argument("--retain", required=True, help="retain split: MLLMU-Bench retain_95/90/85, or CLEAR "
                                                    "retain_perturbed")
-    s.add_argument("--protocol", default="logit", choices=("logit", "mllmu", "clear"),
+    s.add_argument("--protocol", default="logit", choices=PROTOCOLS,
                    help="how to ask and score (default: %(default)s)")
     s.add_argument("--few-shot", help="mllmu: MLLMU-Bench's Full_Set, where the few-shot examples come from")
     s.add_argument("--test", help="logit/mllmu: MLLMU-Bench's Test_Set (file or folder); its rows of the forget people "
                                   "are evaluated")
     s.add_argument("--celebrity", help="logit/mllmu: MLLMU-Bench's Retain_Set (real celebrities)")
-    s.add_argument("--tasks", nargs="+", choices=("classification", "generation", "cloze"),
-                   help="mllmu: tasks to run (default: all three; logit runs classification)")
+    s.add_argument("--tasks", nargs="+", choices=MLLMU_TASKS,
+                   help="mllmu: tasks to run (default: all three; logit runs classification only)")
     s.add_argument("--real-faces", help="clear: CLEAR's real_faces file")
     s.add_argument("--real-world", help="clear: CLEAR's real_world file")
     s.add_argument("--seed", type=int, default=0, help="seed of the benchmarks' random choices: few-shot people, the "

@@ -329,7 +329,7 @@ def run_clear(model, processor, splits: dict[str, list[ClearCaption]], choices: 
     for split, rows in splits.items():
         forget = split == "forget"
         results[f"{split}/multimodal"] = {
-            "captions": task(rows, [caption_question(seed, r.where) for r in rows], [r.caption for r in rows],
+            "captions": task(rows, [caption_question(seed, r.caption) for r in rows], [r.caption for r in rows],
                              [r.paraphrased_caption for r in rows], [r.perturbed_captions for r in rows],
                              "multimodal", forget=forget, prob="exp", desc=f"{split} captions"),
             "face_recognition": task(rows, [CLEAR_FACE_PROMPT] * len(rows), [r.name for r in rows],

@@ -206,7 +206,7 @@ def test_clear_profiles_captions_keep_the_name_tofu_rows_are_text(files):
         [("text", a) for _, a in bf.TOFU["forget"]]
     assert all(i.prompt in CLEAR_CAPTION_QUESTIONS for i in items[:2]) and items[2].prompt == bf.TOFU["forget"][0][0]
     assert [i.prompt for i in load_clear_profiles(files["forget10+tofu"], seed=3)] == [i.prompt for i in items]
-    questions = {caption_question(seed, "f row 0") for seed in range(40)}
+    questions = {caption_question(seed, "Ivo Kent reads a map on a train.") for seed in range(40)}
     assert len(questions) > 4  # the seed picks among the nine
 
 
@@ -219,6 +219,8 @@ def test_clear_evaluation_files(files, tmp_path):
                                                                   for a, o in bf.REAL_FACES]
     world = load_clear_choices(files["real_world"], "real_world")
     assert [w.modality for w in world] == ["multimodal", "text", "multimodal"]
+    with pytest.raises(DataError, match=r"forget_5/train-00000-of-00001.parquet row 0: no column 'caption'"):
+        load_clear_perturbed(files["forget_5"])  # an MLLMU-Bench file given as CLEAR's
     bad = [copy.deepcopy(r.values) for r in read_rows(files["retain_perturbed"])]
     bad[1]["perturbed_names"] = []
     with pytest.raises(DataError, match="bad.parquet row 1: perturbed_names is an empty list"):

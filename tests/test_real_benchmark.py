@@ -4,6 +4,7 @@ replies and losses are known by hand. No download anywhere."""
 import json
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -120,6 +121,7 @@ def test_mllmu_profile_select_prune_evaluate(bench, tmp_path, capsys):
     assert all(torch.equal(m.blocks[k], s.blocks[k]) for k in s.blocks)
     assert "language 2" in cli(capsys, "report", stats)
 
+    pytest.importorskip("rouge_score", reason="the generation task's ROUGE needs rouge-score (the 'eval' extra)")
     evaluate = ["--forget", files["forget_5"], "--retain", files["retain_95"], "--test", files["Test_Set"],
                 "--celebrity", files["Retain_Set"], "--few-shot", files["Full_Set"], "--protocol", "mllmu",
                 "--batch-size", 3, "--max-new-tokens", 4, "--no-progress"]
@@ -136,7 +138,7 @@ def _asked(letters_by_person, few_shot_person, shots):
 
 def test_mllmu_protocol_on_a_rigged_model(bench, tmp_path, capsys):
     """The rigged model replies "B" to everything: every metric follows from the files by hand."""
-    from rouge_score import rouge_scorer  # the generation task needs it; the CLI says so when it is missing
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer", reason="ROUGE needs rouge-score (the 'eval' extra)")
     files, results = bench["mllmu"], tmp_path / "results.json"
     out = cli(capsys, "evaluate", bench["rigged"], "--forget", files["forget_5"], "--retain", files["retain_95"],
               "--test", files["Test_Set"], "--celebrity", files["Retain_Set"], "--few-shot", files["Full_Set"],
@@ -196,13 +198,10 @@ def test_clear_profile_select_prune_evaluate(bench, tmp_path, capsys):
     cli(capsys, "profile", bench["model"], stats, "--benchmark", "clear", "--forget", files["forget10+tofu"],
         "--retain", files["retain90+tofu"], "--batch-size", 2, "--no-progress")
     from manu_fast.benchmarks import caption_question
-    pairs = {}
-    for split, people in (("forget", bf.CLEAR_FORGET), ("retain", bf.CLEAR_RETAIN)):
-        where = str(files[f"{split}{'10' if split == 'forget' else '90'}+tofu"])
-        pairs[split] = {"multimodal": [(caption_question(0, f"{where} row {k}"), c)
-                                       for k, c in enumerate(people.values())],
-                        "text": bf.TOFU[split]}
+    pairs = {split: {"multimodal": [(caption_question(0, c), c) for c in people.values()], "text": bf.TOFU[split]}
+             for split, people in (("forget", bf.CLEAR_FORGET), ("retain", bf.CLEAR_RETAIN))}
     _check_counts(stats, pairs)
+    pytest.importorskip("rouge_score", reason="CLEAR's ROUGE needs rouge-score (the 'eval' extra)")
     evaluate = ["--protocol", "clear", "--forget", files["forget10_perturbed"], "--retain", files["retain_perturbed"],
                 "--real-faces", files["real_faces"], "--real-world", files["real_world"], "--batch-size", 3,
                 "--max-new-tokens", 4, "--no-progress"]
@@ -214,7 +213,7 @@ def test_clear_profile_select_prune_evaluate(bench, tmp_path, capsys):
 def test_clear_protocol_on_a_rigged_model(bench, tmp_path, capsys):
     """Rigged model: an answer's first token costs -log p after ":" (p = p_b for "B", p_o otherwise), every later
     token log V (uniform); the reply is "B"."""
-    from rouge_score import rouge_scorer
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer", reason="ROUGE needs rouge-score (the 'eval' extra)")
     files, results = bench["clear"], tmp_path / "results.json"
     cli(capsys, "evaluate", bench["rigged"], "--protocol", "clear", "--forget", files["forget10_perturbed"],
         "--retain", files["retain_perturbed"], "--real-faces", files["real_faces"], "--real-world",
@@ -254,6 +253,23 @@ def test_clear_protocol_on_a_rigged_model(bench, tmp_path, capsys):
     assert (got["real_world/text"]["multiple_choice"]["n"], got["real_world/text"]["multiple_choice"]["accuracy"]) == (1, 1.0)
 
 
+def test_missing_rouge_is_one_line_error_before_the_model_loads(bench, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # as on an image without rouge-score
+    files = bench["clear"]
+    for argv in (["--protocol", "clear", "--forget", files["forget10_perturbed"], "--retain", files["retain_perturbed"]],
+                 ["--protocol", "mllmu", "--forget", bench["mllmu"]["forget_5"], "--retain",
+                  bench["mllmu"]["retain_95"], "--few-shot", bench["mllmu"]["Full_Set"]]):
+        capsys.readouterr()
+        assert main(["evaluate", str(tmp_path / "no_model"), *map(str, argv)]) == 2
+        assert capsys.readouterr().err.strip() == ("manu-fast: error: ROUGE needs the rouge-score package: pip install "
+                                                   "rouge-score (or manu_fast's 'eval' extra)")
+    # the tasks without ROUGE still run
+    out = cli(capsys, "evaluate", bench["rigged"], "--protocol", "mllmu", "--tasks", "classification", "cloze",
+              "--forget", bench["mllmu"]["forget_5"], "--retain", bench["mllmu"]["retain_95"], "--few-shot",
+              bench["mllmu"]["Full_Set"], "--max-new-tokens", 2, "--no-progress")
+    assert "cloze" in out and "generation" not in out
+
+
 def test_bad_real_inputs_are_one_line_errors(bench, tmp_path, capsys):
     files = bench["mllmu"]
     bare = tmp_path / "bare"  # weights and config only: no processor to encode the questions with
@@ -274,13 +290,13 @@ def test_bad_real_inputs_are_one_line_errors(bench, tmp_path, capsys):
           files["retain_95"], "--batch-size", 0], "--batch-size must be >= 1"),
         (["evaluate", bare, *evaluate], "no usable processor saved with the model"),
         (["evaluate", bench["model"], *evaluate, "--protocol", "mllmu"], "needs --few-shot"),
-        (["evaluate", bench["model"], *evaluate, "--tasks", "cloze"], "--protocol logit runs the classification"),
-        (["evaluate", bench["model"], *evaluate, "--protocol", "clear"], "row 0: no column 'caption'"),
+        (["evaluate", bench["model"], *evaluate, "--tasks", "cloze"], "--tasks does not apply to --protocol logit"),
+        (["evaluate", bench["model"], *evaluate, "--max-new-tokens", 5], "--max-new-tokens does not apply to"),
         (["evaluate", bench["model"], *evaluate, "--real-faces", files["forget_5"]], "--real-faces does not apply"),
         (["evaluate", bench["model"], "--forget", files["Retain_Set"], "--retain", files["retain_95"], "--test",
           files["Test_Set"]], "has no row with ID 'c1'"),
-        (["evaluate", bench["model"], *evaluate, "--protocol", "mllmu", "--few-shot", files["Retain_Set"]],
-         "the few-shot file has no ID"),
+        (["evaluate", bench["model"], *evaluate, "--protocol", "mllmu", "--tasks", "classification", "--few-shot",
+          files["Retain_Set"]], "the few-shot file has no ID"),
     ]:
         capsys.readouterr()
         assert main([str(a) for a in argv]) == 2, argv
