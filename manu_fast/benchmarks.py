@@ -207,7 +207,8 @@ def chat_texts(processor, items: list[BenchmarkItem], *, with_answer: bool) -> l
         raise ValueError(f"{type(processor).__name__} has no chat template: save the model's processor with one")
     texts = []
     for item in items:
-        content = ([{"type": "image"}] if item.modality == "multimodal" else []) + [{"type": "text", "text": item.prompt}]
+        image = [{"type": "image"}] if item.modality == "multimodal" else []
+        content = image + [{"type": "text", "text": item.prompt}]
         text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         texts.append(text + " " + item.answer if with_answer else text)
     return texts

@@ -475,8 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mllmu: tasks to run (default: all three; logit runs classification only)")
     s.add_argument("--real-faces", help="clear: CLEAR's real_faces file")
     s.add_argument("--real-world", help="clear: CLEAR's real_world file")
-    s.add_argument("--seed", type=int, default=0, help="seed of the benchmarks' random choices: few-shot people, the "
-                                                       "Test_Set rendering, CLEAR's caption question (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the benchmarks' random choices: few-shot people, the Test_Set rendering, CLEAR's "
+                        "caption question (default: %(default)s)")
     s.add_argument("--max-new-tokens", type=int,
                    help="tokens generated per reply (default: 50 for mllmu as eval.py, 300 for clear as eval.yaml)")
     s.add_argument("--masks", help="masks file written by `manu-fast select`, applied (reversibly) before evaluating")

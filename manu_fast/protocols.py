@@ -92,7 +92,7 @@ def run_logit(model, processor, splits: dict[str, list[MllmuPerson]], *, seed: i
     return results
 
 
-# ---------------------------------------------------------------------------------------------------- MLLMU-Bench prompts
+# ------------------------------------------------------------------------------------------------ MLLMU-Bench prompts
 def _head(multimodal: bool) -> str:
     return f"USER: {IMAGE}\n" if multimodal else "USER:\n"
 
@@ -135,7 +135,7 @@ def generation_prompt(q: OpenQuestion) -> str:
     return f"USER: {q.question}\n{GENERATION_INSTRUCTION.format('')}\nASSISTANT:"
 
 
-# ---------------------------------------------------------------------------------------------------- MLLMU-Bench requests
+# ----------------------------------------------------------------------------------------------- MLLMU-Bench requests
 @dataclass
 class Request:
     """One question to generate a reply for: ``prompt`` shows ``images`` (in order) at its image placeholders."""
@@ -166,7 +166,7 @@ def draw_people(ids: list[str], k: int, seed: int, split: str, task: str) -> lis
     return random.Random(f"{seed}/{split}/{task}").sample(ids, min(k, len(ids)))
 
 
-def _shot_people(drawn: list[str], full_set: list[MllmuPerson], split: str, task: str) -> list[MllmuPerson]:
+def _shot_people(drawn: list[str], full_set: list[MllmuPerson], split: str) -> list[MllmuPerson]:
     """The drawn people's Full_Set rows in Full_Set's order (eval.py filters Full_Set by the drawn IDs). A drawn
     person absent from Full_Set gives no examples on the celebrity split (as in eval.py, where Retain_Set's people
     are not in Full_Set) and is an error elsewhere."""
@@ -189,13 +189,14 @@ def mllmu_requests(splits: dict[str, list[MllmuPerson]], full_set: list[MllmuPer
             skipped[f"{split}/{modality}"] = {}
         if "classification" in tasks:
             shots = _shot_people(draw_people(ids, MLLMU_CLASSIFICATION_SHOTS, seed, split, "classification"),
-                                 full_set, split, "classification")
+                                 full_set, split)
             few_shot[split]["classification"] = [p.person_id for p in shots]
             show = split in CLASSIFICATION_FEW_SHOT_SPLITS
             for modality in MODALITIES:
                 mm = modality == "multimodal"
                 examples = [q for p in shots for q in p.classification[modality]] if show else []
-                example_images = [p.image(seed) for p in shots for _ in p.classification[modality]] if mm and show else []
+                example_images = ([p.image(seed) for p in shots for _ in p.classification[modality]]
+                                  if mm and show else [])
                 used = {p.person_id: len(p.classification[modality]) for p in shots}
                 n_skipped = 0
                 for person in people:
@@ -209,7 +210,7 @@ def mllmu_requests(splits: dict[str, list[MllmuPerson]], full_set: list[MllmuPer
                                                 tuple(q.options)))
                 skipped[f"{split}/{modality}"]["classification"] = n_skipped
         if "cloze" in tasks:
-            shots = _shot_people(draw_people(ids, MLLMU_CLOZE_SHOTS, seed, split, "cloze"), full_set, split, "cloze")
+            shots = _shot_people(draw_people(ids, MLLMU_CLOZE_SHOTS, seed, split, "cloze"), full_set, split)
             few_shot[split]["cloze"] = [p.person_id for p in shots]
             used = {(p.person_id, q.modality, q.index) for p in shots for q in p.cloze}
             n_skipped = dict.fromkeys(MODALITIES, 0)

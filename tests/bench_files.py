@@ -78,8 +78,8 @@ def classification(pid) -> dict:
     name = {**PEOPLE, **CELEBRITIES}[pid]
     return {"Image_Textual_Questions": [{"Question": IMAGE_QUESTIONS[i % 2], "Options": OPTIONS, "Correct_Answer": a}
                                         for i, a in enumerate(image)],
-            "Pure_Text_Questions": [{"Question": IMAGE_QUESTIONS[i % 2].replace("this person", name), "Options": OPTIONS,
-                                     "Correct_Answer": a} for i, a in enumerate(text)]}
+            "Pure_Text_Questions": [{"Question": IMAGE_QUESTIONS[i % 2].replace("this person", name),
+                                     "Options": OPTIONS, "Correct_Answer": a} for i, a in enumerate(text)]}
 
 
 def generation(pid) -> list:
@@ -91,7 +91,8 @@ def generation(pid) -> list:
 def cloze(pid) -> list:
     name = {**PEOPLE, **CELEBRITIES}[pid]
     odd = pid[-1] in "13579"
-    return [{"Question": "This person works as a __.", "Ground_Truth": "B" if odd else "pilot", "Type": "Image_Textual"},
+    return [{"Question": "This person works as a __.", "Ground_Truth": "B" if odd else "pilot",
+             "Type": "Image_Textual"},
             {"Question": f"{name} works as a __.", "Ground_Truth": "b", "Type": "Pure_Text"},
             {"Question": f"{name} lives in __.", "Ground_Truth": "Oslo", "Type": "Pure_Text"}]
 
@@ -217,7 +218,9 @@ def processor():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                            unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    image_processor = tf.CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+    # the PIL image processor: the torchvision one is the default only where torchvision is installed
+    image_processor = tf.CLIPImageProcessorPil(size={"shortest_edge": IMAGE},
+                                               crop_size={"height": IMAGE, "width": IMAGE})
     return tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
                              chat_template=TEMPLATE)

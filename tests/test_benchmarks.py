@@ -51,6 +51,18 @@ def test_json_string_columns_and_integer_ids_read_like_structs(files, tmp_path):
                                                                           b.generation, b.cloze)
 
 
+def test_image_as_path_or_raw_bytes(tmp_path):
+    png = tmp_path / "face.png"
+    png.write_bytes(bf.png((1, 2, 3)))
+    meta = json.dumps([{"Question": "Where was this person born?", "Answer": "Lima"}])
+    rows = [{"image": {"bytes": None, "path": str(png)}, "ID": "1", "name": "Ana", "metadata": meta},
+            {"image": bf.png((4, 5, 6)), "ID": "2", "name": "Bo", "metadata": meta}]
+    items = load_mllmu_profiles(bf.write(tmp_path / "p.parquet", rows[:1]))
+    assert items[0].image.load().getpixel((0, 0)) == (1, 2, 3)
+    items = load_mllmu_profiles(bf.write(tmp_path / "b.parquet", rows[1:]))
+    assert items[0].image.load().getpixel((0, 0)) == (4, 5, 6)
+
+
 def test_test_set_images_lists_in_a_folder_of_shards(files):
     people = load_mllmu_split(files["Test_Set"])  # a folder: two shards, read in order
     assert [p.person_id for p in people] == list(reversed(list(bf.PEOPLE)))

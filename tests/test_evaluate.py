@@ -56,7 +56,8 @@ def test_rouge_hand_computed():
 def test_truth_ratio_and_probability_hand_computed():
     # per-token losses: truth 1.0, wrong 2.0 and 4.0 -> ratio e^(3 - 1) = e^2
     assert truth_ratio(1.0, [2.0, 4.0]) == pytest.approx(math.exp(2))
-    assert truth_ratio_score([math.exp(2), math.exp(-1)], forget=True) == pytest.approx((math.exp(-2) + math.exp(-1)) / 2)
+    assert truth_ratio_score([math.exp(2), math.exp(-1)], forget=True) == pytest.approx(
+        (math.exp(-2) + math.exp(-1)) / 2)
     assert truth_ratio_score([2.0, 0.5], forget=False) == pytest.approx((0.5 + 0.0) / 2)
     assert normalized_probability(1.0, [2.0, 4.0]) == pytest.approx(
         math.exp(-1) / (math.exp(-1) + math.exp(-2) + math.exp(-4)))

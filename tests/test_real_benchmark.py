@@ -250,13 +250,15 @@ def test_clear_protocol_on_a_rigged_model(bench, tmp_path, capsys):
             for a, opts in bf.REAL_FACES]
     assert faces["prob"] == pytest.approx(sum(want) / 2, rel=1e-6)
     assert got["real_world/multimodal"]["multiple_choice"]["accuracy"] == 0.5  # "the Seine" loses to "B"
-    assert (got["real_world/text"]["multiple_choice"]["n"], got["real_world/text"]["multiple_choice"]["accuracy"]) == (1, 1.0)
+    text = got["real_world/text"]["multiple_choice"]
+    assert (text["n"], text["accuracy"]) == (1, 1.0)
 
 
 def test_missing_rouge_is_one_line_error_before_the_model_loads(bench, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "rouge_score", None)  # as on an image without rouge-score
     files = bench["clear"]
-    for argv in (["--protocol", "clear", "--forget", files["forget10_perturbed"], "--retain", files["retain_perturbed"]],
+    for argv in (["--protocol", "clear", "--forget", files["forget10_perturbed"], "--retain",
+                  files["retain_perturbed"]],
                  ["--protocol", "mllmu", "--forget", bench["mllmu"]["forget_5"], "--retain",
                   bench["mllmu"]["retain_95"], "--few-shot", bench["mllmu"]["Full_Set"]]):
         capsys.readouterr()
