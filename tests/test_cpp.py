@@ -144,7 +144,7 @@ def test_no_group_ids_means_one_group_and_empty_shapes():
 
 @pytest.mark.parametrize("t, mean, std", [(10_000_000, 100.0, 1.0), (1_000_000, 1e4, 1e-2)])
 def test_large_mean_small_std(t, mean, std):
-    # DESIGN.md: activations ~ N(100, 1) over >= 1e7 tokens: std within 1e-3 relative of a float64 two-pass.
+    # docs/OPS.md (precision): activations ~ N(100, 1) over >= 1e7 tokens: std within 1e-3 relative of a float64 two-pass.
     # The second case (|mean| / std = 1e6) fails without the shifted sums, even in float64.
     g = torch.Generator().manual_seed(5)
     x = torch.randn(t, 1, generator=g) * std + mean

@@ -403,7 +403,7 @@ needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA (compi
 
 @needs_cuda
 def test_cuda_ten_million_tokens_mean_far_above_std():
-    """DESIGN.md: N(100, 1) over >= 1e7 tokens, std within 1e-3 relative of a float64 two-pass reference."""
+    """docs/OPS.md (precision): N(100, 1) over >= 1e7 tokens, std within 1e-3 relative of a float64 two-pass."""
     t, n = 10_000_000, 8
     pre = 100.0 + torch.randn(t, n, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     acc = empty_stats(1, n, DEVICE)
