@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import ACTIVATIONS, check_activation
-from .schema import DEFAULT_TAU, FLOAT_DTYPES, NUM_FIELDS, check_linear
+from .schema import DEFAULT_TAU, FLOAT_DTYPES, check_launch_args, check_linear
 from .stats import merge_into, segment_stats_reference
 
 BACKENDS = ("reference", "cpp", "triton")
@@ -169,16 +169,6 @@ def _gated_fake(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, 
 
 # ---- validation (once, here) ----
 
-def _check_acc(acc, name, num_groups, n, device):
-    if acc is None:
-        return
-    if acc.dtype != torch.float64 or acc.shape != (NUM_FIELDS, num_groups, n) or not acc.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous float64 tensor of shape {(NUM_FIELDS, num_groups, n)}, "
-                         f"got {tuple(acc.shape)} {acc.dtype}")
-    if acc.device != device:
-        raise ValueError(f"{name} is on {acc.device}, activations on {device}")
-
-
 def _prepare(n, t, device, keep, group_ids, stats, pre_stats, up_stats):
     """Validate the arguments both ops share; returns (keep, gid, num_groups) in the backend contract's form."""
     if keep is not None:
@@ -186,9 +176,8 @@ def _prepare(n, t, device, keep, group_ids, stats, pre_stats, up_stats):
             raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({n},) for this layer")
         keep = keep.to(device=device, dtype=torch.bool)
     accs = [a for a in (stats, pre_stats, up_stats) if a is not None]
-    num_groups = accs[0].shape[1] if accs else 1
-    for acc, name in ((stats, "stats"), (pre_stats, "pre_stats"), (up_stats, "up_stats")):
-        _check_acc(acc, name, num_groups, n, device)
+    num_groups = accs[0].shape[1] if accs and accs[0].dim() == 3 else 1
+    check_launch_args(t, n, device, "identity", None, None, num_groups, stats, pre_stats, up_stats, True)
     gid = None
     if group_ids is not None:
         if group_ids.numel() != t or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:

@@ -96,11 +96,12 @@ def check_launch_args(t, n, device, act, keep, gid, num_groups, hidden_acc, pre_
     if gid is not None and (not isinstance(gid, torch.Tensor) or gid.dtype != torch.int32 or gid.shape != (t,)
                             or gid.device != device):
         raise ValueError(f"group ids must be an int32 tensor of shape ({t},) on {device}, got {_describe(gid)}")
-    for acc, name in ((hidden_acc, "hidden_acc"), (pre_acc, "pre_acc"), (up_acc, "up_acc")):
+    for acc, name in ((hidden_acc, "stats (hidden_acc)"), (pre_acc, "pre_stats (pre_acc)"), (up_acc, "up_stats (up_acc)")):
         if acc is None:
             continue
         if not isinstance(acc, torch.Tensor) or acc.dtype != torch.float64 or acc.device != device:
-            raise TypeError(f"{name} must be a float64 tensor on {device}, got {_describe(acc)}")
+            raise TypeError(f"{name} must be a float64 tensor on {device} (the activations' device), got "
+                            f"{_describe(acc)}")
         if acc.shape != (NUM_FIELDS, num_groups, n) or not acc.is_contiguous():
             raise ValueError(f"{name} must be contiguous with shape {(NUM_FIELDS, num_groups, n)}, got "
                              f"{tuple(acc.shape)} strides {acc.stride()}")
