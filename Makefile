@@ -20,10 +20,10 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/manu-fast demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests/ -q
+	$(VENV)/bin/pytest tests/ -q
 
 bench: $(VENV)/.installed
-	$(PY) -m pytest benchmarks/ -q -s
+	$(VENV)/bin/pytest benchmarks/ -q -s
 
 clean:
 	rm -rf $(VENV) build *.egg-info manu_fast/_C*.so

@@ -1,13 +1,18 @@
-"""Kernel-level timing on CUDA: the profiling gated MLP against the plain HF-style MLP.
+"""Kernel-level timing on CUDA: the two ways of running a profiling gated MLP, and the elementwise kernel's
+launch configurations.
 
-    python benchmarks/gated_paths.py [--tokens 4096 16384] [--out results.md]
+    python benchmarks/gated_paths.py [--tokens 4096 16384] [--hidden 1024 2048 4096] [--out results.md]
 
-Shapes default to LLaVA-1.5-7B's language model (hidden 4096, intermediate 11008, bf16, SiLU). Providers:
-``plain`` = down(act(gate(x)) * up(x)) as HF runs it (no statistics: the lower bound); ``unfused`` =
-cuBLAS gate/up + the Triton act_stats kernel (stats of h over 4 groups) + down; ``fused`` = the fused gate/up
-GEMM kernel + down; ``auto`` = what ``gated_linear_act_stats`` picks for the shape. Also the elementwise part
-alone (act*up vs act_stats). Medians of ``triton.testing.do_bench`` (warm-up excluded), peak extra memory.
-Prints a markdown table with the device name and versions; without CUDA it says so and exits 0.
+1. **Paths** (bf16, SiLU, 8 token groups, intermediate = 2.6875 x hidden as in LLaVA-7B's 4096 -> 11008):
+   ``plain`` = down(act(gate(x)) * up(x)) as HF runs it (no statistics: the lower bound); ``unfused`` = cuBLAS
+   gate/up + the Triton act_stats kernel + down; ``fused`` = the fused gate/up GEMM kernel + down. The hidden
+   size where ``fused`` stops winning is the value for ``MANU_FAST_FUSED_MAX_D`` (kernels/gated_gemm.py).
+2. **Sweep** of ``act_stats_triton``'s launch configuration at 4096 and 16384 x 11008 bf16, 8 groups, statistics of
+   h alone and of h, pre and up: (BLOCK_T, BLOCK_N, ACC_ROWS, warps) against plain ``silu(g) * u``; the best rows
+   are the defaults to put in ``kernels/act_stats.py:default_config``.
+
+Medians of ``triton.testing.do_bench`` (warm-up excluded), quantiles 0.2/0.8. Prints markdown tables with the
+device name and versions; without CUDA it says so and exits 0.
 """
 from __future__ import annotations
 
@@ -18,16 +23,16 @@ import sys
 import torch
 import torch.nn.functional as F
 
-NUM_GROUPS = 4
+NUM_GROUPS = 8
 PATH_ENV = "MANU_FAST_GATED_PATH"
+SWEEP = [  # (BLOCK_T, BLOCK_N, ACC_ROWS, num_warps); ACC_ROWS = BLOCK_T: one accumulator per tile position
+    (32, 64, 32, 4), (32, 64, 1, 4), (16, 64, 16, 4), (16, 128, 16, 4), (16, 128, 16, 8), (32, 128, 32, 8),
+    (8, 128, 8, 4), (64, 64, 1, 4), (64, 64, 1, 8), (32, 128, 1, 4), (64, 128, 1, 8), (16, 256, 16, 8),
+]
 
 
-def _timed(fn, do_bench):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ms = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+def _bench(fn, do_bench):
+    return do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
 
 
 def _with_path(path, fn):
@@ -44,20 +49,26 @@ def _with_path(path, fn):
     return run
 
 
-def bench(tokens: int, hidden: int, inter: int, dtype: torch.dtype):
-    from triton.testing import do_bench
+def _group_ids(tokens, dev):
+    """One data key's layout (the last key's groups): 75 % image tokens, then text, the last 1/16 padding."""
+    gid = torch.full((tokens,), NUM_GROUPS - 1, dtype=torch.int32)
+    gid[: tokens * 3 // 4] = NUM_GROUPS - 2
+    gid[tokens - tokens // 16:] = -1
+    return gid.to(dev)
 
+
+def paths(tokens: int, hidden: int, do_bench) -> list[tuple]:
     from manu_fast.activations import ACTIVATIONS
-    from manu_fast.ops import act_stats, gated_linear_act_stats
+    from manu_fast.ops import gated_linear_act_stats
     from manu_fast.stats import empty_stats
 
-    dev = torch.device("cuda")
+    inter = round(hidden * 11008 / 4096 / 64) * 64
+    dev, dtype = torch.device("cuda"), torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=g)
     w_gate, w_up = (torch.randn(inter, hidden, device=dev, dtype=dtype, generator=g) / hidden ** 0.5 for _ in range(2))
     w_down = torch.randn(hidden, inter, device=dev, dtype=dtype, generator=g) / inter ** 0.5
-    gid = torch.randint(-1, NUM_GROUPS, (tokens,), device=dev, dtype=torch.int32, generator=g)
-    acc = empty_stats(NUM_GROUPS, inter, dev)
+    gid, acc = _group_ids(tokens, dev), empty_stats(NUM_GROUPS, inter, dev)
     silu = ACTIVATIONS["silu"]
 
     def plain():
@@ -67,38 +78,71 @@ def bench(tokens: int, hidden: int, inter: int, dtype: torch.dtype):
         h = gated_linear_act_stats(x, w_gate, None, w_up, None, act="silu", group_ids=gid, stats=acc, backend="triton")
         return F.linear(h, w_down)
 
-    gate, up = F.linear(x, w_gate), F.linear(x, w_up)
-    rows = []
-    plain_ms, plain_mem = _timed(plain, do_bench)
-    rows.append(("mlp", "plain (HF, no stats)", plain_ms, plain_mem, 1.0))
-    for name in ("unfused", "fused", "auto"):
-        ms, mem = _timed(_with_path(name, profiling), do_bench)
-        rows.append(("mlp", f"profiling {name}", ms, mem, ms[0] / plain_ms[0]))
-    ew_ms, ew_mem = _timed(lambda: silu(gate) * up, do_bench)
-    rows.append(("act*up", "plain (HF, no stats)", ew_ms, ew_mem, 1.0))
-    ms, mem = _timed(lambda: act_stats(gate, up, act="silu", group_ids=gid, stats=acc, backend="triton"), do_bench)
-    rows.append(("act*up", "act_stats (Triton)", ms, mem, ms[0] / ew_ms[0]))
+    base = _bench(plain, do_bench)
+    rows = [(tokens, f"{hidden}->{inter}", "plain (HF, no stats)", base, 1.0)]
+    for name in ("unfused", "fused"):
+        ms = _bench(_with_path(name, profiling), do_bench)
+        rows.append((tokens, f"{hidden}->{inter}", f"profiling {name}", ms, ms[0] / base[0]))
     return rows
+
+
+def sweep(tokens: int, do_bench) -> list[tuple]:
+    from manu_fast.kernels import act_stats_triton
+    from manu_fast.stats import empty_stats
+
+    dev, n = torch.device("cuda"), 11008
+    g = torch.Generator(device=dev).manual_seed(0)
+    pre, up = (torch.randn(tokens, n, device=dev, generator=g).to(torch.bfloat16) for _ in range(2))
+    gid = _group_ids(tokens, dev)
+    accs = [empty_stats(NUM_GROUPS, n, dev) for _ in range(3)]
+    base = _bench(lambda: F.silu(pre) * up, do_bench)
+    rows = [(tokens, "plain silu(g) * u", "-", base, 1.0)]
+    for sites in (1, 3):
+        site_accs = accs[:sites] + [None] * (3 - sites)
+        for bt, bn, acc_rows, warps in SWEEP:
+            def run(bt=bt, bn=bn, acc_rows=acc_rows, warps=warps):
+                return act_stats_triton(pre, up, "silu", None, gid, NUM_GROUPS, 0.1, *site_accs, True, block_t=bt,
+                                        block_n=bn, acc_rows=acc_rows, num_warps=warps)
+            try:
+                ms = _bench(run, do_bench)
+            except Exception as e:  # a configuration the compiler refuses (e.g. out of registers/shared memory)
+                rows.append((tokens, f"{sites} site(s)", f"{bt}x{bn} acc_rows {acc_rows} w{warps}: {type(e).__name__}",
+                             (float("nan"),) * 3, float("nan")))
+                continue
+            rows.append((tokens, f"{sites} site(s)", f"{bt}x{bn} acc_rows {acc_rows} w{warps}", ms, ms[0] / base[0]))
+    return rows
+
+
+def _table(title, head, rows) -> list[str]:
+    lines = [f"**{title}**", "", "| " + " | ".join(head) + " | median ms | p20 ms | p80 ms | x plain |",
+             "|" + " --- |" * (len(head) + 4)]
+    for *cells, (med, p20, p80), ratio in rows:
+        lines.append("| " + " | ".join(str(c) for c in cells) + f" | {med:.3f} | {p20:.3f} | {p80:.3f} | {ratio:.3f} |")
+    return lines + [""]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--intermediate", type=int, default=11008)
-    ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
+    ap.add_argument("--out", help="also write the markdown tables to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gated_paths: no CUDA device, nothing measured")
         return 0
     import triton
-    header = (f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-              f"hidden {args.hidden}, intermediate {args.intermediate}, bf16, SiLU, {NUM_GROUPS} groups")
-    lines = [header, "", "| tokens | part | provider | median ms | p20 ms | p80 ms | peak extra MiB | x plain |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for t in args.tokens:
-        for part, name, (med, p20, p80), mem, ratio in bench(t, args.hidden, args.intermediate, torch.bfloat16):
-            lines.append(f"| {t} | {part} | {name} | {med:.3f} | {p20:.3f} | {p80:.3f} | {mem:.0f} | {ratio:.3f} |")
+    from triton.testing import do_bench
+
+    lines = [f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+             f"bf16, SiLU, {NUM_GROUPS} groups", ""]
+    rows = [r for t in args.tokens for d in args.hidden for r in paths(t, d, do_bench)]
+    lines += _table("Profiling gated MLP: cuBLAS + act_stats (unfused) vs the fused gate/up GEMM", ["tokens", "shape",
+                    "provider"], rows)
+    if not args.no_sweep:
+        rows = [r for t in args.tokens for r in sweep(t, do_bench)]
+        lines += _table("act_stats_triton launch configurations, x 11008 bf16", ["tokens", "statistics", "config"],
+                        rows)
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -14,24 +14,35 @@ against the fused result:
   it, concatenate and reduce (two-pass, fp32) at the end. Memory O(tokens x neurons).
 
 Model peers run a profiling pass (a list of batches) over a model with those statistics in forward pre-hooks on
-each MLP's down_proj/fc2 (whose input is the neuron activation ``h``), or with manu_fast's Profiler (``fused``),
-or with nothing (``plain``).
+each MLP's down_proj/fc2 (whose input is the neuron activation ``h``), or with manu_fast's public ``profile()``
+(``fused``), or with nothing (``plain``). Token groups are MANU's: ``NUM_KEYS`` data keys (split x modality, one
+per batch, round robin) x {image, text} tokens, 8 groups with the default 4 keys.
 """
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from manu_fast.adapters import find_mlps, get_patch
-from manu_fast.profiler import Profiler
-from manu_fast.stats import DEFAULT_TAU, F, empty_stats
+from manu_fast.profiler import profile
+from manu_fast.stats import DEFAULT_TAU, F, empty_stats, group_label
 
-GROUP_LABELS = ("forget/multimodal/image", "forget/multimodal/text")
-IMAGE_GROUP, TEXT_GROUP = 0, 1
-SPLIT, MODALITY = "forget", "multimodal"
+DATA_KEYS = (("forget", "multimodal"), ("forget", "text"), ("retain", "multimodal"), ("retain", "text"))
+KINDS = ("image", "text")
+NUM_KEYS = len(DATA_KEYS)
+
+
+def group_labels(num_keys: int = NUM_KEYS) -> list[str]:
+    """The profiler's labels for ``num_keys`` data keys: key k's image/text tokens are groups 2k / 2k + 1."""
+    return [group_label(s, m, kind) for s, m in DATA_KEYS[:num_keys] for kind in KINDS]
+
+
+def key_groups(key: int) -> tuple[int, int]:
+    """(image group, text group) of data key ``key``."""
+    return 2 * key, 2 * key + 1
 
 
 def one_hot_groups(gid: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -148,9 +159,12 @@ STATS_PEERS = {cls.name: cls for cls in (StreamStats, WelfordStats, StoreStats)
                if cls is not WelfordStats or importlib.util.find_spec("welford_torch") is not None}
 
 
-def lm_group_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int) -> torch.Tensor:
-    """Per-position group of the language model's tokens: image / text, -1 for padding (flattened, int32)."""
-    gid = torch.where(input_ids == image_token, IMAGE_GROUP, TEXT_GROUP).to(torch.int32)
+def lm_group_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int,
+                 key: int = 0) -> torch.Tensor:
+    """Per-position group of the language model's tokens of data key ``key``: image / text, -1 for padding
+    (flattened, int32)."""
+    image, text = key_groups(key)
+    gid = torch.where(input_ids == image_token, image, text).to(torch.int32)
     if attention_mask is not None:
         gid = gid.masked_fill(attention_mask == 0, -1)
     return gid.reshape(-1)
@@ -158,11 +172,15 @@ def lm_group_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, i
 
 @dataclass
 class Batch:
-    """One forward of a profiling pass: the model kwargs, and the language-model token layout for the groups."""
+    """One forward of a profiling pass: the model kwargs (with ``input_ids``/``attention_mask``, the language-model
+    token layout), the cheap-forward extras the peers add (manu_fast's ``profile()`` adds its own), and the data
+    key (index into DATA_KEYS) the batch belongs to."""
 
     kwargs: dict
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
+    extra: dict = field(default_factory=dict)
+    key: int = 0
 
     @property
     def lm_tokens(self) -> int:
@@ -183,16 +201,16 @@ class PlainPeer:
     def run(self, model: nn.Module, batches: list[Batch]) -> RunResult:
         with torch.no_grad():
             for b in batches:
-                model(**b.kwargs)
+                model(**b.kwargs, **b.extra)
         return RunResult(None, 0)
 
 
 class HookPeer:
     """A statistics peer in forward pre-hooks on every MLP's output projection (its input is the hidden activation)."""
 
-    def __init__(self, stats_name: str, image_token: int, tau: float = DEFAULT_TAU):
+    def __init__(self, stats_name: str, image_token: int, tau: float = DEFAULT_TAU, num_keys: int = NUM_KEYS):
         self.stats_cls = STATS_PEERS[stats_name]
-        self.name, self.image_token, self.tau = stats_name, image_token, tau
+        self.name, self.image_token, self.tau, self.num_keys = stats_name, image_token, tau, num_keys
 
     def run(self, model: nn.Module, batches: list[Batch]) -> RunResult:
         stats, handles, state = {}, [], {}
@@ -206,20 +224,22 @@ class HookPeer:
                     if gid.numel() != t:
                         raise RuntimeError(f"{name}: {t} tokens, batch layout has {gid.numel()}")
                 else:  # vision tower and projector tokens are all image tokens
-                    gid = state.setdefault(("vision", t), torch.full((t,), IMAGE_GROUP, dtype=torch.int32, device=a.device))
+                    gid = state.setdefault(("vision", t), torch.full((t,), key_groups(state["key"])[0],
+                                                                     dtype=torch.int32, device=a.device))
                 stats[name].update(a, gid)
             return hook
 
         for info in find_mlps(model):
             out_proj = info.out_linear
-            stats[info.name] = self.stats_cls(len(GROUP_LABELS), info.neurons, self.tau, out_proj.weight.device)
+            stats[info.name] = self.stats_cls(2 * self.num_keys, info.neurons, self.tau, out_proj.weight.device)
             handles.append(out_proj.register_forward_pre_hook(make_hook(info.name, info.tower)))
         try:
             with torch.no_grad():
                 for b in batches:
                     state.clear()
-                    state["lm"] = lm_group_ids(b.input_ids, b.attention_mask, self.image_token)
-                    model(**b.kwargs)
+                    state["key"] = b.key
+                    state["lm"] = lm_group_ids(b.input_ids, b.attention_mask, self.image_token, b.key)
+                    model(**b.kwargs, **b.extra)
                 held = sum(s.held_bytes() for s in stats.values())
                 return RunResult({name: s.block() for name, s in stats.items()}, held)
         finally:
@@ -228,31 +248,40 @@ class HookPeer:
 
 
 class FusedPeer:
-    """manu_fast: patch the model's MLPs with the fused layers and profile with ``Profiler`` (C++ on CPU, Triton on
-    CUDA via the dispatch). The model is unpatched afterwards if it was not patched before."""
+    """manu_fast as a user runs it: the public ``profile(model, {(split, modality): batches})``, which patches the
+    model's MLPs with the fused layers (C++ on CPU, Triton on CUDA via the dispatch). The model is unpatched
+    afterwards if it was not patched before."""
 
     name = "fused"
 
-    def __init__(self, tau: float = DEFAULT_TAU):
-        self.tau = tau
+    def __init__(self, tau: float = DEFAULT_TAU, num_keys: int = NUM_KEYS):
+        self.tau, self.num_keys = tau, num_keys
 
     def run(self, model: nn.Module, batches: list[Batch]) -> RunResult:
         was_patched = get_patch(model) is not None
+        data = {key: [] for key in DATA_KEYS[:self.num_keys]}
+        for b in batches:
+            data[DATA_KEYS[b.key]].append(b.kwargs)
+        data = {key: kwargs for key, kwargs in data.items() if kwargs}
         try:
-            with Profiler(model, list(GROUP_LABELS), tau=self.tau) as prof, torch.no_grad():
-                for b in batches:
-                    prof.set_batch(SPLIT, MODALITY, b.input_ids, b.attention_mask)
-                    model(**b.kwargs)
-            blocks = {key.split("::")[0]: block for key, block in prof.stats.blocks.items()}
-            return RunResult(blocks, sum(block.nbytes for block in blocks.values()))
+            stats = profile(model, data, tau=self.tau, progress=False)
+            blocks = {}
+            for key, block in stats.blocks.items():  # onto the peers' group numbering (profile() numbers its keys)
+                full = empty_stats(2 * self.num_keys, block.shape[-1], block.device)
+                for i, label in enumerate(stats.groups):
+                    full[:, group_labels(self.num_keys).index(label)] = block[:, i]
+                blocks[key.split("::")[0]] = full
+            return RunResult(blocks, sum(block.nbytes for block in stats.blocks.values()))
         finally:
             if not was_patched and get_patch(model) is not None:
                 get_patch(model).unpatch()
 
 
-def model_peers(image_token: int) -> list:
-    """The peers of a model-level comparison, ``fused`` right after ``plain`` (the others are checked against it)."""
-    return [PlainPeer(), FusedPeer(), *(HookPeer(name, image_token) for name in STATS_PEERS)]
+def model_peers(image_token: int, num_keys: int = NUM_KEYS, stats_peers=None) -> list:
+    """The peers of a model-level comparison, ``fused`` right after ``plain`` (the others are checked against it);
+    ``stats_peers`` limits the hook peers (default: every one of STATS_PEERS)."""
+    names = STATS_PEERS if stats_peers is None else [n for n in stats_peers if n in STATS_PEERS]
+    return [PlainPeer(), FusedPeer(num_keys=num_keys), *(HookPeer(name, image_token, num_keys=num_keys) for name in names)]
 
 
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:

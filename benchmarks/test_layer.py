@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from .harness import measure_peers
-from .peers import assert_blocks_close, model_peers, model_peers_checked, tolerances
+from .peers import NUM_KEYS, assert_blocks_close, model_peers, model_peers_checked, tolerances
 from .workloads import IMAGE_TOKEN, LLAVA_LM, MLPHost, build_mlp, dtype_name, mlp_batches
 
 CASES = ("llava-lm-mlp", "clip-vit-l-mlp")
@@ -42,15 +42,15 @@ def test_layer(results, device, sizes, case, dtype):
     host = MLPHost(mlp)
     out_proj = mlp.fc2 if case == "clip-vit-l-mlp" else mlp.down_proj
     neurons, hidden = out_proj.in_features, out_proj.out_features
-    batches = mlp_batches(case, tokens, hidden, 1, device, dtype)
-    shapes = f"{tokens}x{hidden}->{neurons}"
+    batches = mlp_batches(case, tokens, hidden, NUM_KEYS, device, dtype)  # one per data key: 8 token groups
+    shapes = f"{NUM_KEYS}x{tokens}x{hidden}->{neurons}"
 
     fns = {p.name: (lambda p=p: p.run(host, batches)) for p in model_peers(IMAGE_TOKEN)}
     liger = liger_swiglu(mlp, device) if case == "llava-lm-mlp" else None
     if liger is not None:
         def liger_fn():
             with torch.no_grad():
-                return liger(batches[0].kwargs["x"])
+                return [liger(b.kwargs["x"]) for b in batches]
         fns["liger-swiglu"] = liger_fn
     runs, peaks, timings = measure_peers(fns, device, sizes.time_s)
     rtol, active_rtol = tolerances(dtype)
@@ -61,4 +61,5 @@ def test_layer(results, device, sizes, case, dtype):
                 "held_bytes": 0 if name == "liger-swiglu" else runs[name].held_bytes,
                 "note": "fused activation, no statistics" if name == "liger-swiglu" else "",
                 "shapes": shapes, "dtype": dtype_name(dtype)} for name in fns]
-    results.report("layer", case, f"One MLP layer ({case}), {tokens} tokens, statistics of the hidden neurons", entries)
+    results.report("layer", case, f"One MLP layer ({case}), {NUM_KEYS} batches of {tokens} tokens (one per data key, "
+                   f"{2 * NUM_KEYS} token groups), statistics of the hidden neurons", entries)

@@ -1,7 +1,7 @@
 """Level "masked": inference with pruned neurons. The dense HF MLP (``plain``) against manu_fast's reversible
 mask on the fused layer (``fused-mask``: the full-size matmuls, the mask applied inside the fused activation) and
 the compacted layer (``compact``: ``layer.compact()`` drops the pruned neurons from the weights).
-Target (DESIGN.md §6): compact time <= (1 - pruned fraction) x dense + 5 %.
+Target: compact time <= (1 - pruned fraction) x dense + 5 % (compact widths: docs/OPS.md, section 5).
 """
 from __future__ import annotations
 

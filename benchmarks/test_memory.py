@@ -4,12 +4,13 @@
 hooks-store), counted exactly from its tensors; ``peak extra`` is measured (CUDA: max_memory_allocated; CPU: peak
 RSS growth, a lower bound). manu_fast's fused statistics are O(neurons) per layer, independent of tokens; the
 MANU reference style (hooks-store) is O(tokens x neurons). On CUDA, hooks-store is also run until it runs out of
-memory, and the point where it does is recorded.
+memory (with MANU_FAST_BENCH_OOM=1: it takes minutes), and the point where it does is recorded.
 """
 from __future__ import annotations
 
 import gc
 import math
+import os
 
 import torch
 
@@ -66,7 +67,7 @@ def test_memory_growth(results, device, sizes):
           f"({REAL_7B['image_tokens']} image + {case.text_tokens} text tokens); fused: "
           f"{fmt_bytes(7 * 2 * 8 * (32 * 11008 + 24 * 4096 + 4096))} in all for 2 groups (7 float64 fields). "
           f"With {fmt_bytes(free)} free here, hooks-store fills it after ~{free // real} samples.")
-    if device.type == "cuda":
+    if device.type == "cuda" and os.environ.get("MANU_FAST_BENCH_OOM") == "1":  # minutes; measured once (BENCHMARKS.md)
         _store_until_oom(results, model, case, dtype, per_sample, device)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from manu_fast.adapters import MODEL_TABLE, ModelSpec, register_model
 
-from .peers import Batch
+from .peers import NUM_KEYS, Batch
 
 IMAGE_TOKEN = 32000  # LLaVA-1.5's <image> id
 VOCAB = 32064
@@ -48,41 +48,51 @@ class ModelCase:
 @dataclass(frozen=True)
 class Sizes:
     op_shapes: tuple[tuple[int, int, torch.dtype], ...]  # (tokens, neurons, dtype)
-    layer_tokens: dict                                   # MLP case name -> tokens
+    layer_tokens: dict                                   # MLP case name -> tokens per batch (one batch per data key)
     layer_dtypes: tuple[torch.dtype, ...]
-    model: ModelCase
+    model: ModelCase                                     # the memory level's model (hooks-store must fit)
     model_dtypes: tuple[torch.dtype, ...]
     memory_passes: tuple[int, ...]                       # batches per profiling pass, growing
     masked_tokens: int
     masked_dtypes: tuple[torch.dtype, ...]
     prune_fractions: tuple[float, ...] = (0.0, 0.02, 0.10, 0.50)
     time_s: float = 1.0                                   # max measuring time per peer and case
+    timed_model: ModelCase | None = None                  # the model level's model, when not ``model``
+    op_groups: tuple[int, ...] = (2, 8)                   # token groups of the op level's accumulators
 
 
 def sizes(mode: str, device: torch.device) -> Sizes:
     fp32, bf16 = torch.float32, torch.bfloat16
     if device.type == "cuda":
+        # full mode times the whole LLaVA-1.5-7B-width model at full depth (32 + 24 layers), 32 batches of 8 samples
+        # per profile() call over the 4 data keys (8 token groups); memory keeps the 4 + 4 layer model, where
+        # hooks-store can hold a few batches before running out.
+        full = ModelCase(LLAVA_LM, CLIP_VIT_L, text_layers=32, vision_layers=24, batch=8, text_tokens=64,
+                         batches_per_pass=32)
         return Sizes(op_shapes=((4096, 11008, fp32), (4096, 11008, bf16), (16384, 11008, bf16)),
                      layer_tokens={"llava-lm-mlp": 8192, "clip-vit-l-mlp": 577 * 16},
                      layer_dtypes=(bf16,),
                      model=ModelCase(LLAVA_LM, CLIP_VIT_L, text_layers=4, vision_layers=4, batch=8, text_tokens=64,
-                                     batches_per_pass=2),
-                     model_dtypes=(bf16,), memory_passes=(1, 4, 16), masked_tokens=8192, masked_dtypes=(bf16,),
-                     time_s=2.0 if mode == "full" else 1.0)
+                                     batches_per_pass=4),
+                     model_dtypes=(bf16,), memory_passes=(4, 16), masked_tokens=8192, masked_dtypes=(bf16,),
+                     prune_fractions=(0.0, 0.02, 0.10, 0.30, 0.50),
+                     time_s=2.0 if mode == "full" else 1.0, timed_model=full if mode == "full" else None)
     if mode == "full":
         return Sizes(op_shapes=((4096, 11008, fp32), (4096, 11008, bf16)),
                      layer_tokens={"llava-lm-mlp": 512, "clip-vit-l-mlp": 1154},
                      layer_dtypes=(fp32, bf16),
                      model=ModelCase(LLAVA_LM, CLIP_VIT_L, text_layers=2, vision_layers=2, batch=1, text_tokens=64,
-                                     batches_per_pass=2),
-                     model_dtypes=(fp32, bf16), memory_passes=(1, 2, 4), masked_tokens=512, masked_dtypes=(fp32, bf16),
+                                     batches_per_pass=NUM_KEYS),
+                     model_dtypes=(fp32, bf16), memory_passes=(NUM_KEYS, 2 * NUM_KEYS), masked_tokens=512,
+                     masked_dtypes=(fp32, bf16),
                      time_s=4.0)
     return Sizes(op_shapes=((4096, 11008, fp32), (4096, 11008, bf16), (512, 11008, bf16)),
                  layer_tokens={"llava-lm-mlp": 32, "clip-vit-l-mlp": 128},
                  layer_dtypes=(fp32, bf16),
                  model=ModelCase(REDUCED_LM, REDUCED_VIT, text_layers=2, vision_layers=2, batch=2, text_tokens=64,
-                                 batches_per_pass=1),
-                 model_dtypes=(fp32,), memory_passes=(1, 3), masked_tokens=32, masked_dtypes=(bf16,), time_s=0.5)
+                                 batches_per_pass=NUM_KEYS),
+                 model_dtypes=(fp32,), memory_passes=(NUM_KEYS, 2 * NUM_KEYS), masked_tokens=32, masked_dtypes=(bf16,),
+                 time_s=0.5, op_groups=(8,))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -106,11 +116,12 @@ def build_llava(case: ModelCase, device: torch.device, dtype: torch.dtype, seed:
 
 
 def llava_batches(case: ModelCase, count: int, device: torch.device, dtype: torch.dtype, seed: int = 1) -> list[Batch]:
-    """``count`` batches of ``case.batch`` samples: one image (its tokens first) + text, the last sample right-padded."""
+    """``count`` batches of ``case.batch`` samples: one image (its tokens first) + text, the last sample right-padded;
+    batch i belongs to data key i % NUM_KEYS."""
     g = torch.Generator().manual_seed(seed)
     out = []
     size = case.vit["image_size"]
-    for _ in range(count):
+    for i in range(count):
         ids = torch.randint(3, IMAGE_TOKEN, (case.batch, case.image_tokens + case.text_tokens), generator=g)
         ids[:, :case.image_tokens] = IMAGE_TOKEN
         att = torch.ones_like(ids)
@@ -118,9 +129,8 @@ def llava_batches(case: ModelCase, count: int, device: torch.device, dtype: torc
         ids[-1, -pad:], att[-1, -pad:] = 0, 0
         pixels = torch.randn(case.batch, 3, size, size, generator=g)
         ids, att = ids.to(device), att.to(device)
-        kwargs = {"input_ids": ids, "attention_mask": att, "pixel_values": pixels.to(device, dtype),
-                  "use_cache": False, "logits_to_keep": 1}
-        out.append(Batch(kwargs, ids, att))
+        kwargs = {"input_ids": ids, "attention_mask": att, "pixel_values": pixels.to(device, dtype)}
+        out.append(Batch(kwargs, ids, att, extra={"use_cache": False, "logits_to_keep": 1}, key=i % NUM_KEYS))
     return out
 
 
@@ -131,7 +141,8 @@ MLP_HOST_TYPE = "manu_fast_bench_mlp"
 
 class MLPHost(nn.Module):
     """A lone HF MLP as a model manu_fast can patch and profile: ``forward(x) = mlp(x)``, its tokens are language
-    tokens whose image/text kind comes from the batch's ``input_ids`` (image token id ``IMAGE_TOKEN``)."""
+    tokens whose image/text kind comes from the batch's ``input_ids`` (image token id ``IMAGE_TOKEN``), which the
+    forward takes and ignores like a model's layout arguments."""
 
     def __init__(self, mlp: nn.Module):
         super().__init__()
@@ -140,7 +151,7 @@ class MLPHost(nn.Module):
         self.config = SimpleNamespace(model_type=MLP_HOST_TYPE, image_token_id=IMAGE_TOKEN)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_ids=None, attention_mask=None) -> torch.Tensor:
         return self.mlp(x)
 
 
@@ -163,11 +174,11 @@ def build_mlp(case: str, device: torch.device, dtype: torch.dtype, seed: int = 0
 
 def mlp_batches(case: str, tokens: int, hidden: int, count: int, device: torch.device, dtype: torch.dtype,
                 seed: int = 1) -> list[Batch]:
-    """Token batches for a lone MLP. Language MLP: like a LLaVA sequence (the first ~75 % image tokens, then text,
-    the last 1/16 padding). Vision MLP: all image tokens."""
+    """Token batches for a lone MLP, batch i of data key i % NUM_KEYS. Language MLP: like a LLaVA sequence (the
+    first ~75 % image tokens, then text, the last 1/16 padding). Vision MLP: all image tokens."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(count):
+    for i in range(count):
         x = torch.randn(tokens, hidden, generator=g).to(device, dtype)
         ids = torch.full((tokens,), 5, dtype=torch.long)
         att = torch.ones(tokens, dtype=torch.long)
@@ -176,5 +187,6 @@ def mlp_batches(case: str, tokens: int, hidden: int, count: int, device: torch.d
             att[tokens - tokens // 16:] = 0
         else:
             ids[:] = IMAGE_TOKEN
-        out.append(Batch({"x": x}, ids.to(device), att.to(device)))
+        ids, att = ids.to(device), att.to(device)
+        out.append(Batch({"x": x, "input_ids": ids, "attention_mask": att}, ids, att, key=i % NUM_KEYS))
     return out

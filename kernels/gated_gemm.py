@@ -2,9 +2,9 @@
 epilogue computes h = act(g) * u, applies the neuron mask, writes h and accumulates the segmented statistics
 of h (and of g/u on request). g and u never go to memory.
 
-Programs: one per (neuron block, token chunk); a program walks the BLOCK_M token tiles of its chunk and owns
-its slice of the fp32 partial-statistics scratch exactly as the elementwise kernel does (kernels/common.py),
-so the statistics are deterministic. The 1-D launch order puts the chunk index fastest: the C programs of one
+Programs: one per (neuron block, token chunk); a program walks the BLOCK_M token tiles of its chunk with the run
+statistics of the elementwise kernel (kernels/common.py; here reduced per tile, ACC_ROWS = 1, since the two
+fp32 GEMM accumulators already take the registers), so the statistics are deterministic. The 1-D launch order puts the chunk index fastest: the C programs of one
 neuron block run side by side and share each weight slab through L2, so the weights are read from memory
 about T / (BLOCK_M * C) times (C >= GEMM_MIN_CHUNKS on CUDA) rather than once per token tile.
 
@@ -15,31 +15,34 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import (act_code, apply_activation, chunk_token_range, fp32_threshold, group_args,
-                     hidden_tile_epilogue, interpreting, keep_args, merge_scratch, new_scratch, plan_chunks,
-                     rtne_by_hand, scratch_offsets)
+from manu_fast.schema import check_launch_args, check_linear
+from .act_stats import act_stats_triton
+from .common import (Statistics, act_code, apply_activation, chunk_token_range, flush_run, fp32_threshold,
+                     group_args, interpreting, keep_args, load_groups, plan_chunks, rtne_by_hand, start_statistics,
+                     statistics_step, store_hidden)
 
 GATED_PATH_ENV = "MANU_FAST_GATED_PATH"  # "fused" | "unfused" | "auto" (default)
 FUSED_MAX_D_ENV = "MANU_FAST_FUSED_MAX_D"
-FUSED_MAX_D_DEFAULT = 2048
+FUSED_MAX_D_DEFAULT = 0  # auto never fuses until a measurement shows where the fused GEMM wins
 FUSED_MIN_TOKENS = 128
 GEMM_MIN_CHUNKS = 8
 
 
 def prefer_fused_gemm(num_tokens: int, d_model: int, n_inter: int) -> bool:
-    """Heuristic (NOT yet measured on a GPU): use the fused GEMM for this shape?
+    """Use the fused GEMM for this shape? ``MANU_FAST_GATED_PATH=fused|unfused`` forces a path; ``auto`` (default)
+    fuses when ``d_model <= MANU_FAST_FUSED_MAX_D`` and ``num_tokens >= FUSED_MIN_TOKENS``.
 
-    ``MANU_FAST_GATED_PATH=fused|unfused`` forces a path; ``auto`` (default) applies the rule below.
-    Rationale (roofline, H100 bf16: ~990 TFLOP/s dense, ~3.35 TB/s): fusing saves writing and re-reading g and
-    u, 8*T*N bytes, i.e. 8*T*N/BW seconds; the GEMMs cost 4*T*D*N/(eff*peak) seconds, and a Triton GEMM is
-    assumed ~15 % less efficient than cuBLAS. Fusing wins when 8/BW > 0.15 * 4*D/(0.7*peak), i.e. for
-    D below ~2400: hence the default bound MANU_FAST_FUSED_MAX_D=2048 (e.g. 1.5B-3B language models),
-    and cuBLAS + the elementwise kernel for 7B-class D=4096. Below FUSED_MIN_TOKENS tokens the GEMMs are
-    weight-bandwidth bound and both paths read the same weights; cuBLAS's small-M kernels win there.
-    Re-derive both constants from ``benchmarks/gpu_check.sh`` (kernels-level timing) on the target GPU.
+    The default bound is 0, i.e. auto never fuses, because the one measurement so far says it loses: on an H200
+    (bf16, LLaVA-7B's 4096 -> 11008 MLP) the profiling MLP took 2.02x the plain MLP with the fused GEMM and
+    1.57x with cuBLAS + the elementwise kernel (docs/BENCHMARKS.md). The roofline argument for small D (fusing
+    saves writing and re-reading g and u, 8*T*N bytes, which outweighs a Triton GEMM's ~15 % deficit to cuBLAS
+    only for D below ~2400) is unmeasured; ``benchmarks/gated_paths.py`` times both paths at D = 1024, 2048 and
+    4096, and the crossover it finds on the target GPU is the value to set here (or in the environment).
+    Below FUSED_MIN_TOKENS tokens the GEMMs are weight-bandwidth bound and cuBLAS's small-M kernels win.
     """
     mode = os.environ.get(GATED_PATH_ENV, "auto")
     if mode == "fused":
@@ -54,7 +57,7 @@ def prefer_fused_gemm(num_tokens: int, d_model: int, n_inter: int) -> bool:
 
 @triton.jit
 def _gated_gemm_act_stats_kernel(
-    x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, out_ptr, keep_ptr, gid_ptr, scratch_ptr,
+    x_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, out_ptr, keep_ptr, gid_ptr, scratch_ptr, touched_ptr,
     T, N, D, num_groups, num_chunks, tiles_per_chunk, tau,
     stride_xt, stride_xd, stride_wgn, stride_wgd, stride_wun, stride_wud,
     part_stride, pre_site_offset, up_site_offset,
@@ -69,7 +72,7 @@ def _gated_gemm_act_stats_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
-    keep = col_ok  # placeholder for the epilogue when there is no mask (it reads keep only under HAS_KEEP)
+    keep = col_ok  # placeholder when there is no mask (read only under HAS_KEEP)
     if HAS_KEEP:
         keep = tl.load(keep_ptr + cols, mask=col_ok, other=0) != 0
     if HAS_BIAS_G:
@@ -77,6 +80,8 @@ def _gated_gemm_act_stats_kernel(
     if HAS_BIAS_U:
         bias_u = tl.load(bu_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     part_ptr = scratch_ptr + chunk * part_stride
+    (run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf,
+     uc, us1, us2, usa, una, unf) = start_statistics(1, BLOCK_M, BLOCK_N)
     # Weight tiles are read transposed, (BLOCK_K, BLOCK_N), straight from the (N, D) nn.Linear layout.
     wg_tile = wg_ptr + cols[None, :].to(tl.int64) * stride_wgn + ks[:, None] * stride_wgd
     wu_tile = wu_ptr + cols[None, :].to(tl.int64) * stride_wun + ks[:, None] * stride_wud
@@ -106,9 +111,19 @@ def _gated_gemm_act_stats_kernel(
         if HAS_BIAS_U:
             acc_u += bias_u[None, :]
         h = apply_activation(acc_g, ACT) * acc_u
-        hidden_tile_epilogue(h, acc_g, acc_u, keep, rows, row_ok, cols, col_ok, out_ptr, gid_ptr, part_ptr,
-                             pre_site_offset, up_site_offset, num_groups, N, tau,
-                             HAS_KEEP, True, HAS_GID, STATS_H, STATS_PRE, STATS_UP, RTNE_BF16, BLOCK_M)
+        h = store_hidden(h, keep, rows, row_ok, cols, col_ok, out_ptr, N, HAS_KEEP, True, RTNE_BF16)
+        if STATS_H or STATS_PRE or STATS_UP:
+            gid, valid = load_groups(gid_ptr, rows, row_ok, num_groups, HAS_GID, BLOCK_M)
+            (run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf,
+             uc, us1, us2, usa, una, unf) = statistics_step(
+                h, acc_g, acc_u, gid, valid, run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2,
+                psa, pna, pnf, uc, us1, us2, usa, una, unf, part_ptr, pre_site_offset, up_site_offset, num_groups,
+                N, cols, col_ok, tau, STATS_H, STATS_PRE, STATS_UP, 1, BLOCK_N)
+    if STATS_H or STATS_PRE or STATS_UP:
+        touched = flush_run(run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf,
+                            uc, us1, us2, usa, una, unf, part_ptr, pre_site_offset, up_site_offset, num_groups * N,
+                            N, cols, col_ok, STATS_H, STATS_PRE, STATS_UP)
+        tl.store(touched_ptr + chunk * (tl.num_programs(0) // num_chunks) + pid_n, touched)
 
 
 def _dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -126,15 +141,6 @@ def _default_blocks() -> tuple[int, int, int, int, int]:
     return 128, 64, 64, 8, 3
 
 
-def _check_linear(w, b, name, n, d, x):
-    if w.dim() != 2 or w.shape != (n, d) or w.dtype != x.dtype or w.device != x.device:
-        raise ValueError(f"{name} weight must be ({n}, {d}) {x.dtype} on {x.device}, "
-                         f"got {tuple(w.shape)} {w.dtype} {w.device}")
-    if b is not None and (b.shape != (n,) or b.dtype != x.dtype or b.device != x.device):
-        raise ValueError(f"{name} bias must be ({n},) {x.dtype} on {x.device}, "
-                         f"got {tuple(b.shape)} {b.dtype} {b.device}")
-
-
 def gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc,
                            pre_acc, up_acc, *, block_m: int | None = None, block_n: int | None = None,
                            block_k: int | None = None, tiles_per_chunk: int | None = None):
@@ -148,8 +154,9 @@ def gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_gr
         raise TypeError(f"x must be a 2-D fp32/fp16/bf16 tensor, got {tuple(x.shape)} {x.dtype}")
     T, D = x.shape
     N = w_gate.shape[0]
-    _check_linear(w_gate, b_gate, "gate", N, D, x)
-    _check_linear(w_up, b_up, "up", N, D, x)
+    check_linear(w_gate, b_gate, "gate", N, D, x)
+    check_linear(w_up, b_up, "up", N, D, x)
+    check_launch_args(T, N, x.device, act, keep, gid, num_groups, hidden_acc, pre_acc, up_acc, True)
     device = x.device
     out = torch.empty((T, N), dtype=x.dtype, device=device)
     if T == 0 or N == 0:
@@ -157,21 +164,32 @@ def gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_gr
     accs = (hidden_acc, pre_acc, up_acc)
     dm, dn, dk, num_warps, num_stages = _default_blocks()
     block_m, block_n, block_k = block_m or dm, block_n or dn, block_k or dk
-    gid_t, has_gid = group_args(gid, T, device)
-    keep_t, has_keep = keep_args(keep, N, device)
+    gid_t, has_gid = group_args(gid, device)
+    keep_t, has_keep = keep_args(keep, device)
     n_blocks = triton.cdiv(N, block_n)
     tiles_per_chunk, chunks = plan_chunks(T, block_m, n_blocks, device, tiles_per_chunk, GEMM_MIN_CHUNKS)
-    scratch = new_scratch(accs, chunks, num_groups, N, device)
+    stats = Statistics(accs, num_groups, N, chunks, n_blocks, device)
+    scratch, touched, *offsets = stats.kernel_args()
     _gated_gemm_act_stats_kernel[(n_blocks * chunks,)](
         x, w_gate, b_gate if b_gate is not None else w_gate, w_up, b_up if b_up is not None else w_up,
-        out, keep_t, gid_t, scratch,
+        out, keep_t, gid_t, scratch, touched,
         T, N, D, num_groups, chunks, tiles_per_chunk, fp32_threshold(tau),
-        x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
-        *scratch_offsets(scratch, accs),
+        x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1), *offsets,
         ACT=act_code(act), HAS_BIAS_G=b_gate is not None, HAS_BIAS_U=b_up is not None, HAS_KEEP=has_keep,
         HAS_GID=has_gid, STATS_H=hidden_acc is not None, STATS_PRE=pre_acc is not None,
         STATS_UP=up_acc is not None, DOT_FP32=_dot_in_fp32(x.dtype), RTNE_BF16=rtne_by_hand(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
-    merge_scratch(scratch, accs)
+    stats.merge(block_n)
     return out
+
+
+def gated_linear_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc,
+                                  pre_acc, up_acc):
+    """The ``gated_linear_act_stats`` backend contract (docs/OPS.md) on CUDA: the fused GEMM where
+    ``prefer_fused_gemm`` picks it for the shape, else cuBLAS projections + ``act_stats_triton``."""
+    if prefer_fused_gemm(x.shape[0], x.shape[1], w_gate.shape[0]):
+        return gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc,
+                                      pre_acc, up_acc)
+    return act_stats_triton(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), act, keep, gid, num_groups, tau,
+                            hidden_acc, pre_acc, up_acc, True)

@@ -1,11 +1,12 @@
-"""manu-fast: profile a model, select neurons, prune, report, or run the demo.
+"""manu-fast: profile a model, select neurons, prune, evaluate, report, or run the demo.
 
     manu-fast profile MODEL_DIR stats.safetensors --synthetic            # a model saved by `manu-fast demo`
-    manu-fast profile MODEL_DIR stats.safetensors --forget F.parquet --retain R.parquet   # MLLMU-Bench-style
+    manu-fast profile MODEL_DIR stats.safetensors --forget F --retain R [--qa ft_Data] [--names names.json]
+    manu-fast profile MODEL_DIR stats.safetensors --benchmark clear --forget forget10+tofu --retain retain90+tofu
     manu-fast select stats.safetensors masks.safetensors --strategy manu-code --alpha 2
     manu-fast prune MODEL_DIR masks.safetensors PRUNED_DIR
     manu-fast report stats.safetensors   (or masks.safetensors, or MODEL_DIR: its MLPs per tower, what is left out)
-    manu-fast evaluate MODEL_DIR --forget F.parquet --retain R.parquet [--masks masks.safetensors] [--json out.json]
+    manu-fast evaluate MODEL_DIR --forget F --retain R [--protocol logit|mllmu|clear] [--masks M] [--json out.json]
     manu-fast demo --help
 
 Errors (bad arguments, missing or refused files) print one line on stderr and exit with status 2.
@@ -82,7 +83,7 @@ def _synthetic_data(model, model_dir: Path, args, device) -> dict:
 
 
 class _EncodedItems:
-    """MLLMU-Bench items of one modality (question + answer), encoded by the model's processor ``batch_size`` at a
+    """Benchmark items of one modality (question + answer), encoded by the model's processor ``batch_size`` at a
     time when iterated (re-iterable, so a resumed run re-reads the same batches)."""
 
     def __init__(self, processor, items, batch_size: int, device, dtype):
@@ -93,7 +94,7 @@ class _EncodedItems:
         return -(-len(self.items) // self.batch_size)
 
     def __iter__(self):
-        from .data import encode_items
+        from .benchmarks import encode_items
         for i in range(0, len(self.items), self.batch_size):
             yield encode_items(self.processor, self.items[i:i + self.batch_size], with_answer=True,
                                device=self.device, dtype=self.dtype)
@@ -116,14 +117,22 @@ def load_processor(path):
                          f"save_pretrained): {e}") from None
 
 
-def _parquet_data(processor, args, device) -> dict:
-    from .data import MODALITIES, load_mllmu_profiles
+def _profile_items(args) -> dict:
+    """{split: items} read from --forget / --retain (before the model is loaded, so bad data fails fast)."""
+    from .benchmarks import DataError, load_clear_profiles, load_mllmu_profiles, load_names
+    from .data import MODALITIES
+    if args.benchmark == "clear" and (args.names or args.qa):
+        raise UsageError("profile: --names and --qa are for --benchmark mllmu (CLEAR's captions hold the names)")
+    names = load_names(args.names) if args.names else None
     out = {}
     for split, path in (("forget", args.forget), ("retain", args.retain)):
-        items = load_mllmu_profiles(path)
+        items = (load_clear_profiles(path, args.seed) if args.benchmark == "clear"
+                 else load_mllmu_profiles(path, names, args.qa))
         for modality in MODALITIES:
-            out[split, modality] = _EncodedItems(processor, [i for i in items if i.modality == modality],
-                                                 args.batch_size, device, _dtype(args.dtype))
+            if not any(i.modality == modality for i in items):
+                hint = " (CLEAR's text-only rows are in its +tofu configs)" if args.benchmark == "clear" else ""
+                raise DataError(f"{path}: no {modality} items to profile{hint}")
+        out[split] = items
     return out
 
 
@@ -141,10 +150,16 @@ def cmd_profile(args) -> None:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     model_dir = Path(args.model)
-    processor = None if args.synthetic else load_processor(model_dir)  # before the (maybe large) model
+    items = None if args.synthetic else _profile_items(args)  # data and processor before the (maybe large) model
+    processor = None if args.synthetic else load_processor(model_dir)
     model = load_model(model_dir, args.dtype, device)
-    data = (_synthetic_data(model, model_dir, args, device) if args.synthetic
-            else _parquet_data(processor, args, device))
+    if args.synthetic:
+        data = _synthetic_data(model, model_dir, args, device)
+    else:
+        from .data import MODALITIES
+        data = {(split, modality): _EncodedItems(processor, [i for i in chosen if i.modality == modality],
+                                                 args.batch_size, device, _dtype(args.dtype))
+                for split, chosen in items.items() for modality in MODALITIES}
     if args.distributed:
         data = {key: mdist.Shard(batches) for key, batches in data.items()}
     if args.moe == "skip":
@@ -206,31 +221,92 @@ def cmd_prune(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
+def _evaluation_data(args, tasks) -> dict:
+    """What ``evaluate`` asks, read before the model is loaded: {"splits": {split: rows}, ...} per protocol."""
+    from .benchmarks import load_clear_choices, load_clear_perturbed, load_mllmu_split
+    from .protocols import people_of
+    if args.protocol == "clear":
+        return {"splits": {"forget": load_clear_perturbed(args.forget), "retain": load_clear_perturbed(args.retain)},
+                "choices": {kind: load_clear_choices(path, kind)
+                            for kind, path in (("real_faces", args.real_faces), ("real_world", args.real_world))
+                            if path}}
+    splits = {"forget": load_mllmu_split(args.forget, tasks), "retain": load_mllmu_split(args.retain, tasks)}
+    if args.test:
+        splits["test"] = people_of(load_mllmu_split(args.test, tasks), splits["forget"], str(args.test))
+    if args.celebrity:
+        splits["celebrity"] = load_mllmu_split(args.celebrity, tasks)
+    data = {"splits": splits}
+    if args.protocol == "mllmu":
+        data["full_set"] = load_mllmu_split(args.few_shot, [t for t in tasks if t != "generation"])
+    return data
+
+
+# the evaluate options each protocol reads (any other given is refused, not ignored)
+PROTOCOL_OPTIONS = {"few_shot": ("mllmu",), "test": ("logit", "mllmu"), "celebrity": ("logit", "mllmu"),
+                    "tasks": ("mllmu",), "real_faces": ("clear",), "real_world": ("clear",),
+                    "max_new_tokens": ("mllmu", "clear")}
+
+
+def _evaluation_tasks(args) -> tuple:
+    """The tasks to run; arguments that do not fit the protocol are refused before anything is read."""
+    from .benchmarks import MLLMU_TASKS
+    from .evaluate import require_rouge
+    for option, protocols in PROTOCOL_OPTIONS.items():
+        if getattr(args, option) is not None and args.protocol not in protocols:
+            raise UsageError(f"evaluate: --{option.replace('_', '-')} does not apply to --protocol {args.protocol}")
+    if args.protocol == "mllmu" and not args.few_shot:
+        raise UsageError("evaluate: --protocol mllmu needs --few-shot (MLLMU-Bench's Full_Set file)")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    tasks = tuple(args.tasks or (MLLMU_TASKS if args.protocol == "mllmu" else ("classification",)))
+    if args.protocol == "clear" or "generation" in tasks:
+        require_rouge()
+    return tasks
+
+
+def _metrics_text(metrics: dict) -> str:
+    parts = []
+    for k, v in metrics.items():
+        if k in ("n", "predictions"):
+            continue
+        if v is None:
+            parts.append(f"{k} -")
+        elif k == "accuracy":
+            parts.append(f"accuracy {100 * v:.2f} %")
+        else:
+            parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
+    return ", ".join(parts)
+
+
 def cmd_evaluate(args) -> None:
-    from .data import MODALITIES, load_mllmu_classification
-    from .evaluate import evaluate_mc_items
+    from . import protocols
     from .masks import Masks, apply_masks
     _check_batch_size(args.batch_size)
+    tasks = _evaluation_tasks(args)
+    data = _evaluation_data(args, tasks)
     model_dir = Path(args.model)
     masks = Masks.load(args.masks) if args.masks else None  # a damaged file is refused before the model is loaded
     processor = load_processor(model_dir)
     model = load_model(model_dir, args.dtype, args.device)
     if masks is not None:
         apply_masks(model, masks)
-    results = {}
-    for split, path in (("forget", args.forget), ("retain", args.retain)):
-        items = load_mllmu_classification(path)
-        for modality in MODALITIES:
-            chosen = [i for i in items if i.modality == modality]
-            if not chosen:
-                raise ValueError(f"{path}: no {modality} classification questions")
-            results[f"{split}/{modality}"] = evaluate_mc_items(model, processor, chosen, args.batch_size, args.device,
-                                                               _dtype(args.dtype))
-    print(_table(["data", "accuracy %", "answer prob", "questions"],
-                 [[k, f"{100 * r['accuracy']:.2f}", f"{r['answer_prob']:.4f}", r["n"]] for k, r in results.items()]))
+    run = {"batch_size": args.batch_size, "device": args.device, "dtype": _dtype(args.dtype),
+           "progress": not args.no_progress}
+    report = {"model": str(model_dir), "masks": args.masks, "protocol": args.protocol, "seed": args.seed}
+    if args.protocol == "logit":
+        results = protocols.run_logit(model, processor, data["splits"], seed=args.seed, **run)
+    elif args.protocol == "mllmu":
+        results, extra = protocols.run_mllmu(model, processor, data["splits"], data["full_set"], tasks, seed=args.seed,
+                                             max_new_tokens=args.max_new_tokens or protocols.MLLMU_NEW_TOKENS, **run)
+        report.update(extra)
+    else:
+        results = protocols.run_clear(model, processor, data["splits"], data["choices"], seed=args.seed,
+                                      max_new_tokens=args.max_new_tokens or protocols.CLEAR_NEW_TOKENS, **run)
+    print(_table(["data", "task", "questions", "metrics"],
+                 [[key, task, m["n"], _metrics_text(m)] for key, by_task in results.items()
+                  for task, m in by_task.items()]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": str(model_dir), "masks": args.masks, "results": results},
-                                              indent=2))
+        Path(args.json).write_text(json.dumps({**report, "results": results}, indent=2))
         print(f"wrote {args.json}")
 
 
@@ -332,7 +408,9 @@ def cmd_demo(demo_args: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .adapters import TOKEN_KINDS
+    from .benchmarks import MLLMU_TASKS
     from .masks import SITES
+    from .protocols import PROTOCOLS
     from .select import METRICS, MODALITIES, STRATEGIES
     p = _Parser(prog="manu-fast", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -349,8 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="statistics file to write (.safetensors)")
     s.add_argument("--synthetic", action="store_true",
                    help="profile on the embedded synthetic benchmark (MODEL must be a model trained by `manu-fast demo`)")
-    s.add_argument("--forget", help="MLLMU-Bench-style profile parquet of the forget set (with --retain)")
-    s.add_argument("--retain", help="MLLMU-Bench-style profile parquet of the retain set (with --forget)")
+    s.add_argument("--forget", help="forget-set parquet file or folder (with --retain): MLLMU-Bench: a MANU-style "
+                                    "file (image, ID, metadata) or, with --qa, a split such as forget_5; CLEAR: a "
+                                    "+tofu config such as forget10+tofu")
+    s.add_argument("--retain", help="retain-set parquet file or folder (with --forget), e.g. retain_95 or "
+                                    "retain90+tofu")
+    s.add_argument("--benchmark", default="mllmu", choices=("mllmu", "clear"),
+                   help="how --forget/--retain are read (default: %(default)s)")
+    s.add_argument("--qa", help="mllmu: the question-answer file profiled for the people of --forget/--retain "
+                                "(ID, metadata), e.g. MLLMU-Bench's ft_Data; their images come from --forget/--retain")
+    s.add_argument("--names", help="mllmu: JSON object {ID: name} for the text-only questions, over the names in the "
+                                   "data (name column, JSON biography, the profile's own name question)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="clear: seed of the caption question asked for each image (default: %(default)s)")
     s.add_argument("--forget-percent", type=float, default=10.0,
                    help="--synthetic: percentage of the people to forget (default: %(default)s)")
     s.add_argument("--profile-positions", default="question", choices=("answer", "question", "all"),
@@ -409,16 +498,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="folder to write the pruned model to (must differ from MODEL)")
     s.set_defaults(func=cmd_prune)
 
-    s = sub.add_parser("evaluate", parents=[dev], help="multiple-choice accuracy on MLLMU-Bench classification data",
-                       description="Ask MODEL (optionally with MASKS applied) the multiple-choice questions of the "
-                                   "forget and retain MLLMU-Bench classification parquet files, with the image and "
-                                   "text-only, and print the accuracy per split and modality.")
+    s = sub.add_parser("evaluate", parents=[dev], help="MLLMU-Bench or CLEAR evaluation, per split and modality",
+                       description="Evaluate MODEL (optionally with MASKS applied) on MLLMU-Bench or CLEAR files and "
+                                   "print the metrics per split, modality and task. Protocols: logit = our zero-shot "
+                                   "multiple choice by option-letter logits (classification only); mllmu = "
+                                   "MLLMU-Bench's eval.py (few-shot classification read from the first generated "
+                                   "letter, cloze, generation ROUGE); clear = CLEAR's eval (captions and face "
+                                   "recognition: ROUGE, probability, truth ratio; real_faces / real_world multiple "
+                                   "choice). See manu_fast/protocols.py.")
     s.add_argument("model", help="model folder (written by save_pretrained, with its processor)")
-    s.add_argument("--forget", required=True, help="MLLMU-Bench-style classification parquet of the forget set")
-    s.add_argument("--retain", required=True, help="MLLMU-Bench-style classification parquet of the retain set")
+    s.add_argument("--forget", required=True, help="forget split: MLLMU-Bench forget_5/10/15, or CLEAR "
+                                                   "forget01/05/10_perturbed (parquet file or folder)")
+    s.add_argument("--retain", required=True, help="retain split: MLLMU-Bench retain_95/90/85, or CLEAR "
+                                                   "retain_perturbed")
+    s.add_argument("--protocol", default="logit", choices=PROTOCOLS,
+                   help="how to ask and score (default: %(default)s)")
+    s.add_argument("--few-shot", help="mllmu: MLLMU-Bench's Full_Set, where the few-shot examples come from")
+    s.add_argument("--test", help="logit/mllmu: MLLMU-Bench's Test_Set (file or folder); its rows of the forget people "
+                                  "are evaluated")
+    s.add_argument("--celebrity", help="logit/mllmu: MLLMU-Bench's Retain_Set (real celebrities)")
+    s.add_argument("--tasks", nargs="+", choices=MLLMU_TASKS,
+                   help="mllmu: tasks to run (default: all three; logit runs classification only)")
+    s.add_argument("--real-faces", help="clear: CLEAR's real_faces file")
+    s.add_argument("--real-world", help="clear: CLEAR's real_world file")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the benchmarks' random choices: few-shot people, the Test_Set rendering, CLEAR's "
+                        "caption question (default: %(default)s)")
+    s.add_argument("--max-new-tokens", type=int,
+                   help="tokens generated per reply (default: 50 for mllmu as eval.py, 300 for clear as eval.yaml)")
     s.add_argument("--masks", help="masks file written by `manu-fast select`, applied (reversibly) before evaluating")
     s.add_argument("--batch-size", type=int, default=16, help="questions per batch (default: %(default)s)")
-    s.add_argument("--json", help="also write the results to this JSON file")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--json", help="also write the results (with every reply) to this JSON file")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("report", help="summarise a statistics or masks file, or a model's MLPs",
@@ -442,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args = build_parser().parse_args(argv)
             args.func(args)
-    except (UsageError, StatsFileError, FileNotFoundError, ValueError, OSError) as e:
+    except (UsageError, StatsFileError, FileNotFoundError, ValueError, OSError, ImportError) as e:
         message = " ".join(str(e).split())  # one line, whatever the library wrote
         print(f"manu-fast: error: {message}", file=sys.stderr)
         return EXIT_USAGE

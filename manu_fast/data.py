@@ -1,4 +1,4 @@
-"""Data for unlearning experiments: a seeded synthetic fictitious-profile benchmark and real-benchmark loaders.
+"""Data for unlearning experiments: a seeded synthetic fictitious-profile benchmark.
 
 Synthetic benchmark (``SyntheticProfiles``), shaped like MLLMU-Bench: N fictitious people, each with a face-like
 image (a random 4x4 grid of colours, bilinearly upsampled: smooth, low-frequency, learnt fast by a tiny ViT) and
@@ -13,17 +13,11 @@ Questions come in several phrasings ("templates") per attribute and faces in sev
 ("variants"): the training loop uses all of them, profiling uses ``PROFILE_TEMPLATES``/``PROFILE_VARIANT`` and the
 reported evaluation uses ``EVAL_TEMPLATES``/``EVAL_VARIANT``, so pruning is never tuned on the reported questions.
 
-Real benchmarks: ``load_mllmu_profiles`` / ``load_mllmu_classification`` (MLLMU-Bench parquet) and ``load_clear``
-(CLEAR parquet) return ``BenchmarkItem`` records with multimodal and text-only prompts built the way the reference
-code does (text-only: the person's name substituted for "this person"); ``encode_items`` turns a batch of them
-into model inputs with the model's own processor (chat template, image placeholders, right padding).
+The real benchmarks (MLLMU-Bench, CLEAR) are read by ``manu_fast.benchmarks``.
 """
 from __future__ import annotations
 
-import io
-import json
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -224,162 +218,3 @@ class SyntheticProfiles:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return [self.batch(questions[i:i + batch_size], modality, image_tokens, **kwargs)
                 for i in range(0, len(questions), batch_size)]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Real benchmarks (MLLMU-Bench, CLEAR), read from parquet.
-
-THIS_PERSON = re.compile(r"\b(this person|the person in the image|the person shown in the image)\b", re.IGNORECASE)
-OPTION_LETTERS = ("A", "B", "C", "D", "E", "F")
-
-
-@dataclass
-class BenchmarkItem:
-    """One question (or caption) about one person, in one modality, ready for a processor.
-
-    ``prompt`` holds no image placeholder: add the processor's own (e.g. "<image>\\n") for multimodal items.
-    For multiple-choice items ``options`` maps letters to texts and ``answer`` is the right letter.
-    """
-
-    person_id: str
-    name: str | None
-    modality: str
-    prompt: str
-    answer: str
-    image: object | None = None
-    options: dict[str, str] | None = None
-
-
-def substitute_name(text: str, name: str) -> str:
-    """The text-only form of a multimodal question: the person's name in place of "this person" (as MANU does)."""
-    return THIS_PERSON.sub(name, text)
-
-
-def mc_prompt(question: str, options: dict[str, str]) -> str:
-    lines = [f"Question: {question}"] + [f"{k}. {v}" for k, v in options.items()] + ["Answer:"]
-    return "\n".join(lines)
-
-
-def decode_image(value):
-    """A PIL image from what parquet holds: a HF-datasets dict {"bytes", "path"}, raw bytes, a PIL image, or None."""
-    from PIL import Image
-
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value)).convert("RGB")
-    if isinstance(value, str):
-        return Image.open(value).convert("RGB")
-    if hasattr(value, "convert"):
-        return value.convert("RGB")
-    raise ValueError(f"cannot decode an image from {type(value).__name__}")
-
-
-def _read_rows(path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
-
-
-def _json(value):
-    return json.loads(value) if isinstance(value, (str, bytes)) else value
-
-
-def _require(row: dict, column: str, path) -> object:
-    if column not in row:
-        raise ValueError(f"{path}: missing column {column!r} (has {sorted(row)})")
-    return row[column]
-
-
-def _person_name(row: dict, names: dict | None) -> str | None:
-    if names is not None and str(row.get("ID")) in names:
-        return names[str(row.get("ID"))]
-    for column in ("name", "Name"):
-        if row.get(column):
-            return row[column]
-    bio = _json(row.get("biography")) if row.get("biography") else None
-    return bio.get("Name") if isinstance(bio, dict) else None
-
-
-def encode_items(processor, items: list[BenchmarkItem], *, with_answer: bool, device=None, dtype=None):
-    """One batch of ``items`` (all multimodal, or all text-only) encoded by a HF processor: the user turn (image +
-    prompt) through the processor's chat template with the generation prompt, then " answer" when ``with_answer``.
-
-    Right-padded, so every real token keeps the position it has in an unpadded run and the last real token of
-    row b is at ``attention_mask[b].sum() - 1``. Floating-point tensors (pixel values) are cast to ``dtype``."""
-    if not items:
-        raise ValueError("encode_items needs at least one item")
-    modality = items[0].modality
-    if any(i.modality != modality for i in items):
-        raise ValueError("encode_items: a batch must be all multimodal or all text-only")
-    multimodal = modality == "multimodal"
-    missing = [i.person_id for i in items if multimodal and i.image is None]
-    if missing:
-        raise ValueError(f"multimodal questions about person(s) {missing[:3]} have no image")
-    if getattr(processor, "chat_template", None) is None:
-        raise ValueError(f"{type(processor).__name__} has no chat template: save the model's processor with one")
-    texts = []
-    for item in items:
-        content = ([{"type": "image"}] if multimodal else []) + [{"type": "text", "text": item.prompt}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        texts.append(text + " " + item.answer if with_answer else text)
-    images = {"images": [i.image for i in items]} if multimodal else {}
-    enc = processor(text=texts, return_tensors="pt", padding=True, padding_side="right", **images)
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in enc.items()}
-
-
-def load_mllmu_profiles(path, names: dict | None = None) -> list[BenchmarkItem]:
-    """MLLMU-Bench profile rows (``image``, ``ID``, ``metadata`` = JSON list of {Question, Answer}) as one multimodal
-    and one text-only item per question. The name comes from ``names[ID]``, a ``name`` column or ``biography``."""
-    items = []
-    for row in _read_rows(path):
-        pid = str(_require(row, "ID", path))
-        image = decode_image(_require(row, "image", path))
-        if image is None:
-            raise ValueError(f"{path}: person {pid} has no image (the multimodal questions need one)")
-        name = _person_name(row, names)
-        if name is None:
-            raise ValueError(f"{path}: no name for person {pid}: pass names={{ID: name}} or add a 'name' column")
-        for qa in _json(_require(row, "metadata", path)):
-            question, answer = qa["Question"], str(qa["Answer"])
-            items.append(BenchmarkItem(pid, name, "multimodal", question, answer, image))
-            items.append(BenchmarkItem(pid, name, "text", substitute_name(question, name), answer))
-    return items
-
-
-def load_mllmu_classification(path, names: dict | None = None) -> list[BenchmarkItem]:
-    """MLLMU-Bench evaluation rows: ``Classification_Task`` = {"Image_Textual_Questions": [...],
-    "Pure_Text_Questions": [...]}, each {Question, Options: {letter: text}, Correct_Answer: letter}."""
-    sections = {"Image_Textual_Questions": "multimodal", "Pure_Text_Questions": "text"}
-    items = []
-    for row in _read_rows(path):
-        pid = str(_require(row, "ID", path))
-        task = _json(_require(row, "Classification_Task", path))
-        image = decode_image(row.get("image"))
-        name = _person_name(row, names)
-        for section, modality in sections.items():
-            for q in task.get(section) or []:
-                options = {k: str(v) for k, v in _json(q["Options"]).items()}
-                answer = str(q["Correct_Answer"]).strip()
-                if answer not in options:
-                    raise ValueError(f"{path}: person {pid}: answer {answer!r} is not one of options {list(options)}")
-                question = q["Question"] if modality == "multimodal" or name is None else \
-                    substitute_name(q["Question"], name)
-                items.append(BenchmarkItem(pid, name, modality, mc_prompt(question, options), answer,
-                                           image if modality == "multimodal" else None, options))
-    return items
-
-
-def load_clear(path) -> list[BenchmarkItem]:
-    """CLEAR rows (``image``, ``caption``, ``name``): the multimodal item describes "this person" in the image,
-    the text-only item names the person; the target is the caption with the name."""
-    items = []
-    for row in _read_rows(path):
-        name, caption = _require(row, "name", path), _require(row, "caption", path)
-        image = decode_image(_require(row, "image", path))
-        anonymous = re.sub(re.escape(name), "this person", caption)
-        items.append(BenchmarkItem(name, name, "multimodal", "Describe this person.", anonymous, image))
-        items.append(BenchmarkItem(name, name, "text", f"Describe {name}.", caption))
-    return items

@@ -1,14 +1,18 @@
-"""Unlearning metrics: multiple-choice accuracy, probability of the right answer, cloze, ROUGE-L.
+"""Unlearning metrics, and the model calls behind them.
 
-Pure functions on scores and strings, plus ``evaluate`` which runs a model over ``data.Batch`` lists for every
-(split, modality) and reports the multiple-choice accuracy and the mean probability of the right answer.
+Pure functions: multiple-choice accuracy, the probability of the right answer, MLLMU-Bench's reply rules (first
+letter, cloze hit), ROUGE, CLEAR's truth ratio and normalised probability. Model calls: ``evaluate`` (the synthetic
+benchmark's ``data.Batch`` lists), ``evaluate_mc_items`` (option-letter logits after a chat-template prompt: our
+logit protocol), ``generate_texts`` (greedy continuations of raw prompts), ``answer_losses`` (mean negative
+log-likelihood of each answer token after its prompt). The benchmark protocols built on them are in
+``manu_fast.protocols``.
 """
 from __future__ import annotations
 
-import re
-import string
+import math
 
 import torch
+from tqdm.auto import tqdm
 
 
 def mc_accuracy(option_scores: torch.Tensor, answer_index: torch.Tensor) -> float:
@@ -28,40 +32,82 @@ def answer_probability(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.
     return logits.double().softmax(-1).gather(1, target_ids[:, None].to(logits.device)).squeeze(1)
 
 
-def normalize_answer(text: str) -> str:
-    """Lower case, punctuation and articles removed, whitespace collapsed (the usual QA normalisation)."""
-    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+# ---------------------------------------------------------------------------------------------------- MLLMU-Bench rules
+def mllmu_reply(continuation: str) -> str:
+    """The reply MLLMU-Bench's ``eval.py`` reads from a generation: the text after the prompt's final "ASSISTANT:"
+    up to any "ASSISTANT:" the model writes itself, stripped."""
+    return continuation.split("ASSISTANT:")[0].strip()
 
 
-def cloze_correct(prediction: str, answer: str) -> bool:
-    """A fill-in-the-blank answer is right when the normalised answer occurs in the normalised prediction."""
-    expected = normalize_answer(answer)
-    if not expected:
-        raise ValueError(f"empty cloze answer {answer!r}")
-    return f" {expected} " in f" {normalize_answer(prediction)} "
+def first_letter(reply: str, letters) -> str | None:
+    """The answer letter of a classification reply (``eval.py``): its first character, upper-cased, if that is one
+    of ``letters``, else None (no answer). "answer: B" therefore reads as "A"."""
+    return reply[0].upper() if reply and reply[0].upper() in letters else None
 
 
-def cloze_accuracy(predictions, answers) -> float:
-    predictions, answers = list(predictions), list(answers)
-    if len(predictions) != len(answers) or not answers:
-        raise ValueError(f"need as many predictions as answers (>= 1), got {len(predictions)} and {len(answers)}")
-    return sum(cloze_correct(p, a) for p, a in zip(predictions, answers)) / len(answers)
+def cloze_hit(reply: str, truth: str) -> bool:
+    """A fill-in-the-blank reply is right when it contains the ground truth, case-insensitively (``eval.py``)."""
+    if not truth.strip():
+        raise ValueError(f"empty cloze ground truth {truth!r}")
+    return truth.lower() in reply.lower()
 
 
-def rouge_l(predictions, references) -> float:
-    """Mean ROUGE-L F-measure (rouge-score package, stemming on) of predictions against references."""
-    from rouge_score import rouge_scorer
+def require_rouge():
+    """The rouge-score package's scorer module, or an ImportError saying how to install it."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise ImportError("ROUGE needs the rouge-score package: pip install rouge-score "
+                          "(or manu_fast's 'eval' extra)") from None
+    return rouge_scorer
 
+
+def rouge(predictions, references, measure: str = "fmeasure") -> dict:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L ``measure`` (fmeasure, recall or precision) of predictions against
+    references, rouge-score with stemming (as both MLLMU-Bench and CLEAR score)."""
+    scorer = require_rouge().RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     predictions, references = list(predictions), list(references)
     if len(predictions) != len(references) or not references:
         raise ValueError(f"need as many predictions as references (>= 1), got {len(predictions)} "
                          f"and {len(references)}")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(references)
+    if measure not in ("fmeasure", "recall", "precision"):
+        raise ValueError(f"measure must be fmeasure, recall or precision, got {measure!r}")
+    totals = dict.fromkeys(("rouge1", "rouge2", "rougeL"), 0.0)
+    for p, r in zip(predictions, references):
+        scores = scorer.score(r, p)
+        for k in totals:
+            totals[k] += getattr(scores[k], measure)
+    return {k: v / len(references) for k, v in totals.items()}
 
 
+# ---------------------------------------------------------------------------------------------------- CLEAR / TOFU rules
+def truth_ratio(paraphrased_loss: float, perturbed_losses) -> float:
+    """TOFU's truth ratio of one item from mean per-token losses: exp(mean(perturbed) - paraphrased), i.e. how much
+    more likely (per token, geometric mean) the model finds the right answer than the wrong ones; 1 = no preference."""
+    perturbed = list(perturbed_losses)
+    if not perturbed:
+        raise ValueError("truth_ratio needs at least one perturbed loss")
+    return math.exp(sum(perturbed) / len(perturbed) - paraphrased_loss)
+
+
+def truth_ratio_score(ratios, forget: bool) -> float:
+    """CLEAR's aggregate (``mm/calculate_metrics.py``): on forget data mean(min(r, 1/r)), 1 when the model no longer
+    prefers the truth; elsewhere mean(max(0, 1 - 1/r)), high when it does."""
+    ratios = list(ratios)
+    if not ratios:
+        raise ValueError("truth_ratio_score needs at least one ratio")
+    values = [min(r, 1 / r) if forget else max(0.0, 1 - 1 / r) for r in ratios]
+    return sum(values) / len(values)
+
+
+def normalized_probability(true_loss: float, wrong_losses) -> float:
+    """p(true) / (p(true) + sum p(wrong)), each p = exp(-mean per-token loss) (CLEAR's "Prob." of name and
+    multiple-choice tasks)."""
+    p_true = math.exp(-true_loss)
+    return p_true / (p_true + sum(math.exp(-w) for w in wrong_losses))
+
+
+# ---------------------------------------------------------------------------------------------------- synthetic benchmark
 @torch.inference_mode()
 def answer_logits(model, batch) -> torch.Tensor:
     """Next-token logits (B, V) at each row's answer position (``profile_mask`` is not a model input)."""
@@ -96,8 +142,7 @@ def evaluate(model, data: dict) -> dict:
         model.train(was_training)
 
 
-# ---- real benchmarks (MLLMU-Bench classification rows) through the model's own processor
-
+# ---------------------------------------------------------------------------------------------------- real benchmarks
 def option_token_ids(processor, letters) -> list[int]:
     """The token each option letter is answered with: the first token after the generation prompt in the encoding
     of "<prompt> <letter>", the way answers are encoded for profiling (with SentencePiece, " A" encoded alone
@@ -116,16 +161,23 @@ def option_token_ids(processor, letters) -> list[int]:
     return ids
 
 
-def evaluate_mc_items(model, processor, items, batch_size: int, device, dtype) -> dict:
+def _batches(items: list, batch_size: int, desc: str, progress: bool):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, len(items), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        yield start, items[start:start + batch_size]
+
+
+def evaluate_mc_items(model, processor, items, batch_size: int, device, dtype, progress: bool = False) -> dict:
     """{"accuracy", "answer_prob", "n"} of multiple-choice ``items`` of one modality: the model's next-token logits
     after the prompt, compared over the option letters' tokens (accuracy), and the softmax probability over the
     whole vocabulary of the right letter's token (answer_prob)."""
-    from .data import encode_items
+    from .benchmarks import encode_items
     width = max(len(i.options) for i in items)
     scores = torch.full((len(items), width), float("-inf"))  # options an item lacks never win
     right, probs, letter_ids = [], [], {}
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+    for start, chunk in _batches(items, batch_size, "multiple choice", progress):
         enc = encode_items(processor, chunk, with_answer=False, device=device, dtype=dtype)
         with torch.inference_mode():
             logits = model(**enc, use_cache=False).logits
@@ -143,3 +195,49 @@ def evaluate_mc_items(model, processor, items, batch_size: int, device, dtype) -
         probs.append(answer_probability(last, torch.tensor(targets)))
     return {"accuracy": mc_accuracy(scores, torch.tensor(right)), "answer_prob": torch.cat(probs).mean().item(),
             "n": len(items)}
+
+
+@torch.inference_mode()
+def generate_texts(model, processor, requests, max_new_tokens: int, batch_size: int, device=None, dtype=None,
+                   progress: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy continuations of raw prompts: ``requests`` is a list of (text with image placeholders, the images it
+    shows in order); each text is tokenized as the processor does by default (a Llama tokenizer adds BOS), left-padded
+    in batches, and its first ``max_new_tokens`` generated tokens are decoded without special tokens."""
+    from .benchmarks import encode_texts
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    pad = processor.tokenizer.pad_token_id
+    if pad is None:
+        pad = processor.tokenizer.eos_token_id
+    out = []
+    for _, chunk in _batches(requests, batch_size, desc, progress):
+        images = [image for _, shown in chunk for image in shown]
+        enc = encode_texts(processor, [text for text, _ in chunk], images or None, padding_side="left",
+                           device=device, dtype=dtype)
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        out += processor.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+@torch.inference_mode()
+def answer_losses(model, processor, items, batch_size: int, device=None, dtype=None, progress: bool = False,
+                  desc: str = "answer loss") -> list[float]:
+    """Mean negative log-likelihood per answer token of each item's ``answer`` after its chat-template prompt
+    (``benchmarks.encode_items``; the answer tokens are those past the prompt's own encoding). Items of one
+    modality per call."""
+    from .benchmarks import encode_items
+    out = []
+    for _, chunk in _batches(items, batch_size, desc, progress):
+        full = encode_items(processor, chunk, with_answer=True, device=device, dtype=dtype)
+        prompt = encode_items(processor, chunk, with_answer=False)
+        logits = model(**full, use_cache=False).logits
+        ends = full["attention_mask"].sum(1).tolist()
+        starts = prompt["attention_mask"].sum(1).tolist()
+        for b, (start, end) in enumerate(zip(starts, ends)):
+            ids = full["input_ids"][b]
+            if end <= start or not torch.equal(ids[:start].cpu(), prompt["input_ids"][b, :start]):
+                raise ValueError(f"{chunk[b].person_id}: the answer {chunk[b].answer!r} does not tokenize as a "
+                                 f"continuation of its prompt")
+            logp = logits[b, start - 1:end - 1].double().log_softmax(-1)
+            out.append(-logp.gather(1, ids[start:end, None].to(logp.device)).mean().item())
+    return out

@@ -15,6 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .schema import StatsFileError
+
 CHECKSUM_KEY = "sha256"
 
 
@@ -48,7 +50,6 @@ def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str
 
 
 def load_tensors(path, expected_format: str, what: str):
-    from .stats import StatsFileError
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")

@@ -70,7 +70,8 @@ class FusedMLP(nn.Module):
         self._refresh_keep()
 
     def compact(self) -> "FusedMLP":
-        """A smaller copy without the masked neurons (same outputs, less work); see DESIGN.md §5."""
+        """A smaller copy without the masked neurons (same outputs, less work), its width rounded up to a multiple
+        of COMPACT_MULTIPLE with zero neurons (``compact_width``); see docs/OPS.md, section 5."""
         return _compact(self)
 
     def mask_names(self) -> list[str]:
@@ -83,25 +84,14 @@ class FusedMLP(nn.Module):
         self.keep = keep
 
     # ---- forward ----
-    def _hidden(self, pre: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+    def _op_kwargs(self, x: torch.Tensor) -> dict | None:
+        """The op's keyword arguments for this call (mask, and group ids + accumulators while profiling), or
+        None when neither a mask nor a profiler is attached (the layer then runs the plain HF forward)."""
         rec, keep = self.recorder, self.keep
-        kw = rec.op_kwargs(self, pre.shape[:-1].numel()) if rec is not None else {}
-        if not kw and keep is None:  # plain HF path
-            act = getattr(self, self.act_attr)(pre)
-            return act if up is None else act * up
-        if torch.is_grad_enabled() and (pre.requires_grad or (up is not None and up.requires_grad)):
-            # The compiled backends write h through raw pointers (no autograd). When gradients are wanted
-            # (e.g. fine-tuning on retain data with masks applied) h comes from differentiable PyTorch and the
-            # fused op only gathers the statistics.
-            act = getattr(self, self.act_attr)(pre)
-            h = act if up is None else act * up
-            if keep is not None:
-                h = torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device))
-            if kw:
-                act_stats(pre.detach(), None if up is None else up.detach(), act=self.act_name, keep=keep,
-                          write_out=False, **kw)
-            return h
-        return act_stats(pre, up, act=self.act_name, keep=keep, **kw)
+        kw = rec.op_kwargs(self, x.shape[:-1].numel()) if rec is not None else {}
+        if not kw and keep is None:
+            return None
+        return {"act": self.act_name, "keep": keep, **kw}
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         rec = self.recorder
@@ -131,19 +121,13 @@ class FusedGatedMLP(FusedMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.gate_proj, self.up_proj
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or g.weight.requires_grad or u.weight.requires_grad)
-        plain_linears = all(type(m) is nn.Linear and not hasattr(m, "_hf_hook") and not m._forward_hooks
-                            and not m._forward_pre_hooks for m in (g, u))
-        if x.is_cuda and (self.recorder is not None or self.keep is not None) and plain_linears and not needs_grad:
-            # CUDA: gate/up GEMMs and act+mask+stats may fuse into one kernel (ops picks per shape). Only for plain
-            # nn.Linear without hooks (quantised subclasses, accelerate offload hooks and user hooks keep the
-            # module calls below) and without autograd (the fused kernel has no backward).
-            kw = self.recorder.op_kwargs(self, x.shape[:-1].numel()) if self.recorder is not None else {}
-            if kw or self.keep is not None:
-                h = gated_linear_act_stats(x, g.weight, g.bias, u.weight, u.bias, act=self.act_name, keep=self.keep,
-                                           **kw)
-                return self._output(self.down_proj(h))
-        h = self._hidden(g(x), u(x))
+        kw = self._op_kwargs(x)
+        if kw is None:
+            h = getattr(self, self.act_attr)(g(x)) * u(x)
+        elif _plain_linear(g) and _plain_linear(u):
+            h = gated_linear_act_stats(x, g.weight, g.bias, u.weight, u.bias, **kw)
+        else:  # the projections must run as modules (quantised Linear subclasses, accelerate or user hooks)
+            h = act_stats(g(x), u(x), **kw)
         return self._output(self.down_proj(h))
 
 
@@ -169,31 +153,61 @@ class FusedPlainMLP(FusedMLP):
         return getattr(self, self.fc2_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._hidden(self.in_proj[0](x), None)
+        f = self.in_proj[0](x)
+        kw = self._op_kwargs(x)
+        h = getattr(self, self.act_attr)(f) if kw is None else act_stats(f, **kw)
         return self._output(self.out_proj(h))
 
 
-def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
-    w = lin.weight.detach().index_select(dim, idx)
-    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+def _plain_linear(m: nn.Module) -> bool:
+    """An nn.Linear whose weights the op may use directly: exactly the class, no hook that would change the call."""
+    return type(m) is nn.Linear and not hasattr(m, "_hf_hook") and not m._forward_hooks and not m._forward_pre_hooks
+
+
+# Compact layers keep their width a multiple of this: GEMMs at odd inner widths are several times slower
+# (docs/OPS.md, section 5: on an H200, bf16 GEMMs at 10788 kept neurons ran 2.8x slower than at 10816).
+COMPACT_MULTIPLE = 64
+
+
+def compact_width(kept: int, total: int) -> int:
+    """Width of the compact copy of a layer with ``total`` neurons of which ``kept`` are kept: ``kept`` rounded up
+    to a multiple of COMPACT_MULTIPLE (the extra neurons are zero), never more than ``total``."""
+    return min(-(-kept // COMPACT_MULTIPLE) * COMPACT_MULTIPLE, max(total, kept))
+
+
+def _compact_linear(lin: nn.Linear, idx: torch.Tensor, dim: int, width: int) -> nn.Linear:
+    """A copy of ``lin`` keeping the neurons ``idx`` along ``dim`` (0: output rows, 1: input columns), padded
+    with zero neurons to ``width``; the bias follows the rows (dim 0) or stays whole (dim 1)."""
+    w = lin.weight.detach()
+    shape = list(w.shape)
+    shape[dim] = width
+    new = nn.Linear(shape[1], shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        new.weight.copy_(w)
+        new.weight.zero_()
+        new.weight.narrow(dim, 0, idx.numel()).copy_(w.index_select(dim, idx))
         if lin.bias is not None:
-            new.bias.copy_(lin.bias if dim == 1 else lin.bias.detach().index_select(0, idx))
+            if dim == 1:
+                new.bias.copy_(lin.bias)
+            else:
+                new.bias.zero_()
+                new.bias[: idx.numel()] = lin.bias.detach().index_select(0, idx)
     return new
 
 
 def _compact(layer: FusedMLP) -> FusedMLP:
-    """A smaller copy of ``layer`` without its masked neurons (same outputs, less work)."""
+    """A smaller copy of ``layer`` without its masked neurons (same outputs, less work), its width padded with
+    zero neurons to ``compact_width``: a zero neuron adds exactly nothing (act(0) * 0 = 0, zero column)."""
     if layer.keep is None:
         raise ValueError("layer has no active mask to compact")
     idx = layer.keep.nonzero().flatten()
+    width = compact_width(idx.numel(), layer.num_neurons)
     act_module = getattr(layer, layer.act_attr)
     if layer.kind == "gated":
-        return FusedGatedMLP(_slice_linear(layer.gate_proj, idx, 0), _slice_linear(layer.up_proj, idx, 0),
-                             _slice_linear(layer.down_proj, idx, 1), act_module, layer.act_attr)
-    return FusedPlainMLP(_slice_linear(layer.in_proj[0], idx, 0), _slice_linear(layer.out_proj, idx, 1), act_module,
-                         layer.fc1_name, layer.fc2_name, layer.act_attr)
+        return FusedGatedMLP(_compact_linear(layer.gate_proj, idx, 0, width),
+                             _compact_linear(layer.up_proj, idx, 0, width),
+                             _compact_linear(layer.down_proj, idx, 1, width), act_module, layer.act_attr)
+    return FusedPlainMLP(_compact_linear(layer.in_proj[0], idx, 0, width), _compact_linear(layer.out_proj, idx, 1, width),
+                         act_module, layer.fc1_name, layer.fc2_name, layer.act_attr)
 
 
 class MLPPart(FusedMLP):
@@ -202,8 +216,8 @@ class MLPPart(FusedMLP):
     For MLPs the fused layers cannot stand in for: the MLP part of a larger module (a projector that also holds a
     norm and a patch merger, a decoder layer holding fc1/fc2 itself), one Linear computing gate and up together
     (``kind == "gate_up"``), or an activation the fused op lacks. The neurons are the input features of the output
-    Linear ``out_proj``: a forward pre-hook there masks and profiles them (``_hidden`` with the identity activation:
-    the owner has computed ``h`` already), a forward hook profiles the output ('out' site), and forward hooks on
+    Linear ``out_proj``: a forward pre-hook there masks and profiles them (the op with the identity activation: the
+    owner has computed ``h`` already), a forward hook profiles the output ('out' site), and forward hooks on
     the input Linears profile the 'pre'/'up' sites (none for "gate_up"). The owner's forward runs unchanged; the
     object is not a module of the model, so parameters and state_dict keys do not change.
     """
@@ -230,8 +244,8 @@ class MLPPart(FusedMLP):
         return self._linears[1]
 
     def _on_hidden(self, linear, args):
-        h = self._hidden(args[0], None)
-        return None if h is args[0] else (h, *args[1:])
+        kw = self._op_kwargs(args[0])
+        return None if kw is None else (act_stats(args[0], None, **kw), *args[1:])
 
     def _on_output(self, linear, args, y):
         self._output(y)

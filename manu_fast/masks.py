@@ -19,21 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .stats import StatsFileError, check_fingerprint
+from .adapters import fingerprint, get_patch, patch_model
+from .io import load_tensors, save_tensors
+from .schema import SITES, StatsFileError, check_fingerprint, site_length  # noqa: F401
 
 FORMAT = "manu_fast.masks/1"
-SITES = ("hidden", "pre", "up", "out")
-
-
-def site_length(layer_info: dict, site: str) -> int:
-    """Length of a keep vector of one layer (a fingerprint entry) at ``site``."""
-    if site not in SITES:
-        raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
-    if site == "up" and layer_info.get("kind") != "gated":
-        raise ValueError(f"site 'up' exists only on gated MLPs, this layer is {layer_info.get('kind')!r}")
-    if site == "pre" and layer_info.get("kind") == "gate_up":
-        raise ValueError("site 'pre' does not exist on an MLP whose gate and up come from one Linear ('gate_up')")
-    return int(layer_info["hidden"] if site == "out" else layer_info["neurons"])
 
 
 @dataclass
@@ -110,7 +100,6 @@ class Masks:
 
     def save(self, path) -> None:
         """Write to ``path`` atomically in safetensors (bool tensors + JSON metadata, no pickle)."""
-        from .io import save_tensors
         meta = {"format": FORMAT, "site": self.site, "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
                 "description": json.dumps(self.description, sort_keys=True, default=str)}
         save_tensors({n: k.contiguous() for n, k in self.keep.items()}, path, meta)
@@ -118,7 +107,6 @@ class Masks:
     @classmethod
     def load(cls, path, expect_fingerprint: dict | None = None) -> "Masks":
         """Read a masks file; refuse (StatsFileError) a damaged file or one made for another model."""
-        from .io import load_tensors
         tensors, meta = load_tensors(path, FORMAT, "masks")
         try:
             fp = json.loads(meta["fingerprint"])
@@ -140,7 +128,6 @@ def apply_masks(model, masks: Masks, name: str = "forget"):
     Patches the model first if needed (``manu_fast.adapters.patch_model``) and returns the Patch. Several
     names compose (a neuron is active only if every enabled mask keeps it); ``remove_masks`` undoes one.
     """
-    from .adapters import fingerprint, patch_model
     check_fingerprint(fingerprint(model), masks.fingerprint, "masks")
     if masks.site == "out":
         raise ValueError("masks of site 'out' (down_proj/fc2 output rows) have no reversible form; use prune_weights")
@@ -152,7 +139,6 @@ def apply_masks(model, masks: Masks, name: str = "forget"):
 
 def remove_masks(model, name: str = "forget") -> None:
     """Remove the reversible mask ``name`` from every fused layer that has it."""
-    from .adapters import get_patch
     patch = get_patch(model)
     holders = [] if patch is None else [layer for layer in patch.layers.values() if name in layer.mask_names()]
     if not holders:
@@ -183,7 +169,6 @@ def prune_weights(model, masks: Masks) -> None:
     Works on a stock HF model or a patched one; afterwards ``save_pretrained`` / ``from_pretrained`` with
     stock transformers reproduces the pruned outputs (the weights are zero; no custom module is needed).
     """
-    from .adapters import fingerprint, get_patch, patch_model
     check_fingerprint(fingerprint(model), masks.fingerprint, "masks")
     owned = get_patch(model) is None
     patch = patch_model(model, moe="skip")  # fused layers and parts use the HF Linears: zeroing them zeroes the model's
@@ -206,15 +191,15 @@ def prune_weights(model, masks: Masks) -> None:
 
 
 def compact_model(model) -> int:
-    """Drop the masked neurons of every fused layer from its weights (DESIGN.md §5, "compact"), so that the MLPs
-    do less work at inference; returns how many neurons were dropped.
+    """Drop the masked neurons of every fused layer from its weights (docs/OPS.md, section 5, "compact"), so that
+    the MLPs do less work at inference; returns how many masked neurons were dropped.
 
-    The compact layers hold new, smaller weight copies and no mask. MLP parts (hooks inside a larger module,
-    ``manu_fast.layers.MLPPart``) are not compacted (a warning names them); their masks stay applied.
-    ``Patch.unpatch()`` still restores the full original model. Statistics and masks of the full model no longer
-    fit the compacted one (its fingerprint changes), so compact last, for serving.
+    The compact layers hold new, smaller weight copies and no mask; each width is rounded up to a multiple of 64
+    with zero neurons (``manu_fast.layers.compact_width``), which keeps the GEMMs at GEMM-friendly widths. MLP parts
+    (hooks inside a larger module, ``manu_fast.layers.MLPPart``) are not compacted (a warning names them); their
+    masks stay applied. ``Patch.unpatch()`` still restores the full original model. Statistics and masks of the full
+    model no longer fit the compacted one (its fingerprint changes), so compact last, for serving.
     """
-    from .adapters import get_patch
     patch = get_patch(model)
     if patch is None:
         raise ValueError("the model has no fused layers: apply_masks(model, masks) first, then compact")

@@ -1,21 +1,34 @@
-"""The core op, its pure-PyTorch reference, and the single dispatch point.
+"""The two ops, their float64 references, the one validation and the one dispatch point (docs/OPS.md).
 
-``act_stats`` computes the MLP intermediate ``h = act(pre) * up`` (gated) or ``h = act(pre)`` (plain),
-zeroes pruned neurons, and merges per-group statistics of ``h`` (and, on request, of ``pre``/``up``)
-into float64 accumulators. Backends:
+``act_stats`` computes the MLP intermediate ``h = act(pre) * up`` (gated) or ``h = act(pre)`` (plain), zeroes
+pruned neurons and merges per-group statistics of ``h`` (and, on request, of ``pre``/``up``) into float64
+accumulators. ``gated_linear_act_stats`` is the front half of a gated MLP with the same epilogue: it starts
+from the MLP input ``x`` and the gate/up weights, so a backend may fuse the two projections with it.
 
-- ``reference``: float64 PyTorch, the oracle and the fallback (this file);
-- ``cpp``: the C++ CPU kernel (``csrc/``, built into ``manu_fast._C``);
-- ``triton``: the Triton GPU kernel (``kernels/``, installed as ``manu_fast.kernels``).
+Backends (``get_backend(name, op)``), one implementation of each op per backend:
 
-Backend contract (every implementation): ``fn(pre, up, act, keep, gid, num_groups, tau, hidden_acc,
-pre_acc, up_acc, write_out) -> h | None`` with ``pre``/``up`` 2-D (T, N) of one float dtype (any strides),
-``keep`` a (N,) bool tensor or None, ``gid`` a (T,) int32 tensor (-1 = ignore) or None (all tokens in
-group 0), accumulators float64 (NUM_FIELDS, G, N) or None, updated in place by an exact merge. ``h`` is
-returned in ``pre.dtype``, contiguous, when ``write_out``.
+- ``reference``: PyTorch, float64 for the activation and the statistics: the oracle and the fallback (here);
+- ``cpp``: the C++ CPU kernel (``csrc/``, ``manu_fast.cpp_backend``);
+- ``triton``: the Triton GPU kernels (``kernels/``, installed as ``manu_fast.kernels``).
 
-The same contract is registered as the torch.library custom op ``manu_fast::act_stats`` (``act_stats_op``),
-which ``act_stats`` calls while torch.compile traces it.
+Backend contracts (docs/OPS.md has the full text):
+
+- ``act_stats``: ``fn(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_acc, up_acc, write_out) -> h | None``
+  with ``pre``/``up`` (T, N) of one float dtype (any strides), ``keep`` a bool (N,) tensor or None, ``gid`` an
+  int32 (T,) tensor (-1 = ignore) or None (every token in group 0), accumulators float64
+  (NUM_FIELDS, G, N) or None, merged in place. ``h`` is returned in ``pre.dtype``, contiguous, when
+  ``write_out``.
+- ``gated_linear_act_stats``: ``fn(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc,
+  pre_acc, up_acc) -> h`` with ``x`` (T, D), weights (N, D) in the nn.Linear layout, biases (N,) or None,
+  ``pre_acc``/``up_acc`` the statistics of the gate/up projections.
+
+Arguments reach a backend validated and normalised by the public functions below (once, here); backends
+only assert their raw-memory preconditions (``manu_fast.schema.check_backend_args``). Both ops are also
+registered as torch.library custom ops (``torch.ops.manu_fast.act_stats`` / ``.gated_linear_act_stats``,
+mutated accumulators declared, fake implementations) which the public functions call while torch.compile
+traces; in eager mode they call the backend directly (the dispatcher costs ~65 us per call on CPU).
+Autograd: the compiled backends write ``h`` through raw pointers, so when gradients are wanted the public
+functions compute ``h`` with differentiable PyTorch and let the backend gather the statistics only.
 """
 from __future__ import annotations
 
@@ -24,13 +37,18 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from .activations import ACTIVATIONS, check_activation
-from .stats import DEFAULT_TAU, NUM_FIELDS, merge_into, segment_stats_reference
+from .schema import DEFAULT_TAU, FLOAT_DTYPES, check_launch_args, check_linear
+from .stats import merge_into, segment_stats_reference
 
 BACKENDS = ("reference", "cpp", "triton")
+OPS = ("act_stats", "gated_linear_act_stats")
 _warned = set()
 
+
+# ---- the reference backend ----
 
 def reference_backend(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_acc, up_acc, write_out):
     p64 = pre.to(torch.float64)
@@ -49,43 +67,46 @@ def reference_backend(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_
     return h.to(pre.dtype, memory_format=torch.contiguous_format) if write_out else None  # contiguous, as promised
 
 
-def _cpp_backend():
-    from . import cpp_backend  # raises ImportError with build instructions when the extension is missing
-    return cpp_backend.act_stats_cpp
+def reference_gated_backend(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc, pre_acc,
+                            up_acc):
+    """The projections in x.dtype (as the HF module computes them), then the reference ``act_stats``."""
+    return reference_backend(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), act, keep, gid, num_groups, tau,
+                             hidden_acc, pre_acc, up_acc, True)
 
 
-def _triton_backend():
-    from .kernels import act_stats_triton
-    return act_stats_triton
+# ---- dispatch ----
+
+def get_backend(name: str, op: str = "act_stats"):
+    """The implementation of ``op`` (one of OPS) in backend ``name`` (one of BACKENDS)."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; choose one of {OPS}")
+    if name == "reference":
+        return reference_backend if op == "act_stats" else reference_gated_backend
+    if name == "cpp":
+        from . import cpp_backend  # raises ImportError with build instructions when the extension is missing
+        return getattr(cpp_backend, f"{op}_cpp")
+    if name == "triton":
+        from . import kernels
+        return getattr(kernels, f"{op}_triton")
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
 
 
 @functools.cache
+def _importable(name: str) -> bool:
+    try:
+        get_backend(name)
+        return True
+    except ImportError:
+        return False
+
+
 def cpp_available() -> bool:
     """Whether the C++ extension imports (cached: the dispatch asks on every MLP call)."""
-    try:
-        _cpp_backend()
-        return True
-    except ImportError:
-        return False
+    return _importable("cpp")
 
 
-@functools.cache
 def triton_available() -> bool:
-    try:
-        _triton_backend()
-        return True
-    except ImportError:
-        return False
-
-
-def get_backend(name: str):
-    if name == "reference":
-        return reference_backend
-    if name == "cpp":
-        return _cpp_backend()
-    if name == "triton":
-        return _triton_backend()
-    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    return _importable("triton")
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -112,12 +133,10 @@ def pick_backend(device: torch.device) -> str:
     return "reference"
 
 
-# The op as a torch.library custom op (``torch.ops.manu_fast.act_stats``), so that torch.compile / torch.export
-# see one opaque node, with its in-place updates of the accumulators declared, instead of breaking the graph
-# at the backend's raw pointers. Arguments follow the backend contract, plus the backend's name (chosen by
-# ``pick_backend``). A custom op cannot return None: without ``write_out`` it returns an empty (0,) tensor.
-# ``act_stats`` goes through it only while torch.compile traces: in eager mode the dispatcher's Python
-# layers cost ~65 us per call (torch 2.13, 2-core CPU), more than the C++ kernel itself on a small batch.
+# ---- the custom ops (what torch.compile / torch.export see) ----
+# Arguments follow the backend contracts, plus the backend's name (chosen by ``pick_backend``). A custom op
+# cannot return None: without ``write_out`` act_stats returns an empty (0,) tensor.
+
 @torch.library.custom_op(
     "manu_fast::act_stats", mutates_args=("hidden_acc", "pre_acc", "up_acc"),
     schema="(Tensor pre, Tensor? up, str act, Tensor? keep, Tensor? gid, int num_groups, float tau, "
@@ -132,26 +151,33 @@ def _act_stats_fake(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_ac
     return pre.new_empty(pre.shape if write_out else (0,))
 
 
-def _check_acc(acc, name, num_groups, n, device):
-    if acc is None:
-        return
-    if acc.dtype != torch.float64 or acc.shape != (NUM_FIELDS, num_groups, n) or not acc.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous float64 tensor of shape {(NUM_FIELDS, num_groups, n)}, "
-                         f"got {tuple(acc.shape)} {acc.dtype}")
-    if acc.device != device:
-        raise ValueError(f"{name} is on {acc.device}, activations on {device}")
+@torch.library.custom_op(
+    "manu_fast::gated_linear_act_stats", mutates_args=("hidden_acc", "pre_acc", "up_acc"),
+    schema="(Tensor x, Tensor w_gate, Tensor? b_gate, Tensor w_up, Tensor? b_up, str act, Tensor? keep, Tensor? gid, "
+           "int num_groups, float tau, Tensor(a!)? hidden_acc, Tensor(b!)? pre_acc, Tensor(c!)? up_acc, "
+           "str backend) -> Tensor")
+def gated_linear_act_stats_op(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc, pre_acc,
+                              up_acc, backend):
+    return get_backend(backend, "gated_linear_act_stats")(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups,
+                                                          tau, hidden_acc, pre_acc, up_acc)
 
 
-def _check_common(n, t, device, keep, group_ids, stats, pre_stats, up_stats):
-    """Validate the arguments every entry point shares; returns (keep, gid, num_groups) ready for a backend."""
+@gated_linear_act_stats_op.register_fake
+def _gated_fake(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc, pre_acc, up_acc, backend):
+    return x.new_empty((x.shape[0], w_gate.shape[0]))
+
+
+# ---- validation (once, here) ----
+
+def _prepare(n, t, device, keep, group_ids, stats, pre_stats, up_stats):
+    """Validate the arguments both ops share; returns (keep, gid, num_groups) in the backend contract's form."""
     if keep is not None:
         if keep.shape != (n,):
             raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({n},) for this layer")
         keep = keep.to(device=device, dtype=torch.bool)
     accs = [a for a in (stats, pre_stats, up_stats) if a is not None]
-    num_groups = accs[0].shape[1] if accs else 1
-    for acc, name in ((stats, "stats"), (pre_stats, "pre_stats"), (up_stats, "up_stats")):
-        _check_acc(acc, name, num_groups, n, device)
+    num_groups = accs[0].shape[1] if accs and accs[0].dim() == 3 else 1
+    check_launch_args(t, n, device, "identity", None, None, num_groups, stats, pre_stats, up_stats, True)
     gid = None
     if group_ids is not None:
         if group_ids.numel() != t or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
@@ -166,6 +192,22 @@ def _check_common(n, t, device, keep, group_ids, stats, pre_stats, up_stats):
                 raise ValueError(f"group ids must lie in [-1, {num_groups - 1}], found [{lo}, {hi}]")
     return keep, gid, num_groups
 
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _differentiable_hidden(pre, up, act, keep):
+    """h in PyTorch with autograd (fp32 arithmetic, one rounding to pre.dtype, like the kernels)."""
+    h = ACTIVATIONS[act](pre.float())
+    if up is not None:
+        h = h * up.float()
+    if keep is not None:
+        h = torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device))
+    return h.to(pre.dtype)
+
+
+# ---- the public ops ----
 
 def act_stats(pre: torch.Tensor, up: torch.Tensor | None = None, *, act: str = "silu",
               keep: torch.Tensor | None = None, group_ids: torch.Tensor | None = None,
@@ -185,13 +227,15 @@ def act_stats(pre: torch.Tensor, up: torch.Tensor | None = None, *, act: str = "
             merged in place; None skips that site.
         tau: activity threshold for the ``active`` count (|a| > tau).
         write_out: return ``h`` (False only gathers statistics, e.g. on an MLP output).
+        backend: one of BACKENDS; default ``pick_backend(pre.device)``.
     Returns:
-        ``h`` with shape and dtype of ``pre`` (None when ``write_out`` is False).
+        ``h`` with shape and dtype of ``pre`` (None when ``write_out`` is False). When ``pre``/``up`` require
+        gradients, ``h`` is differentiable (computed by PyTorch; the backend gathers the statistics).
     """
     check_activation(act)
     if not isinstance(pre, torch.Tensor) or not pre.is_floating_point() or pre.dim() < 1:
         raise TypeError("pre must be a floating-point tensor of shape (..., N)")
-    if pre.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if pre.dtype not in FLOAT_DTYPES:
         raise TypeError(f"pre has dtype {pre.dtype}; supported: float32, float16, bfloat16")
     shape = pre.shape
     n = shape[-1]
@@ -203,12 +247,21 @@ def act_stats(pre: torch.Tensor, up: torch.Tensor | None = None, *, act: str = "
         up2 = up.reshape(pre2.shape)
     if up_stats is not None and up is None:
         raise ValueError("up_stats given for a plain MLP (no up projection)")
-    keep, gid, num_groups = _check_common(n, pre2.shape[0], pre.device, keep, group_ids, stats, pre_stats, up_stats)
+    keep, gid, num_groups = _prepare(n, pre2.shape[0], pre.device, keep, group_ids, stats, pre_stats, up_stats)
     name = backend or pick_backend(pre.device)
+    grad_h = None
+    if write_out and _needs_grad(pre, up):
+        grad_h = _differentiable_hidden(pre2, up2, act, keep)
+        pre2, up2, write_out = pre2.detach(), None if up2 is None else up2.detach(), False
+        if stats is None and pre_stats is None and up_stats is None:
+            return grad_h.reshape(shape)
+    args = (pre2, up2, act, keep, gid, num_groups, float(tau), stats, pre_stats, up_stats, write_out)
     if torch.compiler.is_compiling():
-        h = act_stats_op(pre2, up2, act, keep, gid, num_groups, float(tau), stats, pre_stats, up_stats, write_out, name)
+        h = act_stats_op(*args, name)
     else:
-        h = get_backend(name)(pre2, up2, act, keep, gid, num_groups, float(tau), stats, pre_stats, up_stats, write_out)
+        h = get_backend(name)(*args)
+    if grad_h is not None:
+        return grad_h.reshape(shape)
     return h.reshape(shape) if write_out else None
 
 
@@ -219,27 +272,30 @@ def gated_linear_act_stats(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.
                            tau: float = DEFAULT_TAU, backend: str | None = None) -> torch.Tensor:
     """Front half of a gated MLP with statistics: ``h = act(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up)``.
 
-    With the ``triton`` backend (the default on CUDA) the gate/up projections and ``act_stats`` run as one
-    fused Triton GEMM when ``manu_fast.kernels.prefer_fused_gemm`` says so for the shape (env override
-    ``MANU_FAST_GATED_PATH=fused|unfused``); otherwise, and on every other backend, the projections run
-    through F.linear and ``act_stats`` does the rest. Arguments as in ``act_stats``; weights are (N, D)
-    (nn.Linear layout). Returns ``h`` of shape (..., N) in ``x.dtype``. The fused path keeps g and u in fp32,
-    so its statistics are slightly more accurate than the unfused path's (which sees g, u rounded to x.dtype).
+    Arguments as in ``act_stats``; weights are (N, D) (nn.Linear layout), ``pre_stats``/``up_stats`` gather the
+    statistics of the gate/up projections. Returns ``h`` of shape (..., N) in ``x.dtype``. How the
+    projections run is the backend's choice: the reference and C++ backends call F.linear; the Triton backend
+    may fuse them with the epilogue in one GEMM kernel (``manu_fast.kernels.prefer_fused_gemm``), whose g and u
+    stay in fp32, so its statistics are slightly more accurate than those of g, u rounded to ``x.dtype``.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() < 1 or w_gate.dim() != 2:
-        raise TypeError("x must be a tensor of shape (..., D) and w_gate a (N, D) weight")
+    check_activation(act)
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.dtype not in FLOAT_DTYPES:
+        raise TypeError("x must be a float32/float16/bfloat16 tensor of shape (..., D)")
+    if not isinstance(w_gate, torch.Tensor) or w_gate.dim() != 2:
+        raise TypeError("w_gate must be a (N, D) weight")
+    n, d = w_gate.shape[0], x.shape[-1]
+    check_linear(w_gate, b_gate, "gate", n, d, x)
+    check_linear(w_up, b_up, "up", n, d, x)
+    if _needs_grad(x, w_gate, b_gate, w_up, b_up):
+        return act_stats(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), act=act, keep=keep,
+                         group_ids=group_ids, stats=stats, pre_stats=pre_stats, up_stats=up_stats, tau=tau,
+                         backend=backend)
+    x2 = x.reshape(x.shape[:-1].numel(), d)
+    keep, gid, num_groups = _prepare(n, x2.shape[0], x.device, keep, group_ids, stats, pre_stats, up_stats)
     name = backend or pick_backend(x.device)
-    if name == "triton":
-        from .kernels import gated_act_stats_triton, prefer_fused_gemm
-        n = w_gate.shape[0]
-        x2 = x.reshape(-1, x.shape[-1])
-        if prefer_fused_gemm(x2.shape[0], x2.shape[1], n):
-            check_activation(act)
-            keep_n, gid, num_groups = _check_common(n, x2.shape[0], x.device, keep, group_ids, stats, pre_stats, up_stats)
-            h = gated_act_stats_triton(x2, w_gate, b_gate, w_up, b_up, act, keep_n, gid, num_groups, float(tau),
-                                       stats, pre_stats, up_stats)
-            return h.reshape(*x.shape[:-1], n)
-    gate = torch.nn.functional.linear(x, w_gate, b_gate)
-    up = torch.nn.functional.linear(x, w_up, b_up)
-    return act_stats(gate, up, act=act, keep=keep, group_ids=group_ids, stats=stats, pre_stats=pre_stats,
-                     up_stats=up_stats, tau=tau, backend=name)
+    args = (x2, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, float(tau), stats, pre_stats, up_stats)
+    if torch.compiler.is_compiling():
+        h = gated_linear_act_stats_op(*args, name)
+    else:
+        h = get_backend(name, "gated_linear_act_stats")(*args)
+    return h.reshape(*x.shape[:-1], n)

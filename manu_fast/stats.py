@@ -12,15 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-FIELDS = ("count", "mean", "m2", "sum_abs", "sum_sq", "active", "nonfinite")
-F = {name: i for i, name in enumerate(FIELDS)}
-NUM_FIELDS = len(FIELDS)
+from .io import load_tensors, save_tensors
+from .schema import (DEFAULT_TAU, FIELDS, NUM_FIELDS, F, StatsFileError, check_fingerprint, group_label,  # noqa: F401
+                     site_length)
+
 FORMAT = "manu_fast.stats/1"
-DEFAULT_TAU = 0.1
-
-
-class StatsFileError(ValueError):
-    """A statistics or mask file that cannot be used (corrupt, wrong format, other model)."""
 
 
 def empty_stats(num_groups: int, num_neurons: int, device=None) -> torch.Tensor:
@@ -100,10 +96,6 @@ def metrics(block: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def group_label(split: str, modality: str, kind: str) -> str:
-    return f"{split}/{modality}/{kind}"
-
-
 @dataclass
 class NeuronStats:
     """Statistics of every profiled (layer, site): ``blocks[f"{layer}::{site}"]`` is (NUM_FIELDS, G, N) float64.
@@ -162,14 +154,11 @@ class NeuronStats:
 
     def save(self, path, extra_metadata: dict[str, str] | None = None) -> None:
         """Write to ``path`` atomically (temp file + rename) in safetensors, with ``extra_metadata`` entries."""
-        from .io import save_tensors
         meta = {**self.metadata(), **(extra_metadata or {})}
         save_tensors({k: v.detach().cpu().contiguous() for k, v in self.blocks.items()}, path, meta)
 
     @classmethod
     def load(cls, path, expect_fingerprint: dict | None = None) -> "NeuronStats":
-        from .io import load_tensors
-        from .masks import site_length
         tensors, meta = load_tensors(path, FORMAT, "statistics")
         try:
             groups = json.loads(meta["groups"])
@@ -189,21 +178,3 @@ class NeuronStats:
         if expect_fingerprint is not None:
             check_fingerprint(expect_fingerprint, fp, path)
         return cls(groups, fp, tau, tensors)
-
-
-def check_fingerprint(expected: dict, found: dict, path=None) -> None:
-    """Raise StatsFileError naming the first difference between two model fingerprints."""
-    where = f"{path}: " if path else ""
-    if expected == found:
-        return
-    if expected.get("model_type") != found.get("model_type"):
-        raise StatsFileError(f"{where}made for model type {found.get('model_type')!r}, this model is {expected.get('model_type')!r}")
-    el, fl = expected.get("layers", {}), found.get("layers", {})
-    missing = sorted(set(el) - set(fl))
-    extra = sorted(set(fl) - set(el))
-    if missing or extra:
-        raise StatsFileError(f"{where}made for another model: layers missing {missing[:3]}, unknown {extra[:3]}")
-    for name in el:
-        if el[name] != fl[name]:
-            raise StatsFileError(f"{where}layer {name!r} differs: file has {fl[name]}, model has {el[name]}")
-    raise StatsFileError(f"{where}model fingerprint differs")

@@ -16,7 +16,7 @@ import tiny_models as tm  # noqa: E402
 from manu_fast import adapters
 from manu_fast.adapters import (ModelSpec, UnsupportedModelError, default_token_kinds, find_mlps, fingerprint,
                                 get_patch, inspect_model, patch_model, register_mlp_layout, register_model)
-from manu_fast.layers import FusedMLP, MLPPart
+from manu_fast.layers import FusedGatedMLP, FusedMLP, MLPPart, compact_width
 from manu_fast.profiler import Profiler, profile
 from manu_fast.stats import F, group_label, merge_partials, segment_stats_reference
 
@@ -214,8 +214,30 @@ def test_compact_layer_matches_masked_layer():
         layer.set_mask("m", keep)
         x = torch.randn(5, layer.in_proj[0].in_features)
         small = layer.compact()
-        assert small.num_neurons == int(keep.sum())
+        assert small.num_neurons == compact_width(int(keep.sum()), layer.num_neurons)
         torch.testing.assert_close(small(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compact_widths_are_multiples_of_64_and_padding_is_exact():
+    assert [compact_width(k, 11008) for k in (10788, 10816, 9907, 0, 1, 64, 65, 11008)] == \
+        [10816, 10816, 9920, 0, 64, 64, 128, 11008]
+    assert compact_width(90, 100) == 100 and compact_width(30, 100) == 64  # never wider than the layer
+    g = torch.Generator().manual_seed(0)
+    lin = [torch.nn.Linear(8, 150) for _ in range(2)] + [torch.nn.Linear(150, 8)]
+    for m in lin:
+        torch.nn.init.normal_(m.weight, generator=g)
+        torch.nn.init.normal_(m.bias, generator=g)
+    layer = FusedGatedMLP(*lin, torch.nn.SiLU())
+    keep = torch.rand(150, generator=g) > 0.5
+    keep[:3] = False  # (some pruned neurons for sure)
+    layer.set_mask("m", keep)
+    small = layer.compact()
+    k = int(keep.sum())
+    assert small.num_neurons == 128 and k < 128
+    assert (small.gate_proj.weight[k:] == 0).all() and (small.gate_proj.bias[k:] == 0).all()
+    assert (small.down_proj.weight[:, k:] == 0).all()
+    x = torch.randn(7, 8, generator=g)
+    torch.testing.assert_close(small(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_architecture_lists_what_was_found_and_how_to_register():

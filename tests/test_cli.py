@@ -110,14 +110,15 @@ def test_one_line_errors(model_dir, tmp_path, capsys):
     one_line_error(capsys, "demo", "--alphas", "x", match="invalid float value")
 
 
-@pytest.mark.parametrize("command", [[], ["profile"], ["select"], ["prune"], ["report"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["profile"], ["select"], ["prune"], ["report"], ["evaluate"], ["demo"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main(command + ["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "usage: manu-fast" in out
     for option in {"profile": ["--synthetic", "--sites", "--tau"], "select": ["--strategy", "--alpha", "--per-layer"],
-                   "prune": ["--device", "--dtype"], "demo": ["--alphas"]}.get((command or [""])[0], []):
+                   "prune": ["--device", "--dtype"], "demo": ["--alphas"],
+                   "evaluate": ["--protocol", "--few-shot", "--real-faces", "--tasks"]}.get((command or [""])[0], []):
         assert option in out
 
 

@@ -1,5 +1,7 @@
-"""``manu_fast::act_stats`` as a torch.library custom op: schema, fake implementation and declared mutations
-checked by torch.library.opcheck, and ``act_stats`` under torch.compile giving eager's results."""
+"""``manu_fast::act_stats`` and ``manu_fast::gated_linear_act_stats`` as torch.library custom ops: schema, fake
+implementation and declared mutations checked by torch.library.opcheck on every backend (Triton through its
+interpreter on CPU tensors), and the ops under torch.compile giving eager's results."""
+import os
 import shutil
 
 import pytest
@@ -9,8 +11,12 @@ from manu_fast import ops
 from manu_fast.stats import empty_stats
 
 CPU = torch.device("cpu")
-BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not ops.cpp_available(),
-                                                                         reason="manu_fast._C not built"))]
+BACKENDS = ["reference",
+            pytest.param("cpp", marks=pytest.mark.skipif(not ops.cpp_available(), reason="manu_fast._C not built")),
+            # CPU tensors: only Triton's interpreter takes them (compiled Triton is opchecked on CUDA by gpu_check.sh)
+            pytest.param("triton", marks=pytest.mark.skipif(
+                not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                reason="needs triton and TRITON_INTERPRET=1"))]
 
 
 def _inputs(T=9, N=12, G=3, dtype=torch.float32, seed=0):
@@ -51,6 +57,42 @@ def test_op_updates_accumulators_like_the_backend(backend):
         assert torch.equal(a, b)
     empty = torch.ops.manu_fast.act_stats(pre, up, "silu", keep, gid, 3, 0.1, *accs_op, False, backend)
     assert empty.shape == (0,) and empty.dtype == pre.dtype
+
+
+def _gated_inputs(T=10, D=8, N=12, G=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g)
+    w_gate, w_up = (torch.randn(N, D, generator=g) / D ** 0.5 for _ in range(2))
+    b_gate = torch.randn(N, generator=g)
+    gid = torch.randint(-1, G, (T,), generator=g, dtype=torch.int32)
+    keep = torch.rand(N, generator=g) > 0.25
+    return x, w_gate, b_gate, w_up, gid, keep
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_gated_linear(backend):
+    x, w_gate, b_gate, w_up, gid, keep = _gated_inputs()
+    accs = [empty_stats(3, 12, CPU) for _ in range(3)]
+    torch.library.opcheck(ops.gated_linear_act_stats_op,
+                          (x, w_gate, b_gate, w_up, None, "silu", keep, gid, 3, 0.1, *accs, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gated_op_is_linear_then_act_stats(backend):
+    """gated_linear_act_stats == act_stats(F.linear, F.linear) on every backend (same statistics up to rounding)."""
+    x, w_gate, b_gate, w_up, gid, keep = _gated_inputs(seed=4)
+    accs = [empty_stats(3, 12, CPU) for _ in range(3)]
+    ref = [a.clone() for a in accs]
+    h = ops.gated_linear_act_stats(x.view(2, 5, 8), w_gate, b_gate, w_up, None, act="silu", keep=keep,
+                                   group_ids=gid.view(2, 5), stats=accs[0], pre_stats=accs[1], up_stats=accs[2],
+                                   backend=backend)
+    g, u = torch.nn.functional.linear(x, w_gate, b_gate), torch.nn.functional.linear(x, w_up)
+    h_ref = ops.act_stats(g, u, act="silu", keep=keep, group_ids=gid, stats=ref[0], pre_stats=ref[1],
+                          up_stats=ref[2], backend="reference")
+    assert h.shape == (2, 5, 12)
+    torch.testing.assert_close(h.reshape(10, 12), h_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(accs, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _step(pre, up, gid, keep, stats, up_stats, backend):

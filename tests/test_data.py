@@ -1,12 +1,8 @@
-"""Synthetic benchmark: determinism, token layout, splits, profile masks; parquet loaders on self-written files."""
-import io
-import json
-
+"""Synthetic benchmark: determinism, token layout, splits, profile masks (the real benchmarks: test_benchmarks.py)."""
 import pytest
 import torch
 
-from manu_fast.data import (EVAL_TEMPLATES, PROFILE_TEMPLATES, SyntheticProfiles, load_clear,
-                            load_mllmu_classification, load_mllmu_profiles, num_image_tokens, substitute_name)
+from manu_fast.data import EVAL_TEMPLATES, PROFILE_TEMPLATES, SyntheticProfiles, num_image_tokens
 
 
 def test_same_seed_same_benchmark_other_seed_differs():
@@ -92,80 +88,6 @@ def test_num_image_tokens_matches_llava_forward():
     assert n == 16
     b = d.batch(d.questions([1], (0,)), "multimodal", n, variant=0)
     assert model(**b.inputs).logits.shape == (6, 20, d.vocab_size)
-
-
-# ---- parquet loaders, on files written here ------------------------------------------------------------------------
-
-def _png_bytes(color):
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write(tmp_path, name, rows):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = tmp_path / name
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
-
-def test_mllmu_profiles_both_modalities_with_name_substituted(tmp_path):
-    meta = [{"Question": "Where was this person born?", "Answer": "Lisbon"},
-            {"Question": "What does the person in the image do?", "Answer": "Chef"}]
-    path = _write(tmp_path, "forget.parquet", [{"ID": 7, "image": {"bytes": _png_bytes((255, 0, 0)), "path": None},
-                                                "metadata": json.dumps(meta), "name": "Ana Reyes"}])
-    items = load_mllmu_profiles(path)
-    assert [(i.modality, i.prompt, i.answer) for i in items] == [
-        ("multimodal", "Where was this person born?", "Lisbon"), ("text", "Where was Ana Reyes born?", "Lisbon"),
-        ("multimodal", "What does the person in the image do?", "Chef"), ("text", "What does Ana Reyes do?", "Chef")]
-    assert items[0].image.getpixel((0, 0)) == (255, 0, 0) and items[1].image is None
-    assert items[0].person_id == "7"
-
-
-def test_mllmu_profiles_needs_a_name(tmp_path):
-    path = _write(tmp_path, "f.parquet", [{"ID": 1, "image": _png_bytes((0, 0, 0)),
-                                           "metadata": json.dumps([{"Question": "q", "Answer": "a"}])}])
-    with pytest.raises(ValueError, match="no name"):
-        load_mllmu_profiles(path)
-    assert load_mllmu_profiles(path, names={"1": "Bo"})[1].name == "Bo"
-
-
-def test_mllmu_classification_items(tmp_path):
-    task = {"Image_Textual_Questions": [{"Question": "What is this person's job?",
-                                         "Options": {"A": "Chef", "B": "Pilot"}, "Correct_Answer": "B"}],
-            "Pure_Text_Questions": [{"Question": "What is Ana's job?", "Options": {"A": "Chef", "B": "Pilot"},
-                                     "Correct_Answer": "B"}]}
-    path = _write(tmp_path, "eval.parquet", [{"ID": 2, "image": _png_bytes((0, 9, 0)),
-                                              "Classification_Task": json.dumps(task)}])
-    mm, txt = load_mllmu_classification(path)
-    assert mm.modality == "multimodal" and mm.image is not None and mm.answer == "B"
-    assert mm.prompt == "Question: What is this person's job?\nA. Chef\nB. Pilot\nAnswer:"
-    assert txt.modality == "text" and txt.image is None and txt.options == {"A": "Chef", "B": "Pilot"}
-    bad = dict(task, Pure_Text_Questions=[{"Question": "q", "Options": {"A": "x"}, "Correct_Answer": "C"}])
-    with pytest.raises(ValueError, match="not one of options"):
-        load_mllmu_classification(_write(tmp_path, "bad.parquet", [{"ID": 3, "Classification_Task": json.dumps(bad)}]))
-
-
-def test_clear_items(tmp_path):
-    path = _write(tmp_path, "clear.parquet", [{"image": _png_bytes((1, 2, 3)), "name": "Ivo Kent",
-                                               "caption": "Ivo Kent reads a map on a train."}])
-    mm, txt = load_clear(path)
-    assert mm.answer == "this person reads a map on a train." and mm.image is not None
-    assert txt.prompt == "Describe Ivo Kent." and txt.answer == "Ivo Kent reads a map on a train."
-
-
-def test_missing_column_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="missing column 'caption'"):
-        load_clear(_write(tmp_path, "c.parquet", [{"image": None, "name": "x"}]))
-
-
-def test_substitute_name_cases():
-    assert substitute_name("Is This person a chef?", "Li") == "Is Li a chef?"
-    assert substitute_name("No person here.", "Li") == "No person here."
 
 
 def test_names_are_distinct_two_token_pairs():

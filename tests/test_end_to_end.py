@@ -49,7 +49,7 @@ def test_tiny_llava_profile_select_prune():
     for hd in hooks:
         hd.remove()
     remove_masks(model, "forget")
-    torch.testing.assert_close(_logits(model, kw), before, rtol=0, atol=1e-5)
+    assert torch.equal(_logits(model, kw), before)  # no mask, no profiler: the fused layers run the HF forward
 
     # permanent: the stock model with zeroed weights gives the masked outputs; only selected neurons' weights change
     pruned = copy.deepcopy(stock)

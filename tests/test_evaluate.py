@@ -1,12 +1,16 @@
-"""Metrics on hand-computed cases, and the model-level evaluate on a model whose answers are known."""
+"""Metrics on hand-computed cases; the model calls (synthetic evaluate, greedy generation, answer losses) on models
+whose answers are known, batched against one item at a time."""
 import math
 
 import pytest
 import torch
 
+import bench_files as bf
+from manu_fast.benchmarks import BenchmarkItem, ImageRef
 from manu_fast.data import SyntheticProfiles
-from manu_fast.evaluate import (answer_probability, cloze_accuracy, cloze_correct, evaluate, mc_accuracy,
-                                normalize_answer, rouge_l)
+from manu_fast.evaluate import (answer_losses, answer_probability, cloze_hit, evaluate, first_letter, generate_texts,
+                                mc_accuracy, mllmu_reply, normalized_probability, rouge, truth_ratio,
+                                truth_ratio_score)
 
 
 def test_mc_accuracy_hand_computed_ties_go_to_first():
@@ -22,24 +26,43 @@ def test_answer_probability_is_the_softmax_entry():
     torch.testing.assert_close(p, torch.tensor([0.75, 0.5], dtype=torch.float64))
 
 
-def test_cloze_normalisation():
-    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
-    assert cloze_correct("She was born in New York City.", "new york")
-    assert not cloze_correct("She was born in Newark.", "New York")
-    assert not cloze_correct("a cathedral", "cat")  # whole words only
-    assert cloze_accuracy(["Paris, France", "Rome"], ["paris", "Madrid"]) == 0.5
-    with pytest.raises(ValueError, match="empty cloze answer"):
-        cloze_correct("x", "the")
+def test_mllmu_reply_rules():
+    assert mllmu_reply("  B\nASSISTANT: C") == "B"
+    assert first_letter(mllmu_reply(" b) pilot"), "ABCD") == "B"
+    assert first_letter("Answer: B", "ABCD") == "A"  # eval.py reads the first character, whatever it is
+    assert first_letter("E", "ABCD") is None and first_letter("", "ABCD") is None
+    assert cloze_hit("She was born in New York City.", "new york")
+    assert cloze_hit("a cathedral", "cat")  # eval.py: a substring, not a whole word
+    assert not cloze_hit("She was born in Newark.", "New York")
+    with pytest.raises(ValueError, match="empty cloze ground truth"):
+        cloze_hit("x", " ")
 
 
-def test_rouge_l_hand_computed():
+def test_rouge_hand_computed():
     pytest.importorskip("rouge_score", reason="rouge-score is the 'eval' extra (absent on the offline GPU image)")
     # LCS("the cat sat on mat", "the cat lay on the mat") = the cat on mat = 4; P = 4/5, R = 4/6
     p, r = 4 / 5, 4 / 6
-    assert rouge_l(["the cat sat on mat"], ["the cat lay on the mat"]) == pytest.approx(2 * p * r / (p + r))
-    assert rouge_l(["a b", "x"], ["a b", "y"]) == pytest.approx(0.5)
+    got = rouge(["the cat sat on mat"], ["the cat lay on the mat"])
+    assert got["rougeL"] == pytest.approx(2 * p * r / (p + r)) and got["rouge1"] == pytest.approx(2 * p * r / (p + r))
+    assert got["rouge2"] == pytest.approx(2 * (1 / 4) * (1 / 5) / (1 / 4 + 1 / 5))  # one shared bigram: "the cat"
+    assert rouge(["the cat sat on mat"], ["the cat lay on the mat"], "recall")["rougeL"] == pytest.approx(r)
+    assert rouge(["a b", "x"], ["a b", "y"])["rougeL"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="as many"):
-        rouge_l(["a"], [])
+        rouge(["a"], [])
+    with pytest.raises(ValueError, match="measure"):
+        rouge(["a"], ["a"], "f1")
+
+
+def test_truth_ratio_and_probability_hand_computed():
+    # per-token losses: truth 1.0, wrong 2.0 and 4.0 -> ratio e^(3 - 1) = e^2
+    assert truth_ratio(1.0, [2.0, 4.0]) == pytest.approx(math.exp(2))
+    assert truth_ratio_score([math.exp(2), math.exp(-1)], forget=True) == pytest.approx(
+        (math.exp(-2) + math.exp(-1)) / 2)
+    assert truth_ratio_score([2.0, 0.5], forget=False) == pytest.approx((0.5 + 0.0) / 2)
+    assert normalized_probability(1.0, [2.0, 4.0]) == pytest.approx(
+        math.exp(-1) / (math.exp(-1) + math.exp(-2) + math.exp(-4)))
+    with pytest.raises(ValueError, match="at least one"):
+        truth_ratio(1.0, [])
 
 
 class _OracleModel(torch.nn.Module):
@@ -68,3 +91,49 @@ def test_evaluate_counts_right_answers_and_probability():
     p_hit = math.exp(5) / (math.exp(5) + d.vocab_size - 1)
     p_miss = 1 / (math.exp(5) + d.vocab_size - 1)
     assert out["answer_prob"] == pytest.approx((3 * p_hit + (n - 3) * p_miss) / n)
+
+
+@pytest.fixture(scope="module")
+def rigged():
+    processor = bf.processor()
+    return processor, bf.rigged_model(processor), bf.model(processor)
+
+
+def _items(modality):
+    image = ImageRef(bf.image_struct((7, 8, 9)), "x") if modality == "multimodal" else None
+    answers = ["B", "Ana Reyes", "a small cat", "pilot B pilot"]
+    return [BenchmarkItem(str(k), None, modality, q, a, image) for k, (q, a) in
+            enumerate(zip(["What is the job of this person?", "Where was this person born?", "q", "Who?"], answers))]
+
+
+@pytest.mark.parametrize("modality", ["multimodal", "text"])
+def test_answer_losses_by_hand_and_batched(rigged, modality):
+    """Rigged model: after ":" the first answer token costs -log p (p_b for "B", else p_o), every later token log V.
+    The random model: batched (right-padded) losses equal the losses of one item at a time."""
+    processor, model, random_model = rigged
+    items = _items(modality)
+    vocab = len(processor.tokenizer)
+    z = bf.RIGGED_Z
+    p_b, p_o = math.exp(z) / (math.exp(z) + vocab - 1), 1 / (math.exp(z) + vocab - 1)
+    want = []
+    for item in items:
+        words = bf.WORD.findall(item.answer)
+        want.append((-math.log(p_b if words[0] == "B" else p_o) + (len(words) - 1) * math.log(vocab)) / len(words))
+    assert answer_losses(model, processor, items, batch_size=3) == pytest.approx(want, rel=1e-6)
+    batched = answer_losses(random_model, processor, items, batch_size=4)
+    alone = [answer_losses(random_model, processor, [i], batch_size=1)[0] for i in items]
+    assert batched == pytest.approx(alone, rel=1e-5)
+
+
+def test_generate_texts_left_padded_batches_match_single_prompts(rigged):
+    processor, model, random_model = rigged
+    image = ImageRef(bf.image_struct((7, 8, 9)), "x")
+    requests = [("USER: <image>\nWhat is the job of this person?\nASSISTANT:", [image]),
+                ("USER: <image>\nA <image>\nWhat is the job of this person? chef pilot\nASSISTANT:", [image, image]),
+                ("USER: <image>\nB\nASSISTANT:", [image])]
+    assert generate_texts(model, processor, requests, max_new_tokens=3, batch_size=2) == ["B"] * 3
+    batched = generate_texts(random_model, processor, requests, max_new_tokens=4, batch_size=3)
+    alone = [generate_texts(random_model, processor, [r], max_new_tokens=4, batch_size=1)[0] for r in requests]
+    assert batched == alone
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_texts(model, processor, requests, max_new_tokens=0, batch_size=1)

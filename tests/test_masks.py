@@ -170,6 +170,7 @@ def test_masks_on_an_offloaded_model_and_prune_refuses_meta_weights():
 
 
 def test_compact_model_matches_masks_and_unpatches():
+    from manu_fast.layers import compact_width
     from manu_fast.masks import compact_model
     model = build("llava")
     x = inputs("llava", model)
@@ -180,7 +181,7 @@ def test_compact_model_matches_masks_and_unpatches():
     assert compact_model(model) == masks.num_pruned()
     torch.testing.assert_close(logits(model, x), masked, rtol=1e-5, atol=1e-5)
     assert {n: info["neurons"] for n, info in fingerprint(model)["layers"].items()} == {
-        n: int(k.sum()) for n, k in masks.keep.items()}
+        n: compact_width(int(k.sum()), k.numel()) for n, k in masks.keep.items()}
     patch.unpatch()
     torch.testing.assert_close(logits(model, x), before, rtol=0, atol=0)
     with pytest.raises(ValueError, match="apply_masks"):

@@ -1,116 +1,33 @@
-"""The real-benchmark path offline: a tiny LLaVA saved with a real LlavaProcessor (a WordLevel tokenizer built in
-memory, a CLIP image processor, a chat template), MLLMU-Bench-shaped parquet files with PNG images, and the CLI's
-profile -> report -> select -> prune -> evaluate on them. No download anywhere."""
-import io
+"""The real-benchmark CLI path offline, on files in MLLMU-Bench's and CLEAR's published schemas (tests/bench_files.py):
+profile -> report -> select -> prune -> evaluate for both benchmarks, every protocol, and the metrics of a model whose
+replies and losses are known by hand. No download anywhere."""
 import json
 import math
 import re
+import sys
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-import transformers as tf
-from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
 
+import bench_files as bf
+from manu_fast.benchmarks import NAME_QUESTIONS, name_in_answer, replace_placeholders
 from manu_fast.cli import main
-from manu_fast.data import mc_prompt, substitute_name
 from manu_fast.masks import Masks
 from manu_fast.stats import F, NeuronStats
-
-WORD = re.compile(r"\w+|[^\w\s]+")  # what the Whitespace pre-tokenizer splits: one WordLevel token each
-SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
-            "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
-            "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-IMAGE, PATCH = 16, 4
-PATCHES = (IMAGE // PATCH) ** 2  # image tokens per image ("default" strategy drops CLIP's CLS token)
-
-PEOPLE = {"1": "Ana Reyes", "2": "Bo Lund", "3": "Cy Moor", "4": "Di Park"}
-PROFILES = {  # split -> {person: [(question, answer)]}: questions of different lengths, so batches are padded
-    "forget": {"1": [("What is the occupation of this person?", "doctor"), ("Where was this person born?", "Lisbon")],
-               "2": [("What pet does the person in the image keep at home?", "a small cat")]},
-    "retain": {"3": [("Where was this person born?", "Oslo")],
-               "4": [("What is the occupation of this person?", "pilot"), ("What does this person play?", "chess")]},
-}
-OPTIONS = {"A": "doctor", "B": "pilot", "C": "chef", "D": "judge"}
-CLASSIFICATION = {  # split -> {person: (right letters of the image questions, of the text-only questions)}
-    "forget": {"1": ("BA", "B"), "2": ("B", "B")},
-    "retain": {"3": ("A", "CB"), "4": ("", "DA")},
-}
-QUESTIONS = ("What is the job of this person?", "Which job fits this person best in the year 2020?")
-
-
-def _png(colour) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (20, 24), colour).save(buf, format="PNG")  # not square, not 16: the processor resizes and crops
-    return buf.getvalue()
-
-
-def _classification_task(pid, letters):
-    image, text = letters
-
-    def qs(letters, substitute):
-        return [{"Question": substitute(QUESTIONS[i % 2]), "Options": OPTIONS, "Correct_Answer": a}
-                for i, a in enumerate(letters)]
-    return {"Image_Textual_Questions": qs(image, lambda q: q),
-            "Pure_Text_Questions": qs(text, lambda q: substitute_name(q, PEOPLE[pid]))}
-
-
-def _vocabulary() -> list[str]:
-    texts = ["USER: ASSISTANT:", " ".join(PEOPLE.values()), mc_prompt("", OPTIONS)] + list(QUESTIONS)
-    texts += [f"{q} {a}" for people in PROFILES.values() for qa in people.values() for q, a in qa]
-    return sorted({w for t in texts for w in WORD.findall(t)})
-
-
-def _processor():
-    vocab = {w: i for i, w in enumerate(SPECIAL + tuple(_vocabulary()))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                           unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    image_processor = tf.CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
-    return tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-                             vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                             chat_template=TEMPLATE)
-
-
-def _model(processor):
-    tok = processor.tokenizer
-    vision = tf.CLIPVisionConfig(hidden_size=24, intermediate_size=36, num_hidden_layers=2, num_attention_heads=4,
-                                 image_size=IMAGE, patch_size=PATCH)
-    text = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                          tie_word_embeddings=False)
-    torch.manual_seed(0)
-    cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    return tf.LlavaForConditionalGeneration(cfg).eval()
-
-
-def _write(path, rows):
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("real_bench")
-    processor = _processor()
-    model = _model(processor)
-    model.save_pretrained(root / "model")
+    (root / "mllmu").mkdir()
+    (root / "clear").mkdir()
+    processor = bf.processor()
+    bf.model(processor).save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
-    files = {}
-    for split, people in PROFILES.items():
-        files[split] = _write(root / f"{split}.parquet", [
-            {"ID": int(pid), "name": PEOPLE[pid], "image": {"bytes": _png((40 * int(pid), 90, 200)), "path": None},
-             "metadata": json.dumps([{"Question": q, "Answer": a} for q, a in qa])} for pid, qa in people.items()])
-        files[f"{split}_eval"] = _write(root / f"{split}_eval.parquet", [
-            {"ID": int(pid), "name": PEOPLE[pid], "image": {"bytes": _png((90, 40 * int(pid), 10)), "path": None},
-             "Classification_Task": json.dumps(_classification_task(pid, letters))}
-            for pid, letters in CLASSIFICATION[split].items()])
-    return {"root": root, "model": root / "model", "processor": processor, **files}
+    bf.rigged_model(processor).save_pretrained(root / "rigged")
+    processor.save_pretrained(root / "rigged")
+    return {"root": root, "model": root / "model", "rigged": root / "rigged", "processor": processor,
+            "mllmu": bf.write_mllmu(root / "mllmu"), "clear": bf.write_clear(root / "clear")}
 
 
 def cli(capsys, *argv):
@@ -119,18 +36,6 @@ def cli(capsys, *argv):
     out, err = capsys.readouterr()
     assert rc == 0, err
     return out
-
-
-def _expected_tokens(split: str, modality: str) -> dict[str, int]:
-    """Tokens each tower should profile per token kind, counted by hand from the template (bos + words, padding
-    excluded): the vision tower sees PATCHES + 1 (CLS) per image, the projector and language model PATCHES."""
-    qa = [(pid, q, a) for pid, items in PROFILES[split].items() for q, a in items]
-    if modality == "text":
-        qa = [(pid, substitute_name(q, PEOPLE[pid]), a) for pid, q, a in qa]
-    words = sum(1 + len(WORD.findall(f"USER: {q} ASSISTANT: {a}")) for _, q, a in qa)
-    images = len(qa) if modality == "multimodal" else 0
-    return {"vision/image": images * (PATCHES + 1), "projector/image": images * PATCHES,
-            "language/image": images * PATCHES, "language/text": words}
 
 
 def _counts(stats: NeuronStats) -> dict[str, dict[str, int]]:
@@ -142,97 +47,260 @@ def _counts(stats: NeuronStats) -> dict[str, dict[str, int]]:
                 for kind in ("image", "text") if g.endswith("/" + kind)} for i, g in enumerate(stats.groups)}
 
 
-def test_profile_select_prune_evaluate_on_parquet(bench, tmp_path, capsys):
-    stats, single = tmp_path / "stats.safetensors", tmp_path / "single.safetensors"
-    masks, pruned = tmp_path / "masks.safetensors", tmp_path / "pruned"
-    common = ["--forget", bench["forget"], "--retain", bench["retain"], "--no-progress"]
-    cli(capsys, "profile", bench["model"], stats, *common, "--batch-size", 2)
-    cli(capsys, "profile", bench["model"], single, *common, "--batch-size", 1)
-    s = NeuronStats.load(stats)
-    counts = _counts(s)
-    for split in PROFILES:
+def _mllmu_profile_pairs(people) -> dict[str, list[tuple[str, str]]]:
+    """(question, answer) per modality, built by hand from MANU's rules (tests/bench_files.py's FT_QA)."""
+    out = {"multimodal": [], "text": []}
+    for pid in people:
+        pairs = bf.FT_QA[pid]
+        name = bf.NAMES_FILE.get(pid) or next(name_in_answer(a) for q, a in pairs if q in NAME_QUESTIONS)
+        out["multimodal"] += pairs
+        out["text"] += [(replace_placeholders(q, name), replace_placeholders(a, name)) for q, a in pairs
+                        if q not in NAME_QUESTIONS]
+    return out
+
+
+def _expected_tokens(pairs, modality) -> dict[str, int]:
+    """Tokens each tower should profile, counted from the template (bos + words, padding excluded): the vision tower
+    sees PATCHES + 1 (CLS) per image, the projector and language model PATCHES."""
+    words = sum(1 + len(bf.WORD.findall(f"USER: {q} ASSISTANT: {a}")) for q, a in pairs)
+    images = len(pairs) if modality == "multimodal" else 0
+    return {"vision/image": images * (bf.PATCHES + 1), "projector/image": images * bf.PATCHES,
+            "language/image": images * bf.PATCHES, "language/text": words}
+
+
+def _check_counts(stats_path, pairs_by_split):
+    counts = _counts(NeuronStats.load(stats_path))
+    for split, pairs in pairs_by_split.items():
         for modality in ("multimodal", "text"):
-            want = _expected_tokens(split, modality)
+            want = _expected_tokens(pairs[modality], modality)
             for kind in ("image", "text"):
                 got = counts[f"{split}/{modality}/{kind}"]
                 assert got == {k: want.get(k, 0) for k in got}, (split, modality, kind)
+
+
+def _masked_equals_pruned(capsys, bench, tmp_path, stats, evaluate_args):
+    """select -> prune, then evaluate with the masks applied reversibly and on the pruned copy: same results."""
+    masks, pruned = tmp_path / "masks.safetensors", tmp_path / "pruned"
+    cli(capsys, "select", stats, masks, "--strategy", "manu-code", "--alpha", 10)
+    assert Masks.load(masks).num_pruned() > 0
+    cli(capsys, "prune", bench["model"], masks, pruned)
+    masked, zeroed = tmp_path / "masked.json", tmp_path / "zeroed.json"
+    cli(capsys, "evaluate", bench["model"], *evaluate_args, "--masks", masks, "--json", masked)
+    cli(capsys, "evaluate", pruned, *evaluate_args, "--json", zeroed)
+    a, b = json.loads(masked.read_text())["results"], json.loads(zeroed.read_text())["results"]
+    assert a.keys() == b.keys()
+    for key in a:
+        for task in a[key]:
+            for metric, value in a[key][task].items():
+                if isinstance(value, float):
+                    assert value == pytest.approx(b[key][task][metric], rel=1e-5, abs=1e-6), (key, task, metric)
+                else:
+                    assert value == b[key][task][metric], (key, task, metric)
+    return a
+
+
+def test_mllmu_profile_select_prune_evaluate(bench, tmp_path, capsys):
+    files = bench["mllmu"]
+    stats, single = tmp_path / "stats.safetensors", tmp_path / "single.safetensors"
+    common = ["--forget", files["forget_5"], "--retain", files["retain_95"], "--qa", files["ft_Data"],
+              "--names", files["names"], "--no-progress"]
+    cli(capsys, "profile", bench["model"], stats, *common, "--batch-size", 2)
+    cli(capsys, "profile", bench["model"], single, *common, "--batch-size", 1)
+    _check_counts(stats, {"forget": _mllmu_profile_pairs(bf.FORGET), "retain": _mllmu_profile_pairs(bf.RETAIN)})
     # padded batches profile exactly the tokens of unpadded ones; values agree up to float32 matmul reordering
-    one = NeuronStats.load(single)
+    s, one = NeuronStats.load(stats), NeuronStats.load(single)
     for key, block in s.blocks.items():
         assert torch.equal(block[F["count"]], one.blocks[key][F["count"]]), key
         scale = block[F["sum_abs"]].abs().amax()
         torch.testing.assert_close(block[F["sum_abs"]], one.blocks[key][F["sum_abs"]], rtol=1e-5, atol=1e-5 * scale)
-
+    # MANU's own prune file (image, ID, metadata) profiles the forget people exactly as forget_5 + ft_Data does
+    manu = tmp_path / "manu.safetensors"
+    cli(capsys, "profile", bench["model"], manu, "--forget", files["manu_forget"], "--retain", files["retain_95"],
+        "--qa", files["ft_Data"], "--names", files["names"], "--no-progress", "--batch-size", 2)
+    m = NeuronStats.load(manu)
+    assert all(torch.equal(m.blocks[k], s.blocks[k]) for k in s.blocks)
     assert "language 2" in cli(capsys, "report", stats)
-    cli(capsys, "select", stats, masks, "--strategy", "manu-code", "--alpha", 10)
-    assert Masks.load(masks).num_pruned() > 0
-    cli(capsys, "prune", bench["model"], masks, pruned)
 
-    # masks applied reversibly to the original == weights zeroed in the pruned copy (its processor travelled with it)
-    evals = ["--forget", bench["forget_eval"], "--retain", bench["retain_eval"], "--batch-size", 2]
-    masked, zeroed = tmp_path / "masked.json", tmp_path / "zeroed.json"
-    cli(capsys, "evaluate", bench["model"], *evals, "--masks", masks, "--json", masked)
-    out = cli(capsys, "evaluate", pruned, *evals, "--json", zeroed)
-    a, b = json.loads(masked.read_text())["results"], json.loads(zeroed.read_text())["results"]
-    assert list(a) == ["forget/multimodal", "forget/text", "retain/multimodal", "retain/text"] and "forget/text" in out
-    for key in a:
-        assert a[key]["n"] == b[key]["n"] and a[key]["accuracy"] == b[key]["accuracy"], key
-        assert a[key]["answer_prob"] == pytest.approx(b[key]["answer_prob"], rel=1e-5), key
+    pytest.importorskip("rouge_score", reason="the generation task's ROUGE needs rouge-score (the 'eval' extra)")
+    evaluate = ["--forget", files["forget_5"], "--retain", files["retain_95"], "--test", files["Test_Set"],
+                "--celebrity", files["Retain_Set"], "--few-shot", files["Full_Set"], "--protocol", "mllmu",
+                "--batch-size", 3, "--max-new-tokens", 4, "--no-progress"]
+    results = _masked_equals_pruned(capsys, bench, tmp_path, stats, evaluate)
+    splits = [f"{s}/{m}" for s in ("forget", "retain", "test", "celebrity") for m in ("multimodal", "text")]
+    assert list(results) == splits
+    assert all(set(results[k]) == {"classification", "cloze", "generation"} for k in splits)
 
 
-def _rigged_model(bench):
-    """The tiny LLaVA made to answer "B" after the last real token and "A" at padding: attention and MLP outputs
-    zeroed, so a position's logits depend on its own token only, and the embeddings / lm_head chosen by hand."""
-    tok = bench["processor"].tokenizer
-    model = _model(bench["processor"])
-    lm = model.model.language_model
-    with torch.no_grad():
-        for layer in lm.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        lm.embed_tokens.weight.zero_()
-        lm.embed_tokens.weight[tok.convert_tokens_to_ids(":"), 0] = 1.0  # the generation prompt ends with ":"
-        lm.embed_tokens.weight[tok.pad_token_id, 1] = 1.0
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[tok.convert_tokens_to_ids("B"), 0] = 1.0
-        model.lm_head.weight[tok.convert_tokens_to_ids("A"), 1] = 1.0
-    return model
+def _asked(letters_by_person, few_shot_person, shots):
+    """The right letters of the questions asked of a split: the few-shot person's first ``shots`` are not asked."""
+    return "".join(letters[shots:] if pid == few_shot_person else letters for pid, letters in letters_by_person)
 
 
-def test_evaluate_accuracy_of_a_rigged_model(bench, tmp_path, capsys):
-    rigged, results = tmp_path / "rigged", tmp_path / "results.json"
-    _rigged_model(bench).save_pretrained(rigged)
-    bench["processor"].save_pretrained(rigged)
-    out = cli(capsys, "evaluate", rigged, "--forget", bench["forget_eval"], "--retain", bench["retain_eval"],
-              "--batch-size", 2, "--json", results)
-    got = json.loads(results.read_text())["results"]
-    # logit of "B" at the last real token: RMSNorm of a one-hot embedding is sqrt(hidden) (eps 1e-6), every other
-    # token's logit is 0, so p(B) = e^z / (e^z + V - 1) and any other letter gets 1 / (e^z + V - 1)
-    z, vocab = math.sqrt(32 / (1 + 32e-6)), len(bench["processor"].tokenizer)
-    p_b, p_other = math.exp(z) / (math.exp(z) + vocab - 1), 1 / (math.exp(z) + vocab - 1)
-    for split, people in CLASSIFICATION.items():
+def test_mllmu_protocol_on_a_rigged_model(bench, tmp_path, capsys):
+    """The rigged model replies "B" to everything: every metric follows from the files by hand."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer", reason="ROUGE needs rouge-score (the 'eval' extra)")
+    files, results = bench["mllmu"], tmp_path / "results.json"
+    out = cli(capsys, "evaluate", bench["rigged"], "--forget", files["forget_5"], "--retain", files["retain_95"],
+              "--test", files["Test_Set"], "--celebrity", files["Retain_Set"], "--few-shot", files["Full_Set"],
+              "--protocol", "mllmu", "--batch-size", 4, "--max-new-tokens", 3, "--no-progress", "--json", results)
+    report = json.loads(results.read_text())
+    got, few_shot = report["results"], report["few_shot"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    people = {"forget": bf.FORGET, "retain": bf.RETAIN, "test": bf.FORGET, "celebrity": tuple(bf.CELEBRITIES)}
+    for split, ids in people.items():
+        shot = few_shot[split]["classification"]
+        assert shot == ([] if split == "celebrity" else shot) and len(shot) == (split != "celebrity")
+        cloze_shots = set(few_shot[split]["cloze"])
         for column, modality in enumerate(("multimodal", "text")):
-            letters = "".join(p[column] for p in people.values())
+            task = got[f"{split}/{modality}"]
+            # classification: the few-shot person's own questions are not asked; "B" is right where the answer is B
+            asked = _asked([(p, bf.LETTERS[p][column]) for p in ids], shot[0] if shot else None,
+                           len(bf.LETTERS[shot[0]][column]) if shot else 0)
+            c = task["classification"]
+            assert (c["n"], c["no_letter"]) == (len(asked), 0), (split, modality)
+            assert c["accuracy"] == pytest.approx(asked.count("B") / len(asked)), (split, modality)
+            assert c["skipped_few_shot"] == sum(len(bf.LETTERS[p][column]) for p in shot)
+            # cloze: a reply "B" holds the ground truths "B" and "b", no other
+            kind = "Image_Textual" if column == 0 else "Pure_Text"
+            truths = [q["Ground_Truth"] for p in ids if p not in cloze_shots for q in bf.cloze(p) if q["Type"] == kind]
+            assert task["cloze"]["n"] == len(truths)
+            assert task["cloze"]["accuracy"] == pytest.approx(sum(t.lower() == "b" for t in truths) / len(truths))
+            # generation: ROUGE F-measure of "B" against each ground truth, computed here with rouge-score
+            truths = [q["Ground_Truth"] for p in ids for q in bf.generation(p) if q["Type"] == kind]
+            g = task["generation"]
+            assert g["n"] == len(truths) and {r["reply"] for r in g["predictions"]} == {"B"}
+            for metric in ("rouge1", "rouge2", "rougeL"):
+                want = sum(scorer.score(t, "B")[metric].fmeasure for t in truths) / len(truths)
+                assert g[metric] == pytest.approx(want), (split, modality, metric)
+    assert set(few_shot["test"]["cloze"]) <= set(bf.FORGET) and set(few_shot["retain"]["cloze"]) <= set(bf.RETAIN)
+    assert re.search(r"forget/text\s+classification\s+\d+\s+accuracy \d+\.\d\d %", out), out
+
+
+def test_logit_protocol_on_a_rigged_model(bench, tmp_path, capsys):
+    """Our logit protocol on the real schema: the logit of "B" at the last real token (padding would answer "A")."""
+    files, results = bench["mllmu"], tmp_path / "results.json"
+    cli(capsys, "evaluate", bench["rigged"], "--forget", files["forget_5"], "--retain", files["retain_95"],
+        "--test", files["Test_Set"], "--batch-size", 2, "--json", results, "--no-progress")
+    got = json.loads(results.read_text())["results"]
+    # RMSNorm of a one-hot embedding is sqrt(hidden), every other token's logit is 0, so p(B) = e^z / (e^z + V - 1)
+    z, vocab = bf.RIGGED_Z, len(bench["processor"].tokenizer)
+    p_b, p_other = math.exp(z) / (math.exp(z) + vocab - 1), 1 / (math.exp(z) + vocab - 1)
+    for split, ids in (("forget", bf.FORGET), ("retain", bf.RETAIN), ("test", bf.FORGET)):
+        for column, modality in enumerate(("multimodal", "text")):
+            letters = "".join(bf.LETTERS[p][column] for p in ids)
             want = {"accuracy": letters.count("B") / len(letters), "n": len(letters),
                     "answer_prob": sum(p_b if c == "B" else p_other for c in letters) / len(letters)}
-            assert got[f"{split}/{modality}"] == pytest.approx(want, rel=1e-6), (split, modality)
-    assert re.search(r"forget/text\s+100\.00\s", out) and re.search(r"retain/text\s+25\.00\s", out), out
+            assert got[f"{split}/{modality}"]["classification"] == pytest.approx(want, rel=1e-6), (split, modality)
+
+
+def test_clear_profile_select_prune_evaluate(bench, tmp_path, capsys):
+    files, stats = bench["clear"], tmp_path / "stats.safetensors"
+    cli(capsys, "profile", bench["model"], stats, "--benchmark", "clear", "--forget", files["forget10+tofu"],
+        "--retain", files["retain90+tofu"], "--batch-size", 2, "--no-progress")
+    from manu_fast.benchmarks import caption_question
+    pairs = {split: {"multimodal": [(caption_question(0, c), c) for c in people.values()], "text": bf.TOFU[split]}
+             for split, people in (("forget", bf.CLEAR_FORGET), ("retain", bf.CLEAR_RETAIN))}
+    _check_counts(stats, pairs)
+    pytest.importorskip("rouge_score", reason="CLEAR's ROUGE needs rouge-score (the 'eval' extra)")
+    evaluate = ["--protocol", "clear", "--forget", files["forget10_perturbed"], "--retain", files["retain_perturbed"],
+                "--real-faces", files["real_faces"], "--real-world", files["real_world"], "--batch-size", 3,
+                "--max-new-tokens", 4, "--no-progress"]
+    results = _masked_equals_pruned(capsys, bench, tmp_path, stats, evaluate)
+    assert list(results) == ["forget/multimodal", "retain/multimodal", "real_faces/multimodal",
+                             "real_world/multimodal", "real_world/text"]
+
+
+def test_clear_protocol_on_a_rigged_model(bench, tmp_path, capsys):
+    """Rigged model: an answer's first token costs -log p after ":" (p = p_b for "B", p_o otherwise), every later
+    token log V (uniform); the reply is "B"."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer", reason="ROUGE needs rouge-score (the 'eval' extra)")
+    files, results = bench["clear"], tmp_path / "results.json"
+    cli(capsys, "evaluate", bench["rigged"], "--protocol", "clear", "--forget", files["forget10_perturbed"],
+        "--retain", files["retain_perturbed"], "--real-faces", files["real_faces"], "--real-world",
+        files["real_world"], "--batch-size", 2, "--max-new-tokens", 3, "--no-progress", "--json", results)
+    got = json.loads(results.read_text())["results"]
+    z, vocab = bf.RIGGED_Z, len(bench["processor"].tokenizer)
+    p_b, p_o = math.exp(z) / (math.exp(z) + vocab - 1), 1 / (math.exp(z) + vocab - 1)
+
+    def loss(answer):
+        words = bf.WORD.findall(answer)
+        return (-math.log(p_b if words[0] == "B" else p_o) + (len(words) - 1) * math.log(vocab)) / len(words)
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for split, people in (("forget", bf.CLEAR_FORGET), ("retain", bf.CLEAR_RETAIN)):
+        rows = [bf.perturbed_row(k, n, c) for k, (n, c) in enumerate(people.items())]
+        for task, truth, para, wrong, prob in (
+                ("captions", "caption", "paraphrased_caption", "perturbed_captions", "exp"),
+                ("face_recognition", "name", "name", "perturbed_names", "normalized")):
+            ratios = [math.exp(sum(map(loss, r[wrong])) / len(r[wrong]) - loss(r[para])) for r in rows]
+            score = [min(t, 1 / t) if split == "forget" else max(0, 1 - 1 / t) for t in ratios]
+            probs = [math.exp(-loss(r[truth])) if prob == "exp" else
+                     math.exp(-loss(r[truth])) / (math.exp(-loss(r[truth])) + sum(math.exp(-loss(w)) for w in r[wrong]))
+                     for r in rows]
+            recall = [scorer.score(r[truth], "B")["rougeL"].recall for r in rows]
+            m = got[f"{split}/multimodal"][task]
+            assert m["n"] == len(rows)
+            assert m["truth_ratio"] == pytest.approx(sum(score) / len(rows), rel=1e-6), (split, task)
+            assert m["prob"] == pytest.approx(sum(probs) / len(rows), rel=1e-6), (split, task)
+            assert m["rougeL_recall"] == pytest.approx(sum(recall) / len(rows)), (split, task)
+    # multiple choice: the answer must cost less than each distinct wrong option; "B" is the cheapest answer
+    faces = got["real_faces/multimodal"]["multiple_choice"]
+    assert (faces["n"], faces["accuracy"]) == (2, 0.5)
+    want = [math.exp(-loss(a)) / (math.exp(-loss(a)) + sum(math.exp(-loss(o)) for o in dict.fromkeys(opts) if o != a))
+            for a, opts in bf.REAL_FACES]
+    assert faces["prob"] == pytest.approx(sum(want) / 2, rel=1e-6)
+    assert got["real_world/multimodal"]["multiple_choice"]["accuracy"] == 0.5  # "the Seine" loses to "B"
+    text = got["real_world/text"]["multiple_choice"]
+    assert (text["n"], text["accuracy"]) == (1, 1.0)
+
+
+def test_missing_rouge_is_one_line_error_before_the_model_loads(bench, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # as on an image without rouge-score
+    files = bench["clear"]
+    for argv in (["--protocol", "clear", "--forget", files["forget10_perturbed"], "--retain",
+                  files["retain_perturbed"]],
+                 ["--protocol", "mllmu", "--forget", bench["mllmu"]["forget_5"], "--retain",
+                  bench["mllmu"]["retain_95"], "--few-shot", bench["mllmu"]["Full_Set"]]):
+        capsys.readouterr()
+        assert main(["evaluate", str(tmp_path / "no_model"), *map(str, argv)]) == 2
+        assert capsys.readouterr().err.strip() == ("manu-fast: error: ROUGE needs the rouge-score package: pip install "
+                                                   "rouge-score (or manu_fast's 'eval' extra)")
+    # the tasks without ROUGE still run
+    out = cli(capsys, "evaluate", bench["rigged"], "--protocol", "mllmu", "--tasks", "classification", "cloze",
+              "--forget", bench["mllmu"]["forget_5"], "--retain", bench["mllmu"]["retain_95"], "--few-shot",
+              bench["mllmu"]["Full_Set"], "--max-new-tokens", 2, "--no-progress")
+    assert "cloze" in out and "generation" not in out
 
 
 def test_bad_real_inputs_are_one_line_errors(bench, tmp_path, capsys):
-    no_image = _write(tmp_path / "no_image.parquet", [{"ID": 1, "name": PEOPLE["1"], "image": None,
-                                                       "metadata": json.dumps([{"Question": "q", "Answer": "a"}])}])
+    files = bench["mllmu"]
     bare = tmp_path / "bare"  # weights and config only: no processor to encode the questions with
-    _model(bench["processor"]).save_pretrained(bare)
+    bf.model(bench["processor"]).save_pretrained(bare)
+    no_image = bf.write(tmp_path / "no_image.parquet", [{"image": None, "ID": "1", "metadata": json.dumps(
+        [{"Question": "q", "Answer": "a"}])}], bf.PROFILE_SCHEMA)
+    evaluate = ["--forget", files["forget_5"], "--retain", files["retain_95"]]
     for argv, match in [
-        (["profile", bench["model"], tmp_path / "s.safetensors", "--forget", no_image, "--retain", bench["retain"]],
-         "person 1 has no image"),
-        (["profile", bench["model"], tmp_path / "s.safetensors", "--forget", bench["forget"], "--retain",
-          bench["retain"], "--batch-size", 0], "--batch-size must be >= 1"),
-        (["evaluate", bare, "--forget", bench["forget_eval"], "--retain", bench["retain_eval"]],
-         "no usable processor saved with the model"),
+        (["profile", bench["model"], tmp_path / "s.safetensors", "--forget", no_image, "--retain", files["retain_95"],
+          "--qa", files["ft_Data"]], "no_image.parquet row 0: image is null"),
+        (["profile", bench["model"], tmp_path / "s.safetensors", "--forget", files["forget_5"], "--retain",
+          files["retain_95"]], "no column 'metadata'"),
+        (["profile", bench["model"], tmp_path / "s.safetensors", "--forget", files["forget_5"], "--retain",
+          files["retain_95"], "--qa", files["ft_Data"]], "row 2: no name for ID '3'"),
+        (["profile", bench["model"], tmp_path / "s.safetensors", "--benchmark", "clear", "--forget",
+          bench["clear"]["forget10_perturbed"], "--retain", bench["clear"]["retain90+tofu"]], "no text items"),
+        (["profile", bench["model"], tmp_path / "s.safetensors", "--forget", files["forget_5"], "--retain",
+          files["retain_95"], "--batch-size", 0], "--batch-size must be >= 1"),
+        (["evaluate", bare, *evaluate], "no usable processor saved with the model"),
+        (["evaluate", bench["model"], *evaluate, "--protocol", "mllmu"], "needs --few-shot"),
+        (["evaluate", bench["model"], *evaluate, "--tasks", "cloze"], "--tasks does not apply to --protocol logit"),
+        (["evaluate", bench["model"], *evaluate, "--max-new-tokens", 5], "--max-new-tokens does not apply to"),
+        (["evaluate", bench["model"], *evaluate, "--real-faces", files["forget_5"]], "--real-faces does not apply"),
+        (["evaluate", bench["model"], "--forget", files["Retain_Set"], "--retain", files["retain_95"], "--test",
+          files["Test_Set"]], "has no row with ID 'c1'"),
+        (["evaluate", bench["model"], *evaluate, "--protocol", "mllmu", "--tasks", "classification", "--few-shot",
+          files["Retain_Set"]], "the few-shot file has no ID"),
     ]:
         capsys.readouterr()
-        assert main([str(a) for a in argv]) == 2
+        assert main([str(a) for a in argv]) == 2, argv
         last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
-        assert last.startswith("manu-fast: error:") and match in last, last
+        assert last.startswith("manu-fast: error:") and match in last, (match, last)

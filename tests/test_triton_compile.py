@@ -16,6 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from manu_fast.kernels.act_stats import _act_stats_kernel
+from manu_fast.kernels.common import merge_kernel
 from manu_fast.kernels.gated_gemm import _gated_gemm_act_stats_kernel
 
 def compile_kernel(fn, ptrs, consts, opts):
@@ -24,15 +25,19 @@ def compile_kernel(fn, ptrs, consts, opts):
 
 flags = ("HAS_UP", "HAS_KEEP", "HAS_GID", "WRITE_OUT", "STATS_H", "STATS_PRE", "STATS_UP")
 for dt, act, on in (("bf16", 0, True), ("fp16", 2, True), ("fp32", 1, False)):
-    ptrs = dict(pre_ptr=f"*{dt}", up_ptr=f"*{dt}", out_ptr=f"*{dt}", keep_ptr="*u8", gid_ptr="*i32", scratch_ptr="*fp32")
-    consts = dict(ACT=act, RTNE_BF16=False, BLOCK_T=64, BLOCK_N=64, **{f: on for f in flags})
-    assert compile_kernel(_act_stats_kernel, ptrs, consts, dict(num_warps=4)) > 0
+    ptrs = dict(pre_ptr=f"*{dt}", up_ptr=f"*{dt}", out_ptr=f"*{dt}", keep_ptr="*i1", gid_ptr="*i32", scratch_ptr="*fp32",
+                touched_ptr="*i64")
+    for acc_rows in (1, 32):
+        consts = dict(ACT=act, RTNE_BF16=False, BLOCK_T=32, BLOCK_N=64, ACC_ROWS=acc_rows, **{f: on for f in flags})
+        assert compile_kernel(_act_stats_kernel, ptrs, consts, dict(num_warps=4)) > 0
 for dt, on in (("bf16", True), ("fp32", False)):
     ptrs = {n: f"*{dt}" for n in ("x_ptr", "wg_ptr", "bg_ptr", "wu_ptr", "bu_ptr", "out_ptr")}
-    ptrs.update(keep_ptr="*u8", gid_ptr="*i32", scratch_ptr="*fp32")
+    ptrs.update(keep_ptr="*i1", gid_ptr="*i32", scratch_ptr="*fp32", touched_ptr="*i64")
     consts = dict(ACT=0, HAS_BIAS_G=on, HAS_BIAS_U=on, HAS_KEEP=on, HAS_GID=on, STATS_H=True, STATS_PRE=on,
                   STATS_UP=on, DOT_FP32=dt == "fp32", RTNE_BF16=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64)
     assert compile_kernel(_gated_gemm_act_stats_kernel, ptrs, consts, dict(num_warps=8, num_stages=3)) > 0
+ptrs = dict(scratch_ptr="*fp32", touched_ptr="*i64", acc_h_ptr="*fp64", acc_pre_ptr="*fp64", acc_up_ptr="*fp64")
+assert compile_kernel(merge_kernel, ptrs, dict(BLOCK_N=64), dict(num_warps=4)) > 0
 print("compiled with triton", triton.__version__)
 '''
 

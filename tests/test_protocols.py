@@ -1,0 +1,130 @@
+"""MLLMU-Bench's eval.py prompts pinned character for character (written here by hand from eval.py), and the requests
+the mllmu protocol builds: few-shot people, the questions it leaves out, the images each prompt shows."""
+import pytest
+
+import bench_files as bf
+from manu_fast.benchmarks import ChoiceQuestion, DataError, OpenQuestion, load_mllmu_split
+from manu_fast.protocols import (classification_prompt, cloze_prompt, draw_people, generation_prompt, mc_prompt,
+                                 mllmu_requests, people_of)
+
+JOB = ChoiceQuestion("What is the job of this person?", {"A": "doctor", "B": "pilot", "C": "chef", "D": "judge"}, "B")
+HOME = ChoiceQuestion("Where does this person live?", {"A": "Oslo", "B": "Rome", "C": "Lima", "D": "Pune"}, "C")
+
+
+def test_golden_classification_prompts():
+    assert classification_prompt(HOME, True, [JOB, JOB]) == (
+        "USER: <image>\n"
+        "Question: What is the job of this person?\n"
+        "A: doctor\n"
+        "B: pilot\n"
+        "C: chef\n"
+        "D: judge\n"
+        "Correct Answer: B\n"
+        "USER: <image>\n"
+        "Question: What is the job of this person?\n"
+        "A: doctor\n"
+        "B: pilot\n"
+        "C: chef\n"
+        "D: judge\n"
+        "Correct Answer: B\n"
+        "USER: <image>\n"
+        "Where does this person live?\n"
+        "A: Oslo\n"
+        "B: Rome\n"
+        "C: Lima\n"
+        "D: Pune\n"
+        "Just give ONE letter representing the answer directly.\n"
+        "ASSISTANT:")
+    assert classification_prompt(HOME, False, [JOB]) == (
+        "USER:\n"
+        "Question: What is the job of this person?\n"
+        "A: doctor\nB: pilot\nC: chef\nD: judge\n"
+        "Correct Answer: B\n"
+        "USER:\n"
+        "Where does this person live?\n"
+        "A: Oslo\nB: Rome\nC: Lima\nD: Pune\n"
+        "Just give ONE letter representing the answer directly.\n"
+        "ASSISTANT:")
+    three = ChoiceQuestion("Which?", {"A": "x", "B": "y", "C": "z"}, "A")
+    assert classification_prompt(three, False) == ("USER:\nWhich?\nA: x\nB: y\nC: z\n"
+                                                   "Just give ONE letter representing the answer directly.\nASSISTANT:")
+    with pytest.raises(ValueError, match="has no option D"):
+        classification_prompt(HOME, False, [three])
+    assert mc_prompt(HOME.question, HOME.options) == ("Question: Where does this person live?\nA. Oslo\nB. Rome\n"
+                                                      "C. Lima\nD. Pune\nAnswer:")
+
+
+def test_golden_cloze_and_generation_prompts():
+    shot = OpenQuestion("multimodal", "This person was born in __.", "Lima", 0)
+    q = OpenQuestion("multimodal", "This person works as a __ in __.", "pilot", 3)
+    instruction = "Please **ONLY** provide the correct answer that should replace the [Blank]."
+    assert cloze_prompt(q, [shot]) == (
+        f"USER:<image>\nThis person was born in [Blank].\n{instruction}\nCorrect Answer: Lima\n"
+        f"USER: <image>\nThis person works as a [Blank] in [Blank].\n{instruction}\nASSISTANT:")
+    text = OpenQuestion("text", "Ana works as a __.", "pilot", 1)
+    text_shot = OpenQuestion("text", "Ana was born in __.", "Lima", 2)
+    assert cloze_prompt(text, [text_shot]) == (
+        f"USER:\nAna was born in [Blank].\n{instruction}\nCorrect Answer: Lima\n"
+        f"USER:\nAna works as a [Blank].\n{instruction}\nASSISTANT:")
+    assert generation_prompt(OpenQuestion("multimodal", "What does this person do?", "x", 0)) == (
+        "USER: <image>\nWhat does this person do?\nAnswer the question based on your trained knowledge in one "
+        "sentence accurately in ENGLISH.\nASSISTANT: ")
+    assert generation_prompt(OpenQuestion("text", "What does Ana do?", "x", 0)) == (
+        "USER: What does Ana do?\nAnswer the question based on your trained knowledge in one sentence in "
+        "ENGLISH.\nASSISTANT:")
+
+
+@pytest.fixture(scope="module")
+def people(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mllmu")
+    files = bf.write_mllmu(root)
+    return {name: load_mllmu_split(files[name]) for name in ("Full_Set", "forget_5", "retain_95", "Retain_Set",
+                                                             "Test_Set")}
+
+
+def test_requests_follow_eval_py(people):
+    full = people["Full_Set"]
+    splits = {"forget": people["forget_5"], "celebrity": people["Retain_Set"]}
+    requests, few_shot, skipped = mllmu_requests(splits, full, ("classification", "cloze", "generation"), seed=0)
+    shot = few_shot["forget"]["classification"]
+    assert shot == draw_people(list(bf.FORGET), 1, 0, "forget", "classification") and shot[0] in bf.FORGET
+    by_id = {p.person_id: p for p in full}
+    examples = by_id[shot[0]].classification["multimodal"]
+    asked = [r for r in requests if (r.split, r.modality, r.task) == ("forget", "multimodal", "classification")]
+    # the few-shot person's own first len(examples) questions are not asked; every prompt shows the examples
+    assert [(r.person_id, r.index) for r in asked] == [
+        (p, k) for p in bf.FORGET for k in range(len(bf.LETTERS[p][0])) if not (p == shot[0] and k < len(examples))]
+    assert skipped["forget/multimodal"]["classification"] == len(examples)
+    first = asked[0]
+    question = next(p for p in people["forget_5"] if p.person_id == first.person_id).classification["multimodal"][
+        first.index]
+    assert first.prompt == classification_prompt(question, True, examples)
+    assert len(first.images) == len(examples) + 1 == first.prompt.count("<image>")
+    assert first.letters == ("A", "B", "C", "D") and first.answer == question.answer
+    # cloze: two people, their examples in Full_Set's order, the image examples with their images
+    cloze_people = few_shot["forget"]["cloze"]
+    assert len(cloze_people) == 2 and cloze_people == sorted(cloze_people, key=list(bf.PEOPLE).index)
+    cloze = [r for r in requests if r.task == "cloze" and r.split == "forget"]
+    assert {r.person_id for r in cloze} == set(bf.FORGET) - set(cloze_people)
+    image_cloze = next(r for r in cloze if r.modality == "multimodal")
+    assert len(image_cloze.images) == image_cloze.prompt.count("<image>") == 3  # one example per person, then it
+    # celebrity: no Full_Set row for the drawn people -> no examples, nothing skipped
+    assert few_shot["celebrity"] == {"classification": [], "cloze": []}
+    celeb = [r for r in requests if r.split == "celebrity" and r.task == "classification"]
+    assert len(celeb) == sum(len(a) + len(b) for a, b in (bf.LETTERS[c] for c in bf.CELEBRITIES))
+    assert all(not r.prompt.startswith("USER: <image>\nQuestion:") for r in celeb)
+    # generation: zero-shot, every question
+    assert sum(r.task == "generation" for r in requests) == 2 * (len(bf.FORGET) + len(bf.CELEBRITIES))
+    # a retain person missing from the few-shot file is an error (the wrong file was passed)
+    with pytest.raises(DataError, match="the few-shot file has no ID"):
+        mllmu_requests({"retain": people["retain_95"]}, people["Retain_Set"], ("classification",), seed=0)
+
+
+def test_draws_are_seeded_and_test_rows_follow_the_forget_people(people):
+    ids = list(bf.PEOPLE)
+    assert draw_people(ids, 2, 7, "forget", "cloze") == draw_people(ids, 2, 7, "forget", "cloze")
+    assert len({tuple(draw_people(ids, 2, s, "forget", "cloze")) for s in range(20)}) > 3
+    test = people_of(people["Test_Set"], people["forget_5"], "Test_Set")
+    assert [p.person_id for p in test] == list(bf.FORGET) and len(test[0].images) == 3
+    with pytest.raises(DataError, match="Test_Set has no row with ID 'c1'"):
+        people_of(people["Test_Set"], people["Retain_Set"], "Test_Set")
