@@ -225,6 +225,16 @@ def train_tiny_llava(model, data: SyntheticProfiles, cfg: ModelConfig, progress:
     model.eval()
 
 
+def weights_digest(model) -> str:
+    """SHA-256 of every parameter and buffer (name, dtype, shape, bytes) in name order: equal digests are
+    bit-identical models, so two machines can check they trained the same one."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "manu_fast"))
 
@@ -444,8 +454,10 @@ def run_world(seed: int, model_options: dict, experiment_options: dict, cache_di
         mcfg = ModelConfig(**model_options, seed=seed)
         model, data, trained = load_or_train(mcfg, Path(cache_dir) if cache_dir else None, progress)
         train_seconds = time.perf_counter() - t0
+        digest = weights_digest(model)
         report = run_experiment(model, data, ExperimentConfig(**experiment_options, seed=seed), progress)
-    report.update(seed=seed, model=dataclasses.asdict(mcfg), model_key=mcfg.key(), trained_now=trained,
+    report.update(seed=seed, model=dataclasses.asdict(mcfg), model_key=mcfg.key(), weights_sha256=digest,
+                  trained_now=trained,
                   train_or_load_seconds=train_seconds, seconds=time.perf_counter() - t0)
     return report
 
@@ -708,8 +720,9 @@ def main(args: argparse.Namespace) -> dict:
               f"{TARGETS['random_mean']:g}; drops in points, multimodal/text, mean over seeds")
         for a in headlines:
             print(format_acceptance(a))
-    print(f"\nreport: {out / 'report.json'}  plot: {out / 'plot.png'}  ({total:.0f} s, {len(reports)} seeds, "
-          f"{result['trained_now']} trained now, {jobs} process{'es' if jobs > 1 else ''})")
+    print(f"\nreport: {out / 'report.json'}  plot: {out / 'plot.png'}  ({total:.0f} s; models: "
+          f"{result['trained_now']} of {len(reports)} trained now, the rest from the cache; {jobs} "
+          f"process{'es' if jobs > 1 else ''})")
     return result
 
 
