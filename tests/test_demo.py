@@ -9,7 +9,7 @@ import torch
 from manu_fast import demo
 
 KEYS = ("forget/multimodal", "forget/text", "retain/multimodal", "retain/text")
-REDUCED = ["--people", "12", "--train-steps", "150", "--methods", "manu-code", "power-ratio", "random",
+REDUCED = ["--people", "12", "--train-steps", "150", "--methods", "manu-code", "power-ratio", "random", "--calibrated", "power-ratio",
            "--alphas", "30", "--default-alpha", "30", "--no-progress"]
 # What the reduced demo (seed 0) prints on the 2-core CPU build machine (torch 2.13.0+cpu, AVX512 kernels, from a
 # clean cache): correct answers per (split/modality) out of 12 forget and 132 retain questions, and the SHA-256
