@@ -281,7 +281,9 @@ def cmd_demo(demo_args: list[str]) -> None:
         from . import demo
     except ImportError as e:
         raise UsageError(f"demo: the demo is not available in this installation ({e})") from None
-    parser = _Parser(prog="manu-fast demo", description=(demo.__doc__ or "").splitlines()[0])
+    parser = _Parser(prog="manu-fast demo", description=(demo.__doc__ or "").splitlines()[0],
+                     epilog="Each seed trains its own world; the table is mean ± sd over seeds, report.json has every "
+                            "seed's rows. The strategies and the calibrated budgets: docs/SELECTION.md.")
     demo.add_arguments(parser)
     demo.main(parser.parse_args(demo_args))
 

@@ -95,8 +95,11 @@ def _report(seed, drops, control_drops):
     """A one-world report with the two headline rows (drops in points) and their random controls."""
     def row(method, like, alpha, drop):
         metrics = {k: {"accuracy": 1 - d / 100, "answer_prob": 0.5, "n": 100} for k, d in zip(KEYS, drop)}
-        return {"method": method, "like": like, "alpha": alpha, "schedule": "single-shot", "pruned": 10,
-                "metrics": metrics, "drop": dict(zip(KEYS, drop))}
+        out = {"method": method, "like": like, "alpha": alpha, "schedule": "single-shot", "pruned": 10,
+               "metrics": metrics, "drop": dict(zip(KEYS, drop))}
+        if alpha == "calibrated" and like is None:
+            out["budget"] = {"alpha": {"language": 10.0}, "validation_drop": dict(zip(KEYS, drop))}
+        return out
     baseline = {k: {"accuracy": 1.0, "answer_prob": 0.9, "n": 100} for k in KEYS}
     return {"seed": seed, "baseline": baseline, "experiment": {"default_alpha": 30.0},
             "rows": [row("manu-code", None, 30.0, drops), row("random", "manu-code", 30.0, control_drops),
@@ -117,7 +120,10 @@ def test_summary_mean_sd_and_targets():
     failing = [_report(0, (40, 30, 2, 4), (0, 1, 0, 0)), _report(1, (20, 36, 4, 2), (2, 5.5, 0, 0))]
     assert not demo.acceptance(failing, "manu-code", "fixed")["passed"]  # random control moved forget 3.25 > 3
     one_low = [_report(0, (46, 30, 2, 4), (0, 0, 0, 0)), _report(1, (14, 36, 4, 2), (0, 0, 0, 0))]
-    assert not demo.acceptance(one_low, "power-ratio", "calibrated")["passed"]  # a seed below 15
+    calibrated = demo.acceptance(one_low, "power-ratio", "calibrated")
+    assert not calibrated["passed"]  # a seed below 15
+    assert calibrated["validation_drop"]["forget/multimodal"][0] == 30  # what the budgets were chosen on
+    assert "chosen on the profiling questions" in demo.format_acceptance(calibrated)
     with pytest.raises(ValueError, match="missing from some seeds"):
         demo.summarize([reports[0], {**reports[1], "rows": reports[1]["rows"][:2]}])
     assert "±" in demo.format_table(summary) and "PASS" in demo.format_acceptance(a)
