@@ -58,10 +58,10 @@ DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 CACHE_ENV = "MANU_FAST_CACHE"
 # bump when the layout of the cache changes (the recipe's code is hashed into the key by itself, see recipe_version)
 CACHE_FORMAT = 5
-# torch threads of every demo process: the trained weights depend on the thread count (reduction order; 1, 2, 4 and
-# 16 threads trained four different models, and the default setting's forget drop ranged 25-35 points over them), so
-# it is fixed, not left to the machine. One thread, not two: under load from other processes, two OpenMP threads on
-# two busy cores trained 13-25x slower than one; several seeds run as parallel one-thread processes instead (--jobs).
+# torch threads of every demo process: the trained weights depend on the thread count (reduction order: 1, 2, 4 and
+# 16 threads trained four different models from one seed, with different headline figures), so it is fixed, not
+# left to the machine. One thread, not two: on two cores busy with other processes, two OpenMP threads trained many
+# times slower than one; several seeds run as parallel one-thread processes instead (--jobs).
 DEMO_THREADS = 1
 # parameters left at their random initialisation when ModelConfig.mlp_memory is set (see there)
 ATTENTION_AND_EMBEDDINGS = ("self_attn", "language_model.embed_tokens")
