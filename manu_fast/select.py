@@ -38,7 +38,6 @@ from .masks import Masks
 from .stats import F, NeuronStats, metrics, pool_groups
 
 STRATEGIES = ("manu-code", "manu-paper", "selective-pruning", "power-ratio", "random")
-EXPERIMENTAL = ("manu-paper",)
 EPS = 1e-5
 MANU_CODE_WEIGHTS = {"abs": 2.0, "freq": 0.0, "std": 2.0, "rms": 2.0}
 METRICS = ("abs", "freq", "std", "rms")
