@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .adapters import TOWERS
-from .data import MODALITIES, SPLITS
+from .data import MODALITIES
 from .masks import Masks
 from .stats import F, NeuronStats, metrics, pool_groups
 
