@@ -5,8 +5,9 @@
 For each seed: the demo's trained tiny LLaVA (``manu_fast.demo.load_or_train``), profiled like the demo's
 fixed-alpha rows (profiling questions, every position). Printed, for the language model's neurons:
 
-1. manu-paper's four terms: their medians on forget and retain data, each term's share of I(forget), and the rank
-   correlation (Spearman) of the final score S with the forget/retain ratio of each term alone;
+1. manu-paper's four terms: their medians on forget and retain data, each term's share of I(forget) (its sum
+   over the neurons over the sum of I(forget)), and the rank correlation (Spearman) of the final score S with
+   the forget/retain ratio of each term alone;
 2. split-half reliability: each strategy's scores from profiling phrasing 0 alone vs phrasing 1 alone (Spearman):
    a score that measures a property of the neurons gives the same ranking on both halves, a noise score does not;
 3. forget specificity: per neuron and modality, log2 of forget/retain mean a^2 (0 = as active on forget as on
@@ -101,7 +102,7 @@ def main() -> None:
                   "Spearman(S, forget/retain ratio of the term)")
             for t in TERMS:
                 f, r = terms["forget"][t], terms["retain"][t]
-                print(f"  I_{t:<4} {f.median():6.3f} | {r.median():6.3f}   share {float((f / total['forget']).mean()):4.2f}"
+                print(f"  I_{t:<4} {f.median():6.3f} | {r.median():6.3f}   share {float(f.sum() / total['forget'].sum()):4.2f}"
                       f"   Spearman {spearman(s_paper, f / (r + EPS)):5.2f}")
             print(f"  S = I(forget)/I(retain): median {s_paper.median():.3f}, 1-99 % {s_paper.quantile(0.01):.3f}"
                   f"-{s_paper.quantile(0.99):.3f}")
