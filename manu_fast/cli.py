@@ -179,13 +179,13 @@ def cmd_profile(args) -> None:
 
 # ---------------------------------------------------------------------------------------------------- select / prune
 def alpha_arg(text: str):
-    """--alpha: a number, or tower=number pairs separated by commas."""
+    """--alpha: a number, or KEY=number pairs separated by commas (KEY: a tower, a layer name or pattern)."""
     try:
         if "=" not in text:
             return float(text)
         return {tower.strip(): float(value) for tower, value in (part.split("=") for part in text.split(","))}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or tower=number,... pairs, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number or tower/layer=number,... pairs, got {text!r}") from None
 
 
 def cmd_select(args) -> None:
@@ -400,7 +400,9 @@ def cmd_demo(demo_args: list[str]) -> None:
         from . import demo
     except ImportError as e:
         raise UsageError(f"demo: the demo is not available in this installation ({e})") from None
-    parser = _Parser(prog="manu-fast demo", description=(demo.__doc__ or "").splitlines()[0])
+    parser = _Parser(prog="manu-fast demo", description=(demo.__doc__ or "").splitlines()[0],
+                     epilog="Each seed trains its own world; the table is mean ± sd over seeds, report.json has every "
+                            "seed's rows. The strategies and the calibrated budgets: docs/SELECTION.md.")
     demo.add_arguments(parser)
     demo.main(parser.parse_args(demo_args))
 
@@ -467,24 +469,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_profile)
 
     s = sub.add_parser("select", help="choose neurons to prune from a statistics file",
-                       description="Score neurons from STATS with a strategy (DESIGN.md §4) and write the masks of the "
-                                   "top ALPHA %% to OUT (safetensors).")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score neurons from STATS with a strategy and write the masks of the top ALPHA % to "
+                                   "OUT (safetensors).\nEvery formula, its source and the top-k rules: "
+                                   "docs/SELECTION.md.",
+                       epilog="examples:\n"
+                              "  manu-fast select stats.safetensors m.safetensors --strategy manu-code --alpha 2\n"
+                              "  manu-fast select stats.safetensors m.safetensors --strategy power-ratio \\\n"
+                              "      --alpha 'vision=10,projector=10,*language_model.layers.31.mlp=50'\n"
+                              "  manu-fast select stats.safetensors m.safetensors --strategy selective-pruning "
+                              "--metric abs --modality text --alpha 5")
     s.add_argument("stats", help="statistics file written by `manu-fast profile`")
     s.add_argument("out", help="masks file to write (.safetensors)")
     s.add_argument("--strategy", default="manu-code", choices=STRATEGIES,
-                   help="manu-code: official code's score, vision on multimodal / language on text-only data, top "
-                        "alpha %% per tower; manu-paper: the paper's cross-modal importance ratio (language model); "
-                        "selective-pruning: one metric, forget/retain, one modality; random: the control "
-                        "(default: %(default)s)")
+                   help="manu-code: the official MANU code's score (image towers on multimodal, language model on "
+                        "text-only data), top alpha %% per tower; power-ratio: this project's, forget/retain mean a^2 "
+                        "summed over the modalities each layer sees (the language model: both), top alpha %% per "
+                        "tower or per named layer; selective-pruning: one metric, forget/retain, one modality; "
+                        "manu-paper: EXPERIMENTAL, our reading of the paper's cross-modal formula, selects neurons that "
+                        "carry nothing on the demo; random: the control (default: %(default)s)")
     s.add_argument("--alpha", type=alpha_arg, default=2.0,
-                   help="percentage of neurons to prune, in (0, 100), or one per tower, e.g. "
-                        "vision=10,projector=10,language=30 (towers not named are not pruned) (default: %(default)s)")
+                   help="percentage of neurons to prune, in (0, 100); or KEY=PERCENT pairs separated by commas, a KEY "
+                        "being a tower (vision, projector, language: top-k over that tower) or a layer name or "
+                        "fnmatch pattern (e.g. '*language_model.layers.31.mlp': each matching layer is its own top-k "
+                        "pool, a per-layer budget); layers named nowhere are not pruned (default: %(default)s)")
     s.add_argument("--per-layer", action="store_true", help="top alpha %% of each layer instead of per tower / global")
     s.add_argument("--site", default="hidden", choices=SITES, help="which profiled site to select at (default: %(default)s)")
     s.add_argument("--metric", choices=METRICS, help="selective-pruning: the metric (default: freq)")
     s.add_argument("--modality", choices=MODALITIES, help="selective-pruning: the data modality (default: text)")
     s.add_argument("--token-kinds", nargs="+", choices=TOKEN_KINDS,
-                   help="pool only these token kinds (default: all)")
+                   help="pool only these token kinds of each (split, modality), e.g. text: the language model's "
+                        "text positions, not its image-token positions (default: all)")
     s.add_argument("--towers", nargs="+", choices=("vision", "projector", "language"),
                    help="score only these towers (default: every tower the strategy's data reaches)")
     s.add_argument("--seed", type=int, default=0, help="random: the seed (default: %(default)s)")

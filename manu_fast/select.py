@@ -1,31 +1,31 @@
-"""Neuron selection: importance scores from NeuronStats, then a deterministic top-alpha % (DESIGN.md §4).
+"""Neuron selection: importance scores from NeuronStats, then a deterministic top-alpha %.
 
-Strategies (metrics of a (split, modality) are pooled over the chosen token kinds; eps = 1e-5):
+Every strategy's formula, its source and status, and the top-k rules are in docs/SELECTION.md; in short
+(metrics of a (split, modality) are pooled over the chosen token kinds; F = forget, R = retain, eps = 1e-5):
 
-- ``manu-code`` (the official code, without its bugs): per modality
-  ``S_m = sum_k w_k (F_k / (R_k + eps) - 1)``, ``w = {abs: 2, freq: 0, std: 2, rms: 2}``, F = forget,
-  R = retain. The vision tower and projector are scored on multimodal data, the language model on
-  text-only data; top alpha % per tower, the union is pruned.
-- ``manu-paper``: per split D, cross-modal importance ``I = I_abs + I_freq + I_var + I_rms`` with
-  ``I_abs = |Zm - Zt| / (Zm + Zt + eps)`` (Z = mean |a|), ``I_freq = |Nm - Nt| / (Nm + Nt + eps)``
-  (N = frequency of |a| > tau), ``I_var = sqrt(Var_m + Var_t)``,
-  ``I_rms = sqrt(|Z2m - Z2t| / (Z2m + Z2t + eps))`` with Z2 = mean a^2. DESIGN.md's summary says sum a^2;
-  a raw sum scales with each modality's token count (LLaVA's multimodal prompts have ~15x the language-model
-  tokens of text-only ones), which pins I_rms near 1 for every neuron, so the mean is used like Z and N;
-  ``S = I(forget) / (I(retain) + eps)``; global top alpha %. Only the language model sees both
-  modalities (text-only inputs never reach the vision tower), so it is the default tower set.
-- ``selective-pruning`` (Pochinkov & Schoots 2024): one modality, ``S = M(forget) / (M(retain) + eps)``
-  for one metric M in freq/abs/std/rms; global top alpha %.
-- ``random``: i.i.d. uniform scores from a seeded generator, top alpha % per tower: the same count as
-  ``manu-code`` with the same towers, uniformly chosen (``random_like`` matches any other Masks).
+- ``manu-code`` (the official MANU code, without its bugs): per modality ``S_m = sum_k w_k (F_k / (R_k + eps) - 1)``,
+  ``w = {abs: 2, freq: 0, std: 2, rms: 2}``; image towers scored on multimodal data, the language model on
+  text-only data; top alpha % per tower.
+- ``manu-paper`` (experimental: our reading of the paper's summary formulas; on the demo it selects neurons that
+  carry nothing, see docs/SELECTION.md): ``S = I(F) / (I(R) + eps)`` with the cross-modal importance
+  ``I = I_abs + I_freq + I_var + I_rms`` of each split; language model only by default; global top alpha %.
+- ``selective-pruning`` (Pochinkov & Schoots 2024): one modality, ``S = M(F) / (M(R) + eps)`` for one metric M;
+  global top alpha %.
+- ``power-ratio`` (this project's): ``S = sum_m P_F,m / (P_R,m + eps)`` with ``P = mean a^2``, summed over every
+  modality whose data reaches the layer (image towers: multimodal; language model: multimodal and text-only);
+  top alpha % per tower, or per layer with a per-layer ``alpha``.
+- ``random``: i.i.d. uniform scores from a seeded generator, top alpha % per tower (``random_like`` matches the
+  counts of any other Masks, per tower or per layer).
 
-Top-k: ``k = floor(alpha / 100 * n + 0.5)`` for each pool of n neurons (a tower, all considered layers, or
-one layer with ``per_layer``), counting already pruned neurons in n; only neurons that ``alive`` keeps are
-candidates. Ties: higher score first, then earlier layer (natural order of layer names, numbers compared
-as numbers), then lower neuron index.
+``alpha`` is a percentage, or a mapping from tower names and layer names (fnmatch patterns allowed) to
+percentages: a layer named by a pattern is its own top-k pool, the other layers of a named tower share the
+tower's pool, layers named nowhere are not pruned. Top-k: ``k = floor(alpha / 100 * n + 0.5)`` per pool of n
+neurons (already pruned ones counted in n, only ``alive`` ones candidates). Ties: higher score first, then
+earlier layer (natural order of names), then lower neuron index.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -33,11 +33,11 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .adapters import TOWERS
-from .data import MODALITIES, SPLITS
+from .data import MODALITIES
 from .masks import Masks
 from .stats import F, NeuronStats, metrics, pool_groups
 
-STRATEGIES = ("manu-code", "manu-paper", "selective-pruning", "random")
+STRATEGIES = ("manu-code", "manu-paper", "selective-pruning", "power-ratio", "random")
 EPS = 1e-5
 MANU_CODE_WEIGHTS = {"abs": 2.0, "freq": 0.0, "std": 2.0, "rms": 2.0}
 METRICS = ("abs", "freq", "std", "rms")
@@ -107,6 +107,11 @@ def _manu_code(get, layer, modality, weights):
     return sum(w * (f[k] / (r[k] + EPS) - 1.0) for k, w in weights.items() if w != 0.0)
 
 
+def _power_ratio(get, layer, modalities):
+    """sum over ``modalities`` of mean a^2 on forget over mean a^2 on retain (rms^2 = mean a^2)."""
+    return sum(get(layer, "forget", m)["rms"] ** 2 / (get(layer, "retain", m)["rms"] ** 2 + EPS) for m in modalities)
+
+
 def _cross_modal_importance(get, layer, split):
     m, t = get(layer, split, "multimodal"), get(layer, split, "text")
     i_abs = (m["abs"] - t["abs"]).abs() / (m["abs"] + t["abs"] + EPS)
@@ -154,6 +159,8 @@ def scores(stats: NeuronStats, strategy: str = "manu-code", *, site: str = "hidd
         if strategy == "manu-code":
             mod = "multimodal" if _tower(stats, n) in IMAGE_TOWERS else "text"
             s = _manu_code(get, n, mod, MANU_CODE_WEIGHTS if weights is None else weights)
+        elif strategy == "power-ratio":
+            s = _power_ratio(get, n, ("multimodal",) if _tower(stats, n) in IMAGE_TOWERS else MODALITIES)
         elif strategy == "manu-paper":
             s = _cross_modal_importance(get, n, "forget") / (_cross_modal_importance(get, n, "retain") + EPS)
         else:
@@ -167,12 +174,11 @@ def top_k_count(alpha: float, n: int) -> int:
 
 
 def _check_alpha(alpha):
-    """A percentage in (0, 100), or a {tower: percentage} mapping of them (towers absent from it are not pruned)."""
+    """A percentage in (0, 100), or a mapping from tower names and layer names (fnmatch patterns) to percentages."""
     if isinstance(alpha, Mapping):
-        bad = sorted(set(alpha) - set(TOWERS))
-        if bad or not alpha:
-            raise ValueError(f"per-tower alpha needs tower names among {TOWERS}, got {sorted(alpha)}")
-        return {t: _check_alpha(a) for t, a in alpha.items()}
+        if not alpha:
+            raise ValueError(f"an alpha mapping needs at least one tower ({', '.join(TOWERS)}) or layer name")
+        return {str(key): _check_alpha(a) for key, a in alpha.items()}
     alpha = float(alpha)
     if not 0.0 < alpha < 100.0:
         raise ValueError(f"alpha is a percentage in (0, 100), got {alpha}")
@@ -196,12 +202,30 @@ def _select_in_pool(score: dict[str, torch.Tensor], alive: dict[str, torch.Tenso
     return {n: local[chosen[owner[chosen] == i]] for i, n in enumerate(layers)}
 
 
-def _pools(layers, towers_of, per_layer: bool, by_tower: bool) -> list[list[str]]:
-    if per_layer:
-        return [[n] for n in layers]
-    if by_tower:
-        return [[n for n in layers if towers_of[n] == t] for t in dict.fromkeys(towers_of[n] for n in layers)]
-    return [list(layers)]
+def _pools(layers, towers_of, alpha, by_tower: bool) -> list[tuple[list[str], float]]:
+    """(layers of one top-k pool, its alpha) for a scalar or mapping ``alpha`` (rules: module docstring)."""
+    if not isinstance(alpha, dict):
+        if by_tower:
+            return [([n for n in layers if towers_of[n] == t], alpha) for t in dict.fromkeys(towers_of.values())]
+        return [(list(layers), alpha)]
+    owner = {}
+    for key in alpha:
+        if key in TOWERS:
+            continue
+        matched = [n for n in layers if fnmatch.fnmatchcase(n, key)]
+        if not matched:
+            raise ValueError(f"alpha key {key!r} is no tower ({', '.join(TOWERS)}) and matches no scored layer "
+                             f"(they are named like {layers[0]!r})")
+        for n in matched:
+            if n in owner:
+                raise ValueError(f"layer {n!r} matches two alpha keys, {owner[n]!r} and {key!r}")
+            owner[n] = key
+    pools = [([n], alpha[owner[n]]) for n in layers if n in owner]
+    for tower in dict.fromkeys(towers_of.values()):
+        rest = [n for n in layers if towers_of[n] == tower and n not in owner]
+        if tower in alpha and rest:
+            pools.append((rest, alpha[tower]))
+    return pools
 
 
 def _alive_keep(stats, site, alive: Masks | None, layers) -> dict[str, torch.Tensor]:
@@ -221,8 +245,10 @@ def select_neurons(stats: NeuronStats, strategy: str = "manu-code", alpha: float
                    towers=None, alive: Masks | None = None, seed: int = 0, weights: dict | None = None) -> Masks:
     """Masks pruning the top ``alpha`` % neurons by ``scores(...)`` (see the module docstring for the rules).
 
-    ``alpha`` may be a {tower: percentage} mapping (e.g. ``{"vision": 10, "projector": 10, "language": 30}``):
-    top-k is then taken per tower, each with its own fraction; towers absent from it are not pruned.
+    ``alpha`` may be a mapping, e.g. ``{"vision": 10, "projector": 10, "language": 30}`` (top-k per tower, each with
+    its own fraction) or ``{"vision": 10, "*language_model.layers.1.mlp": 50}`` (a per-layer budget: that layer is
+    its own pool; language-model layers named nowhere are not pruned). Towers the strategy does not score are
+    ignored; a layer key that matches no scored layer is an error. ``per_layer`` splits every pool into its layers.
 
     With ``alive`` (iterative rounds), only neurons it keeps are candidates and the result is cumulative:
     it prunes what ``alive`` prunes plus the new selection.
@@ -233,9 +259,10 @@ def select_neurons(stats: NeuronStats, strategy: str = "manu-code", alpha: float
     keep = _alive_keep(stats, site, alive, sc)
     towers_of = {n: _tower(stats, n) for n in sc}
     new_keep = {n: k.clone() for n, k in keep.items()}
-    per_tower = isinstance(alpha, dict)
-    for pool in _pools(list(sc), towers_of, per_layer, by_tower=per_tower or strategy in ("manu-code", "random")):
-        pool_alpha = alpha.get(towers_of[pool[0]], 0.0) if per_tower else alpha
+    pools = _pools(list(sc), towers_of, alpha, by_tower=strategy in ("manu-code", "power-ratio", "random"))
+    if per_layer:
+        pools = [([n], a) for pool, a in pools for n in pool]
+    for pool, pool_alpha in pools:
         total = sum(sc[n].numel() for n in pool)
         chosen = _select_in_pool({n: sc[n] for n in pool}, {n: keep[n] for n in pool}, top_k_count(pool_alpha, total))
         for n, idx in chosen.items():
@@ -249,18 +276,22 @@ def select_neurons(stats: NeuronStats, strategy: str = "manu-code", alpha: float
     return Masks(new_keep, stats.fingerprint, site, description)
 
 
-def random_like(masks: Masks, seed: int = 0) -> Masks:
-    """The random control of ``masks``: the same number of pruned neurons per tower, chosen uniformly."""
+def random_like(masks: Masks, seed: int = 0, per_layer: bool = False) -> Masks:
+    """The random control of ``masks``: the same number of pruned neurons per tower (or, with ``per_layer``, per
+    layer), chosen uniformly."""
     gen = torch.Generator().manual_seed(seed)
     layers = sorted(masks.keep, key=natural_key)
     keep = {n: torch.ones_like(masks.keep[n]) for n in layers}
-    for tower in dict.fromkeys(masks.tower(n) for n in layers):
-        pool = [n for n in layers if masks.tower(n) == tower]
+    groups = [[n] for n in layers] if per_layer else \
+        [[n for n in layers if masks.tower(n) == t] for t in dict.fromkeys(masks.tower(n) for n in layers)]
+    for pool in groups:
         sc = {n: torch.rand(masks.keep[n].numel(), generator=gen, dtype=torch.float64) for n in pool}
-        chosen = _select_in_pool(sc, {n: keep[n] for n in pool}, masks.num_pruned(tower))
+        count = sum(int((~masks.keep[n]).sum()) for n in pool)
+        chosen = _select_in_pool(sc, {n: keep[n] for n in pool}, count)
         for n, idx in chosen.items():
             keep[n][idx] = False
-    return Masks(keep, masks.fingerprint, masks.site, {"strategy": "random", "like": masks.description, "seed": seed})
+    return Masks(keep, masks.fingerprint, masks.site,
+                 {"strategy": "random", "like": masks.description, "seed": seed, "per_layer": per_layer})
 
 
 def iterative_prune(model, data, rounds: int, strategy: str = "manu-code",

@@ -59,7 +59,16 @@ def test_pipeline_profile_select_report_prune(model_dir, tmp_path, capsys):
     assert run(capsys, "select", stats, per_tower, "--alpha", "vision=10,language=20")[0] == 0
     assert {t: p for t, (p, _) in Masks.load(per_tower).by_tower().items()} == {
         "vision": top_k_count(10, 2 * 24), "projector": 0, "language": top_k_count(20, 2 * 40)}
-    one_line_error(capsys, "select", stats, per_tower, "--alpha", "vision=ten", match="tower=number")
+    one_line_error(capsys, "select", stats, per_tower, "--alpha", "vision=ten", match="tower/layer=number")
+    per_layer = tmp_path / "per_layer.safetensors"  # our strategy with a per-layer budget given by a pattern
+    assert run(capsys, "select", stats, per_layer, "--strategy", "power-ratio",
+               "--alpha", "vision=10,*language_model.layers.1.mlp=50")[0] == 0
+    pl = Masks.load(per_layer)
+    assert pl.num_pruned("vision") == top_k_count(10, 2 * 24) and pl.num_pruned("projector") == 0
+    assert int((~pl.keep["model.language_model.layers.1.mlp"]).sum()) == top_k_count(50, 40)
+    assert int((~pl.keep["model.language_model.layers.0.mlp"]).sum()) == 0
+    one_line_error(capsys, "select", stats, per_layer, "--strategy", "power-ratio", "--alpha", "*layers.9.mlp=5",
+                   match="matches no scored layer")
     rc, out, _ = run(capsys, "report", masks)
     assert rc == 0 and "strategy=manu-code, alpha=10.0" in out
     assert out.splitlines()[-1].split() == ["total", str(len(m.keep)), str(m.num_pruned()), str(m.num_total()),
@@ -92,7 +101,7 @@ def test_report_on_a_model_folder_lists_every_mlp_per_tower(model_dir, tmp_path,
 
 def test_one_line_errors(model_dir, tmp_path, capsys):
     one_line_error(capsys, "select", tmp_path / "missing.safetensors", tmp_path / "m.safetensors", match="not found")
-    one_line_error(capsys, "select", "a", "b", "--alpha", "lots", match="expected a number or tower=number")
+    one_line_error(capsys, "select", "a", "b", "--alpha", "lots", match="expected a number or tower/layer=number")
     one_line_error(capsys, "frobnicate", match="invalid choice")
     one_line_error(capsys, "profile", model_dir, tmp_path / "s.safetensors", match="--synthetic or both")
     one_line_error(capsys, "profile", tmp_path / "no_model", tmp_path / "s.safetensors", "--synthetic", match="not found")

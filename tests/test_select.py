@@ -1,4 +1,4 @@
-"""Selection: every strategy's formula pinned on hand-computed numbers, top-k rules, errors."""
+"""Selection: every strategy's formula (docs/SELECTION.md) pinned on hand-computed numbers, top-k rules, errors."""
 import math
 
 import pytest
@@ -86,6 +86,19 @@ def test_manu_paper_rms_term_uses_means_not_token_count_dependent_sums():
         set_group(b, g, count=4.0)
     # identical per-token metrics in both modalities: I_abs = I_freq = I_rms = 0, I_var = sqrt(2) for both splits
     close(scores(st, "manu-paper")[L10], [math.sqrt(2) / (math.sqrt(2) + E)] * 3)
+
+
+def test_power_ratio_formula_both_modalities_on_the_language_model():
+    s = scores(toy_stats(), "power-ratio")
+    assert list(s) == [L2, L10, VISION]  # every tower: image towers on multimodal data, the language model on both
+    close(s[VISION], [4 / (1 + E), 1 / (4 + E), 4 / (4 + E)])  # mean a^2 = rms^2, forget (group 0) / retain (3)
+    # multimodal (groups 0 / 3: rms 2,1,1 vs 1) plus text-only (groups 2 / 5: rms 1 vs 1)
+    close(s[L2], [4 / (1 + E) + 1 / (1 + E), 2 / (1 + E), 2 / (1 + E)])
+    close(s[L10], [2 / (1 + E)] * 3)  # a variance change without an a^2 change is no signal for this score
+    st = toy_stats()
+    for g, rms in ((0, 3.0), (3, 1.0), (2, 2.0), (5, 4.0)):  # rms changes that leave mean |a| alone
+        set_group(st.block(L10), g, rms=rms)
+    close(scores(st, "power-ratio")[L10], [9 / (1 + E) + 4 / (16 + E)] * 3)
 
 
 def test_selective_pruning_formula():
@@ -207,7 +220,37 @@ def test_per_tower_alpha():
     assert torch.equal(m.keep[VISION], select_neurons(toy_stats(), "manu-code", 34).keep[VISION])
     only = select_neurons(toy_stats(), "manu-code", {"language": 50})
     assert only.num_pruned("vision") == 0 and only.num_pruned("language") == 3
-    with pytest.raises(ValueError, match="tower names"):
+    with pytest.raises(ValueError, match="'lm' is no tower .* matches no scored layer"):
         select_neurons(toy_stats(), "manu-code", {"lm": 10})
     with pytest.raises(ValueError, match="in \\(0, 100\\)"):
         select_neurons(toy_stats(), "manu-code", {"language": 100})
+
+
+def test_per_layer_alpha_names_and_patterns():
+    st = toy_stats()
+    only = select_neurons(st, "power-ratio", {L10: 34})  # one layer, its own pool: k = round(1.02) = 1
+    assert pruned(only) == {L2: [], L10: [0], VISION: []}  # L10's scores tie: lowest index; other layers untouched
+    mixed = select_neurons(st, "power-ratio", {"language": 34, L10: 67, "vision": 34})
+    assert pruned(mixed) == {L2: [0], L10: [0, 1], VISION: [0]}  # L10 alone (k = 2), L2 is the rest of the tower (k = 1)
+    both = select_neurons(st, "power-ratio", {"lm.layers.*.mlp": 34})  # a pattern: each matched layer is a pool
+    assert pruned(both) == {L2: [0], L10: [0], VISION: []}
+    assert pruned(select_neurons(st, "power-ratio", 34, per_layer=True)) == {L2: [0], L10: [0], VISION: [0]}
+    with pytest.raises(ValueError, match="'lm.layers.7.mlp' is no tower .* matches no scored layer"):
+        select_neurons(st, "power-ratio", {"lm.layers.7.mlp": 10})
+    with pytest.raises(ValueError, match="matches two alpha keys"):
+        select_neurons(st, "power-ratio", {"lm.layers.*": 10, L2: 20})
+    with pytest.raises(ValueError, match="at least one tower"):
+        select_neurons(st, "power-ratio", {})
+
+
+def test_random_like_per_layer_matches_layer_counts():
+    ref = select_neurons(toy_stats(), "power-ratio", {L2: 34, L10: 67})
+    counts = {n: len(p) for n, p in pruned(ref).items()}
+    assert counts == {L2: 1, L10: 2, VISION: 0}
+    for seed in range(6):
+        like = random_like(ref, seed=seed, per_layer=True)
+        assert {n: len(p) for n, p in pruned(like).items()} == counts
+        assert like.description["per_layer"] and like.description["like"] == ref.description
+    per_tower = [random_like(ref, seed=seed) for seed in range(20)]  # per tower only the total of 3 is kept
+    assert all(m.num_pruned("language") == 3 for m in per_tower)
+    assert any({n: len(p) for n, p in pruned(m).items()} != counts for m in per_tower)
