@@ -557,13 +557,30 @@ def _hooks_suspended(module: nn.Module):
             m._forward_hooks.update(post)
 
 
+# Probe verdicts per module class, activation class and layout: a class's forward is the same code for every
+# instance, so one probe serves all its layers (a 7B model has 3 MLP classes and 57 MLPs) and later patches.
+_PROBE_VERDICTS: dict[tuple, bool] = {}
+
+
+def _computes_the_same(original: nn.Module, fused: FusedMLP, info: MLPInfo) -> bool:
+    """Whether ``original``'s class computes what the fused layer does, probed once per (module class, activation
+    class, layout) and remembered (see ``_probe``)."""
+    key = (type(original), type(getattr(original, info.act_attr)), info.kind, tuple(info.linears))
+    if key not in _PROBE_VERDICTS:
+        verdict = _probe(original, fused)
+        if verdict is None:  # could not run (weights on 'meta', not floating point): trust the structure, this time
+            return True
+        _PROBE_VERDICTS[key] = verdict
+    return _PROBE_VERDICTS[key]
+
+
 @torch.no_grad()
-def _computes_the_same(original: nn.Module, fused: FusedMLP) -> bool:
+def _probe(original: nn.Module, fused: FusedMLP) -> bool | None:
     """Whether ``original`` computes what the fused layer does, on a 2-token probe input run with forward hooks
-    suspended (True when it cannot be run: weights on 'meta', or not floating point)."""
+    suspended (None when it cannot be run: weights on 'meta', or not floating point)."""
     w = fused.out_proj.weight
     if w.device.type == "meta" or not w.is_floating_point():
-        return True
+        return None
     x = torch.randn(2, fused.in_proj[0].in_features, generator=torch.Generator().manual_seed(0))
     x = x.to(device=w.device, dtype=w.dtype)
     try:
@@ -620,7 +637,7 @@ def patch_model(model: nn.Module, moe: str = "refuse") -> Patch:
             if hook is not None:  # accelerate device_map/offload hook on the MLP itself: it moves the MLP's inputs
                 from accelerate.hooks import add_hook_to_module
                 add_hook_to_module(fused, hook)
-            if _computes_the_same(m, fused):
+            if _computes_the_same(m, fused, info):
                 layer = fused
                 _set_submodule(model, info.name, fused)
                 patch.originals[info.name] = m
