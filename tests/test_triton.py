@@ -315,6 +315,14 @@ def test_triton_backend_really_runs_the_kernel(monkeypatch):
     assert len(launches) == 1
 
 
+def test_more_groups_than_the_touched_mask_holds_is_refused():
+    pre = torch.randn(4, 3, device=DEVICE)
+    acc = empty_stats(65, 3, DEVICE)
+    with pytest.raises(ValueError, match="at most 64 token groups"):
+        act_stats_triton(pre, None, "relu", None, None, 65, 0.1, acc, None, None, True)
+    assert acc.abs().sum() == 0
+
+
 def test_bad_inputs_raise_clear_errors():
     pre = torch.randn(4, 3, device=DEVICE)
     with pytest.raises(ValueError, match="group ids must be an int32"):
