@@ -108,6 +108,7 @@ class Profiler:
         if special_token_ids:
             ids["special"] = tuple(sorted({*ids.get("special", ()), *map(int, special_token_ids)}))
         self._kind_ids = {k: torch.tensor(v) for k, v in ids.items()}
+        self._kind_ids_on: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._video_span = video_span_ids(model) if "image" in ids else None
         self.stats = NeuronStats(list(groups), fingerprint(model), self.tau)
         self._recorders = {}
@@ -154,6 +155,13 @@ class Profiler:
         except ValueError:
             return -1
 
+    def _kind_ids_here(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The token ids of each kind on ``device``, copied there once (a copy from pageable host memory per batch
+        would make the host wait for the GPU's queued work before every forward)."""
+        if device not in self._kind_ids_on:
+            self._kind_ids_on[device] = {k: v.to(device) for k, v in self._kind_ids.items()}
+        return self._kind_ids_on[device]
+
     def set_batch(self, split: str, modality: str, input_ids: torch.Tensor | None = None,
                   attention_mask: torch.Tensor | None = None, profile_mask: torch.Tensor | None = None,
                   vision_kind: str = "image") -> None:
@@ -168,12 +176,13 @@ class Profiler:
         else:
             lm = torch.full(ref.shape, text, dtype=torch.int32, device=ref.device)
             if input_ids is not None:
-                for kind, ids in self._kind_ids.items():
-                    lm[torch.isin(input_ids, ids.to(input_ids.device))] = self._gid(split, modality, kind)
+                kind_ids = self._kind_ids_here(input_ids.device)
+                for kind, ids in kind_ids.items():
+                    lm[torch.isin(input_ids, ids)] = self._gid(split, modality, kind)
                 if self._video_span is not None:  # image placeholders inside a video_start ... video_end span
                     start, end = self._video_span
                     depth = (input_ids == start).cumsum(-1) - (input_ids == end).cumsum(-1)
-                    frames = (depth > 0) & torch.isin(input_ids, self._kind_ids["image"].to(input_ids.device))
+                    frames = (depth > 0) & torch.isin(input_ids, kind_ids["image"])
                     lm[frames] = self._gid(split, modality, "video")
             if attention_mask is not None:
                 lm[attention_mask == 0] = -1
