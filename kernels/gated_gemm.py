@@ -15,11 +15,10 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from manu_fast.schema import check_launch_args, check_linear
+from manu_fast.schema import check_launch_args, check_linear, linear_then_act_stats
 from .act_stats import act_stats_triton
 from .common import (Statistics, act_code, apply_activation, chunk_token_range, flush_run, fp32_threshold,
                      group_args, interpreting, keep_args, load_groups, plan_chunks, rtne_by_hand, start_statistics,
@@ -191,5 +190,5 @@ def gated_linear_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid,
     if prefer_fused_gemm(x.shape[0], x.shape[1], w_gate.shape[0]):
         return gated_act_stats_triton(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc,
                                       pre_acc, up_acc)
-    return act_stats_triton(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), act, keep, gid, num_groups, tau,
-                            hidden_acc, pre_acc, up_acc, True)
+    return linear_then_act_stats(act_stats_triton, x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau,
+                                 hidden_acc, pre_acc, up_acc)

@@ -9,10 +9,9 @@ Importing this module raises ImportError (with the build command) when the exten
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .activations import ACT_CODES
-from .schema import check_backend_args
+from .schema import check_backend_args, linear_then_act_stats
 
 try:
     from . import _C
@@ -60,9 +59,7 @@ def act_stats_cpp(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_acc,
     return out
 
 
-def gated_linear_act_stats_cpp(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc, pre_acc,
-                               up_acc):
+def gated_linear_act_stats_cpp(*args):
     """The ``gated_linear_act_stats`` backend contract on CPU: the projections through F.linear (oneDNN/BLAS),
     then ``act_stats_cpp`` in one pass."""
-    return act_stats_cpp(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), act, keep, gid, num_groups, tau,
-                         hidden_acc, pre_acc, up_acc, True)
+    return linear_then_act_stats(act_stats_cpp, *args)

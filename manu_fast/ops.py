@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import ACTIVATIONS, check_activation
-from .schema import DEFAULT_TAU, FLOAT_DTYPES, check_launch_args, check_linear
+from .schema import DEFAULT_TAU, FLOAT_DTYPES, check_launch_args, check_linear, linear_then_act_stats
 from .stats import merge_into, segment_stats_reference
 
 BACKENDS = ("reference", "cpp", "triton")
@@ -50,15 +50,20 @@ _warned = set()
 
 # ---- the reference backend ----
 
+def _hidden(pre, up, act, keep):
+    """h = act(pre) [* up] with masked neurons zeroed, in PyTorch, in pre's dtype (differentiable)."""
+    h = ACTIVATIONS[act](pre)
+    if up is not None:
+        h = h * up
+    if keep is not None:
+        h = torch.where(keep.to(h.device), h, torch.zeros((), dtype=h.dtype, device=h.device))
+    return h
+
+
 def reference_backend(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_acc, up_acc, write_out):
     p64 = pre.to(torch.float64)
-    h = ACTIVATIONS[act](p64)
-    u64 = None
-    if up is not None:
-        u64 = up.to(torch.float64)
-        h = h * u64
-    if keep is not None:
-        h = torch.where(keep.to(h.device), h, 0.0)
+    u64 = None if up is None else up.to(torch.float64)
+    h = _hidden(p64, u64, act, keep)
     if gid is None:
         gid = torch.zeros(pre.shape[0], dtype=torch.int32, device=pre.device)
     for acc, a in ((hidden_acc, h), (pre_acc, p64), (up_acc, u64)):
@@ -67,11 +72,9 @@ def reference_backend(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_
     return h.to(pre.dtype, memory_format=torch.contiguous_format) if write_out else None  # contiguous, as promised
 
 
-def reference_gated_backend(x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc, pre_acc,
-                            up_acc):
+def reference_gated_backend(*args):
     """The projections in x.dtype (as the HF module computes them), then the reference ``act_stats``."""
-    return reference_backend(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), act, keep, gid, num_groups, tau,
-                             hidden_acc, pre_acc, up_acc, True)
+    return linear_then_act_stats(reference_backend, *args)
 
 
 # ---- dispatch ----
@@ -197,16 +200,6 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _differentiable_hidden(pre, up, act, keep):
-    """h in PyTorch with autograd (fp32 arithmetic, one rounding to pre.dtype, like the kernels)."""
-    h = ACTIVATIONS[act](pre.float())
-    if up is not None:
-        h = h * up.float()
-    if keep is not None:
-        h = torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device))
-    return h.to(pre.dtype)
-
-
 # ---- the public ops ----
 
 def act_stats(pre: torch.Tensor, up: torch.Tensor | None = None, *, act: str = "silu",
@@ -251,7 +244,8 @@ def act_stats(pre: torch.Tensor, up: torch.Tensor | None = None, *, act: str = "
     name = backend or pick_backend(pre.device)
     grad_h = None
     if write_out and _needs_grad(pre, up):
-        grad_h = _differentiable_hidden(pre2, up2, act, keep)
+        # fp32 arithmetic, one rounding to pre.dtype, like the kernels
+        grad_h = _hidden(pre2.float(), None if up2 is None else up2.float(), act, keep).to(pre.dtype)
         pre2, up2, write_out = pre2.detach(), None if up2 is None else up2.detach(), False
         if stats is None and pre_stats is None and up_stats is None:
             return grad_h.reshape(shape)

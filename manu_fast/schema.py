@@ -3,6 +3,7 @@
 - statistics fields (``FIELDS``), the default activity threshold, group labels;
 - profiling/mask sites (``SITES``) and the width of each site of a layer;
 - the error raised for unusable statistics/mask files, and the model-fingerprint comparison;
+- the unfused form of the gated op that every backend can run (``linear_then_act_stats``);
 - the raw argument contract of the op backends (``check_backend_args``): the cheap checks that a compiled
   backend (C++ on raw pointers, Triton) runs before it touches memory. User-facing validation and conversion
   happen once, at the op boundary (``manu_fast.ops``); these checks only guarantee that a backend called
@@ -118,3 +119,12 @@ def check_linear(weight, bias, name: str, n: int, d: int, x) -> None:
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (n,) or bias.dtype != x.dtype
                              or bias.device != x.device):
         raise ValueError(f"{name} bias must be ({n},) {x.dtype} on {x.device}, got {_describe(bias)}")
+
+
+def linear_then_act_stats(act_stats_fn, x, w_gate, b_gate, w_up, b_up, act, keep, gid, num_groups, tau, hidden_acc,
+                          pre_acc, up_acc):
+    """The ``gated_linear_act_stats`` backend contract run unfused: the gate/up projections through F.linear (in
+    x.dtype, as the HF module computes them), then the backend's ``act_stats`` implementation ``act_stats_fn``."""
+    linear = torch.nn.functional.linear  # (``F`` here is the fields' index)
+    return act_stats_fn(linear(x, w_gate, b_gate), linear(x, w_up, b_up), act, keep, gid, num_groups, tau,
+                        hidden_acc, pre_acc, up_acc, True)
