@@ -23,6 +23,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from peers import llava_like_group_ids  # benchmarks/peers.py (this script runs by path: its folder is on sys.path)
+
 NUM_GROUPS = 8
 PATH_ENV = "MANU_FAST_GATED_PATH"
 SWEEP = [  # (BLOCK_T, BLOCK_N, ACC_ROWS, num_warps); ACC_ROWS = BLOCK_T: one accumulator per tile position
@@ -49,14 +51,6 @@ def _with_path(path, fn):
     return run
 
 
-def _group_ids(tokens, dev):
-    """One data key's layout (the last key's groups): 75 % image tokens, then text, the last 1/16 padding."""
-    gid = torch.full((tokens,), NUM_GROUPS - 1, dtype=torch.int32)
-    gid[: tokens * 3 // 4] = NUM_GROUPS - 2
-    gid[tokens - tokens // 16:] = -1
-    return gid.to(dev)
-
-
 def paths(tokens: int, hidden: int, do_bench) -> list[tuple]:
     from manu_fast.activations import ACTIVATIONS
     from manu_fast.ops import gated_linear_act_stats
@@ -68,7 +62,7 @@ def paths(tokens: int, hidden: int, do_bench) -> list[tuple]:
     x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=g)
     w_gate, w_up = (torch.randn(inter, hidden, device=dev, dtype=dtype, generator=g) / hidden ** 0.5 for _ in range(2))
     w_down = torch.randn(hidden, inter, device=dev, dtype=dtype, generator=g) / inter ** 0.5
-    gid, acc = _group_ids(tokens, dev), empty_stats(NUM_GROUPS, inter, dev)
+    gid, acc = llava_like_group_ids(tokens, NUM_GROUPS, dev), empty_stats(NUM_GROUPS, inter, dev)
     silu = ACTIVATIONS["silu"]
 
     def plain():
@@ -93,7 +87,7 @@ def sweep(tokens: int, do_bench) -> list[tuple]:
     dev, n = torch.device("cuda"), 11008
     g = torch.Generator(device=dev).manual_seed(0)
     pre, up = (torch.randn(tokens, n, device=dev, generator=g).to(torch.bfloat16) for _ in range(2))
-    gid = _group_ids(tokens, dev)
+    gid = llava_like_group_ids(tokens, NUM_GROUPS, dev)
     accs = [empty_stats(NUM_GROUPS, n, dev) for _ in range(3)]
     base = _bench(lambda: F.silu(pre) * up, do_bench)
     rows = [(tokens, "plain silu(g) * u", "-", base, 1.0)]

@@ -159,6 +159,16 @@ STATS_PEERS = {cls.name: cls for cls in (StreamStats, WelfordStats, StoreStats)
                if cls is not WelfordStats or importlib.util.find_spec("welford_torch") is not None}
 
 
+def llava_like_group_ids(tokens: int, num_groups: int, device) -> torch.Tensor:
+    """One call's token groups as a profiling batch lays them out, the last data key's: 75 % image tokens, then
+    text, the last 1/16 ignored (padding)."""
+    image, text = key_groups(num_groups // 2 - 1)
+    gid = torch.full((tokens,), text, dtype=torch.int32)
+    gid[: tokens * 3 // 4] = image
+    gid[tokens - tokens // 16:] = -1
+    return gid.to(device)
+
+
 def lm_group_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int,
                  key: int = 0) -> torch.Tensor:
     """Per-position group of the language model's tokens of data key ``key``: image / text, -1 for padding
@@ -266,10 +276,10 @@ class FusedPeer:
         try:
             stats = profile(model, data, tau=self.tau, progress=False)
             blocks = {}
+            order = [group_labels(self.num_keys).index(label) for label in stats.groups]
             for key, block in stats.blocks.items():  # onto the peers' group numbering (profile() numbers its keys)
                 full = empty_stats(2 * self.num_keys, block.shape[-1], block.device)
-                for i, label in enumerate(stats.groups):
-                    full[:, group_labels(self.num_keys).index(label)] = block[:, i]
+                full[:, order] = block
                 blocks[key.split("::")[0]] = full
             return RunResult(blocks, sum(block.nbytes for block in stats.blocks.values()))
         finally:

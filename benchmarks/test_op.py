@@ -17,17 +17,8 @@ from manu_fast.ops import act_stats
 from manu_fast.stats import empty_stats
 
 from .harness import measure_peers
-from .peers import STATS_PEERS, assert_blocks_close, key_groups, tolerances
+from .peers import STATS_PEERS, assert_blocks_close, llava_like_group_ids, tolerances
 from .workloads import dtype_name
-
-
-def llava_like_group_ids(tokens: int, num_groups: int, device) -> torch.Tensor:
-    """The last data key's groups (image, text): 75 % image tokens, then text, the last 1/16 ignored (padding)."""
-    image, text = key_groups(num_groups // 2 - 1)
-    gid = torch.full((tokens,), text, dtype=torch.int32)
-    gid[: tokens * 3 // 4] = image
-    gid[tokens - tokens // 16:] = -1
-    return gid.to(device)
 
 
 def op_peers(g, u, gid, num_groups: int) -> dict:
