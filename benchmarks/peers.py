@@ -28,7 +28,7 @@ from torch import nn
 
 from manu_fast.adapters import find_mlps, get_patch
 from manu_fast.profiler import profile
-from manu_fast.stats import DEFAULT_TAU, F, empty_stats, group_label
+from manu_fast.stats import DEFAULT_TAU, FIELD_INDEX, empty_stats, group_label
 
 DATA_KEYS = (("forget", "multimodal"), ("forget", "text"), ("retain", "multimodal"), ("retain", "text"))
 KINDS = ("image", "text")
@@ -72,10 +72,10 @@ class StreamStats:
         out = empty_stats(self.g, self.n, self.count.device)
         n = self.count.unsqueeze(1).expand(self.g, self.n)
         mean = self.sums[0] / n.clamp(min=1)
-        out[F["count"]] = n
-        out[F["mean"]] = mean
-        out[F["m2"]] = self.sums[1] - n * mean * mean
-        out[F["sum_abs"]], out[F["sum_sq"]], out[F["active"]] = self.sums[2], self.sums[1], self.sums[3]
+        out[FIELD_INDEX["count"]] = n
+        out[FIELD_INDEX["mean"]] = mean
+        out[FIELD_INDEX["m2"]] = self.sums[1] - n * mean * mean
+        out[FIELD_INDEX["sum_abs"]], out[FIELD_INDEX["sum_sq"]], out[FIELD_INDEX["active"]] = self.sums[2], self.sums[1], self.sums[3]
         return out
 
     def held_bytes(self) -> int:
@@ -108,10 +108,10 @@ class WelfordStats:
         out = empty_stats(self.g, self.n, self.sums.device)
         for k, acc in enumerate(self.welford):
             if acc.count:
-                out[F["count"], k] = acc.count
-                out[F["mean"], k] = acc.mean
-                out[F["m2"], k] = acc.var_p * acc.count
-        out[F["sum_abs"]], out[F["sum_sq"]], out[F["active"]] = self.sums[0], self.sums[1], self.sums[2]
+                out[FIELD_INDEX["count"], k] = acc.count
+                out[FIELD_INDEX["mean"], k] = acc.mean
+                out[FIELD_INDEX["m2"], k] = acc.var_p * acc.count
+        out[FIELD_INDEX["sum_abs"]], out[FIELD_INDEX["sum_sq"]], out[FIELD_INDEX["active"]] = self.sums[0], self.sums[1], self.sums[2]
         return out
 
     def held_bytes(self) -> int:
@@ -142,12 +142,12 @@ class StoreStats:
                 continue
             mean = x.mean(0)
             absx = x.abs()
-            out[F["count"], k] = x.shape[0]
-            out[F["mean"], k] = mean
-            out[F["m2"], k] = ((x - mean) ** 2).sum(0)
-            out[F["sum_abs"], k] = absx.sum(0)
-            out[F["sum_sq"], k] = (x * x).sum(0)
-            out[F["active"], k] = (absx > self.tau).sum(0)
+            out[FIELD_INDEX["count"], k] = x.shape[0]
+            out[FIELD_INDEX["mean"], k] = mean
+            out[FIELD_INDEX["m2"], k] = ((x - mean) ** 2).sum(0)
+            out[FIELD_INDEX["sum_abs"], k] = absx.sum(0)
+            out[FIELD_INDEX["sum_sq"], k] = (x * x).sum(0)
+            out[FIELD_INDEX["active"], k] = (absx > self.tau).sum(0)
         return out
 
     def held_bytes(self) -> int:
@@ -318,17 +318,17 @@ def assert_blocks_close(ref: torch.Tensor, got: torch.Tensor, rtol: float, activ
     the mean square; the |a| > tau counts within active_rtol of the token count (values near tau may round across it).
     """
     ref, got = ref.double().cpu(), got.double().cpu()
-    n = ref[F["count"]]
-    if not torch.equal(n, got[F["count"]]):
-        raise AssertionError(f"{what}: token counts differ: {n[:, 0].tolist()} vs {got[F['count'], :, 0].tolist()}")
+    n = ref[FIELD_INDEX["count"]]
+    if not torch.equal(n, got[FIELD_INDEX["count"]]):
+        raise AssertionError(f"{what}: token counts differ: {n[:, 0].tolist()} vs {got[FIELD_INDEX['count'], :, 0].tolist()}")
     safe = n.clamp(min=1)
-    mean_abs, mean_sq = ref[F["sum_abs"]] / safe, ref[F["sum_sq"]] / safe
+    mean_abs, mean_sq = ref[FIELD_INDEX["sum_abs"]] / safe, ref[FIELD_INDEX["sum_sq"]] / safe
     checks = {
-        "mean": ((got[F["mean"]] - ref[F["mean"]]).abs(), rtol * mean_abs + 1e-12),
-        "sum_abs": ((got[F["sum_abs"]] - ref[F["sum_abs"]]).abs(), rtol * ref[F["sum_abs"]] + 1e-12),
-        "sum_sq": ((got[F["sum_sq"]] - ref[F["sum_sq"]]).abs(), rtol * ref[F["sum_sq"]] + 1e-12),
-        "var": ((got[F["m2"]] - ref[F["m2"]]).abs() / safe, rtol * mean_sq + 1e-12),
-        "active": ((got[F["active"]] - ref[F["active"]]).abs(), active_rtol * n + 2),
+        "mean": ((got[FIELD_INDEX["mean"]] - ref[FIELD_INDEX["mean"]]).abs(), rtol * mean_abs + 1e-12),
+        "sum_abs": ((got[FIELD_INDEX["sum_abs"]] - ref[FIELD_INDEX["sum_abs"]]).abs(), rtol * ref[FIELD_INDEX["sum_abs"]] + 1e-12),
+        "sum_sq": ((got[FIELD_INDEX["sum_sq"]] - ref[FIELD_INDEX["sum_sq"]]).abs(), rtol * ref[FIELD_INDEX["sum_sq"]] + 1e-12),
+        "var": ((got[FIELD_INDEX["m2"]] - ref[FIELD_INDEX["m2"]]).abs() / safe, rtol * mean_sq + 1e-12),
+        "active": ((got[FIELD_INDEX["active"]] - ref[FIELD_INDEX["active"]]).abs(), active_rtol * n + 2),
     }
     for field_name, (err, tol) in checks.items():
         bad = err > tol

@@ -22,7 +22,7 @@ import math
 import torch
 
 from manu_fast import demo
-from manu_fast.data import MODALITIES, PROFILE_TEMPLATES, PROFILE_VARIANT, num_image_tokens
+from manu_fast.synthetic import MODALITIES, PROFILE_TEMPLATES, PROFILE_VARIANT, num_image_tokens
 from manu_fast.profiler import profile
 from manu_fast.select import EPS, natural_key, scores
 

@@ -1,12 +1,12 @@
 // manu_fast._C: the fused MLP activation + neuron mask + segmented per-neuron statistics op on CPU.
 //
 // Why raw buffers and not the torch C++ API: the extension takes data pointers, sizes and row strides
-// as plain integers (manu_fast/cpp_backend.py validates the tensors and passes tensor.data_ptr()).
+// as plain integers (manu_fast/backends/cpp.py validates the tensors and passes tensor.data_ptr()).
 // Binding against libtorch would tie the binary to the exact torch version and ABI it was compiled
 // with (the CI machine has torch 2.13, the GPU machines 2.11), make the build take minutes instead of
 // seconds, and need torch's headers at build time. With raw buffers the build needs only a C++17
 // compiler and pybind11, and one build works with any torch. The price is that this module trusts its
-// caller: it must only be called through cpp_backend.act_stats_cpp, which checks every shape, dtype,
+// caller: it must only be called through backends.cpp.act_stats_cpp, which checks every shape, dtype,
 // device and stride first. What can only be checked while reading the data (group ids out of range)
 // is checked here, before any output is written, and raises ValueError.
 //
@@ -38,10 +38,10 @@ namespace py = pybind11;
 
 namespace manu_fast {
 
-// Codes shared with Python (manu_fast.activations.ACT_CODES and cpp_backend's dtype codes).
+// Codes shared with Python (manu_fast.activations.ACT_CODES and backends/cpp.py's dtype codes).
 enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kQuickGelu = 3, kRelu = 4, kIdentity = 5 };
 enum DType { kF32 = 0, kBF16 = 1, kF16 = 2 };
-// Statistic sites, and the rows of an accumulator (the order of manu_fast.stats.FIELDS).
+// Statistic sites, and the rows of an accumulator (the order of manu_fast.schema.FIELDS).
 enum Site { kSiteH = 0, kSitePre = 1, kSiteUp = 2, kNumSites = 3 };
 enum Field { kCount = 0, kMean = 1, kM2 = 2, kSumAbs = 3, kSumSq = 4, kActive = 5, kNonfinite = 6 };
 
@@ -299,7 +299,7 @@ void act_stats(std::uintptr_t pre, std::int64_t pre_row_stride, std::uintptr_t u
 }  // namespace manu_fast
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "manu_fast C++ CPU kernels on raw buffers; call them through manu_fast.cpp_backend, which validates inputs.";
+    m.doc() = "manu_fast C++ CPU kernels on raw buffers; call them through manu_fast.backends.cpp, which validates inputs.";
     m.def("act_stats", &manu_fast::act_stats, py::arg("pre"), py::arg("pre_row_stride"), py::arg("up"),
           py::arg("up_row_stride"), py::arg("T"), py::arg("N"), py::arg("dtype"), py::arg("act"), py::arg("keep"),
           py::arg("gid"), py::arg("num_groups"), py::arg("tau"), py::arg("hidden_acc"), py::arg("pre_acc"),

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from manu_fast.schema import check_backend_args
+from manu_fast.backends.contract import check_backend_args
 
 from .common import (Statistics, act_code, apply_activation, chunk_token_range, flush_run, fp32_threshold,
                      group_args, interpreting, keep_args, load_groups, plan_chunks, rtne_by_hand, start_statistics,

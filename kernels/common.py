@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from manu_fast.activations import ACT_CODES, check_activation
+from manu_fast.schema import FIELD_INDEX
 
 # fp32 counts are exact below 2**24; a chunk never holds more tokens than this.
 MAX_CHUNK_TOKENS = 1 << 22
@@ -38,12 +39,15 @@ MAX_GROUPS = 64
 P_COUNT, P_SHIFT, P_S1, P_S2, P_SUM_ABS, P_ACTIVE, P_NONFINITE = (tl.constexpr(i) for i in range(7))
 PARTIAL_FIELDS = 7
 
+# Rows of a float64 accumulator (manu_fast.schema.FIELDS, the one order Python, C++ and this merge share).
+A_COUNT, A_MEAN, A_M2, A_SUM_ABS, A_SUM_SQ, A_ACTIVE, A_NONFINITE = (
+    tl.constexpr(FIELD_INDEX[f]) for f in ("count", "mean", "m2", "sum_abs", "sum_sq", "active", "nonfinite"))
+
 ACT_SILU = tl.constexpr(ACT_CODES["silu"])
 ACT_GELU = tl.constexpr(ACT_CODES["gelu"])
 ACT_GELU_TANH = tl.constexpr(ACT_CODES["gelu_tanh"])
 ACT_QUICK_GELU = tl.constexpr(ACT_CODES["quick_gelu"])
 ACT_RELU = tl.constexpr(ACT_CODES["relu"])
-ACT_IDENTITY = tl.constexpr(ACT_CODES["identity"])
 
 
 def interpreting() -> bool:
@@ -310,13 +314,13 @@ def merge_kernel(scratch_ptr, touched_ptr, acc_h_ptr, acc_pre_ptr, acc_up_ptr, N
         any_chunk = any_chunk | tl.load(touched_ptr + c * num_neuron_blocks + pid_n)
     if _group_bit(any_chunk, k):
         a = acc_ptr + k * N + cols
-        n = tl.load(a, mask=col_ok, other=0.0)
-        mean = tl.load(a + field, mask=col_ok, other=0.0)
-        m2 = tl.load(a + 2 * field, mask=col_ok, other=0.0)
-        sum_abs = tl.load(a + 3 * field, mask=col_ok, other=0.0)
-        sum_sq = tl.load(a + 4 * field, mask=col_ok, other=0.0)
-        active = tl.load(a + 5 * field, mask=col_ok, other=0.0)
-        nonfinite = tl.load(a + 6 * field, mask=col_ok, other=0.0)
+        n = tl.load(a + A_COUNT * field, mask=col_ok, other=0.0)
+        mean = tl.load(a + A_MEAN * field, mask=col_ok, other=0.0)
+        m2 = tl.load(a + A_M2 * field, mask=col_ok, other=0.0)
+        sum_abs = tl.load(a + A_SUM_ABS * field, mask=col_ok, other=0.0)
+        sum_sq = tl.load(a + A_SUM_SQ * field, mask=col_ok, other=0.0)
+        active = tl.load(a + A_ACTIVE * field, mask=col_ok, other=0.0)
+        nonfinite = tl.load(a + A_NONFINITE * field, mask=col_ok, other=0.0)
         for c in range(num_chunks):
             if _group_bit(tl.load(touched_ptr + c * num_neuron_blocks + pid_n), k):
                 p = scratch_ptr + site * site_stride + c * part_stride + k * N + cols
@@ -337,13 +341,13 @@ def merge_kernel(scratch_ptr, touched_ptr, acc_h_ptr, acc_pre_ptr, acc_up_ptr, N
                 sum_abs += tl.load(p + P_SUM_ABS * field, mask=col_ok, other=0.0).to(tl.float64)
                 active += tl.load(p + P_ACTIVE * field, mask=col_ok, other=0.0).to(tl.float64)
                 nonfinite += tl.load(p + P_NONFINITE * field, mask=col_ok, other=0.0).to(tl.float64)
-        tl.store(a, n, mask=col_ok)
-        tl.store(a + field, mean, mask=col_ok)
-        tl.store(a + 2 * field, m2, mask=col_ok)
-        tl.store(a + 3 * field, sum_abs, mask=col_ok)
-        tl.store(a + 4 * field, sum_sq, mask=col_ok)
-        tl.store(a + 5 * field, active, mask=col_ok)
-        tl.store(a + 6 * field, nonfinite, mask=col_ok)
+        tl.store(a + A_COUNT * field, n, mask=col_ok)
+        tl.store(a + A_MEAN * field, mean, mask=col_ok)
+        tl.store(a + A_M2 * field, m2, mask=col_ok)
+        tl.store(a + A_SUM_ABS * field, sum_abs, mask=col_ok)
+        tl.store(a + A_SUM_SQ * field, sum_sq, mask=col_ok)
+        tl.store(a + A_ACTIVE * field, active, mask=col_ok)
+        tl.store(a + A_NONFINITE * field, nonfinite, mask=col_ok)
 
 
 # ---- host side ----

@@ -30,10 +30,8 @@ from torch import nn
 
 from .activations import activation_name
 from .layers import FusedGatedMLP, FusedMLP, FusedPlainMLP, MLPPart
+from .schema import MOE_POLICIES, TOKEN_KINDS, TOWERS  # noqa: F401  (TOWERS, TOKEN_KINDS: public names here too)
 
-TOWERS = ("vision", "projector", "language")
-TOKEN_KINDS = ("image", "video", "audio", "special", "text")  # language-model token kinds, in group-label order
-MOE_POLICIES = ("refuse", "skip")
 
 
 class UnsupportedModelError(ValueError):

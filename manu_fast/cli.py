@@ -20,7 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .stats import DEFAULT_TAU, StatsFileError
+from .schema import (BENCHMARKS, DEFAULT_TAU, DTYPE_NAMES, METRICS, MLLMU_TASKS, MODALITIES, MOE_POLICIES,
+                     NONFINITE_POLICIES, PROFILE_MODES, PROTOCOLS, SITES, STRATEGIES, TOKEN_KINDS, TOWERS, StatsFileError)
 
 EXIT_USAGE = 2
 DEMO_CONFIG = "manu_fast_demo.json"  # written by manu_fast.demo next to the model it trained
@@ -94,7 +95,7 @@ class _EncodedItems:
         return -(-len(self.items) // self.batch_size)
 
     def __iter__(self):
-        from .benchmarks import encode_items
+        from .datasets import encode_items
         for i in range(0, len(self.items), self.batch_size):
             yield encode_items(self.processor, self.items[i:i + self.batch_size], with_answer=True,
                                device=self.device, dtype=self.dtype)
@@ -119,8 +120,7 @@ def load_processor(path):
 
 def _profile_items(args) -> dict:
     """{split: items} read from --forget / --retain (before the model is loaded, so bad data fails fast)."""
-    from .benchmarks import DataError, load_clear_profiles, load_mllmu_profiles, load_names
-    from .data import MODALITIES
+    from .datasets import DataError, load_clear_profiles, load_mllmu_profiles, load_names
     if args.benchmark == "clear" and (args.names or args.qa):
         raise UsageError("profile: --names and --qa are for --benchmark mllmu (CLEAR's captions hold the names)")
     names = load_names(args.names) if args.names else None
@@ -156,7 +156,6 @@ def cmd_profile(args) -> None:
     if args.synthetic:
         data = _synthetic_data(model, model_dir, args, device)
     else:
-        from .data import MODALITIES
         data = {(split, modality): _EncodedItems(processor, [i for i in chosen if i.modality == modality],
                                                  args.batch_size, device, _dtype(args.dtype))
                 for split, chosen in items.items() for modality in MODALITIES}
@@ -223,7 +222,7 @@ def cmd_prune(args) -> None:
 # ---------------------------------------------------------------------------------------------------- evaluate
 def _evaluation_data(args, tasks) -> dict:
     """What ``evaluate`` asks, read before the model is loaded: {"splits": {split: rows}, ...} per protocol."""
-    from .benchmarks import load_clear_choices, load_clear_perturbed, load_mllmu_split
+    from .datasets import load_clear_choices, load_clear_perturbed, load_mllmu_split
     from .protocols import people_of
     if args.protocol == "clear":
         return {"splits": {"forget": load_clear_perturbed(args.forget), "retain": load_clear_perturbed(args.retain)},
@@ -249,7 +248,6 @@ PROTOCOL_OPTIONS = {"few_shot": ("mllmu",), "test": ("logit", "mllmu"), "celebri
 
 def _evaluation_tasks(args) -> tuple:
     """The tasks to run; arguments that do not fit the protocol are refused before anything is read."""
-    from .benchmarks import MLLMU_TASKS
     from .evaluate import require_rouge
     for option, protocols in PROTOCOL_OPTIONS.items():
         if getattr(args, option) is not None and args.protocol not in protocols:
@@ -330,7 +328,7 @@ def format_masks(masks) -> str:
 
 def format_stats(stats) -> str:
     from .select import natural_key
-    from .stats import F
+    from .schema import FIELD_INDEX
     order = ("vision", "projector", "language")
     towers, layers = {}, {}
     for key in sorted(stats.blocks, key=lambda k: (order.index(t) if (t := stats.fingerprint["layers"][k.split("::")[0]]
@@ -340,7 +338,7 @@ def format_stats(stats) -> str:
         towers.setdefault(tower, set()).add(layer)
         layers.setdefault(tower, key)  # tokens per group: count of the tower's first block, neuron 0
     sites = sorted({k.split("::")[1] for k in stats.blocks})
-    rows = [[g] + [int(stats.blocks[layers[t]][F["count"], i, 0]) for t in towers] for i, g in enumerate(stats.groups)]
+    rows = [[g] + [int(stats.blocks[layers[t]][FIELD_INDEX["count"], i, 0]) for t in towers] for i, g in enumerate(stats.groups)]
     return (f"statistics of model type {stats.fingerprint.get('model_type')!r}, tau={stats.tau}, sites {', '.join(sites)}\n"
             f"layers: " + ", ".join(f"{t} {len(v)}" for t, v in towers.items()) + "\n"
             + _table(["group (tokens profiled)"] + list(towers), rows))
@@ -348,7 +346,6 @@ def format_stats(stats) -> str:
 
 def format_model(found) -> str:
     """Every MLP of a model per tower (``manu_fast.adapters.inspect_model``), and what is left out and why."""
-    from .adapters import TOWERS
     how = "inferred from the config" if found.source == "inferred" else "from MODEL_TABLE"
     roots = "; ".join(f"{t}: {', '.join(p or '(the whole model)' for p in ps)}" for t, ps in found.roots.items())
     rows = [[t, sum(i.tower == t for i in found.mlps), sum(i.neurons for i in found.mlps if i.tower == t),
@@ -409,17 +406,12 @@ def cmd_demo(demo_args: list[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from .adapters import TOKEN_KINDS
-    from .benchmarks import MLLMU_TASKS
-    from .masks import SITES
-    from .protocols import PROTOCOLS
-    from .select import METRICS, MODALITIES, STRATEGIES
     p = _Parser(prog="manu-fast", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     dev = argparse.ArgumentParser(add_help=False)
     dev.add_argument("--device", default="cpu", help="torch device to run the model on (default: %(default)s)")
-    dev.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    dev.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                      help="dtype to load the model in (default: %(default)s)")
 
     s = sub.add_parser("profile", parents=[dev], help="gather per-neuron statistics of a model over forget/retain data",
@@ -434,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "+tofu config such as forget10+tofu")
     s.add_argument("--retain", help="retain-set parquet file or folder (with --forget), e.g. retain_95 or "
                                     "retain90+tofu")
-    s.add_argument("--benchmark", default="mllmu", choices=("mllmu", "clear"),
+    s.add_argument("--benchmark", default="mllmu", choices=BENCHMARKS,
                    help="how --forget/--retain are read (default: %(default)s)")
     s.add_argument("--qa", help="mllmu: the question-answer file profiled for the people of --forget/--retain "
                                 "(ID, metadata), e.g. MLLMU-Bench's ft_Data; their images come from --forget/--retain")
@@ -444,16 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clear: seed of the caption question asked for each image (default: %(default)s)")
     s.add_argument("--forget-percent", type=float, default=10.0,
                    help="--synthetic: percentage of the people to forget (default: %(default)s)")
-    s.add_argument("--profile-positions", default="question", choices=("answer", "question", "all"),
+    s.add_argument("--profile-positions", default="question", choices=PROFILE_MODES,
                    help="--synthetic: token positions profiled in the language model (default: %(default)s)")
     s.add_argument("--batch-size", type=int, default=64, help="questions per batch (default: %(default)s)")
     s.add_argument("--sites", nargs="+", default=["hidden"], choices=SITES,
                    help="what to profile: hidden = MLP neuron h (default); pre/up = gate(fc1)/up_proj outputs "
                         "(the official code's convention); out = MLP output")
     s.add_argument("--tau", type=float, default=DEFAULT_TAU, help="activity threshold of the frequency metric (default: %(default)s)")
-    s.add_argument("--towers", nargs="+", choices=("vision", "projector", "language"),
+    s.add_argument("--towers", nargs="+", choices=TOWERS,
                    help="profile only these towers (default: all)")
-    s.add_argument("--moe", default="refuse", choices=("refuse", "skip"),
+    s.add_argument("--moe", default="refuse", choices=MOE_POLICIES,
                    help="mixture-of-experts layers: refuse the model (default) or profile every other MLP")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--checkpoint", help="write the statistics so far to this file every --checkpoint-every batches "
@@ -461,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=int, default=50, help="batches between checkpoints (default: %(default)s)")
     s.add_argument("--resume", action="store_true",
                    help="continue from --checkpoint if it exists (batches already in it are skipped, not re-counted)")
-    s.add_argument("--on-nonfinite", default="count", choices=("count", "error"),
+    s.add_argument("--on-nonfinite", default="count", choices=NONFINITE_POLICIES,
                    help="NaN/Inf activations: count and exclude them (default), or stop with an error naming the layer")
     s.add_argument("--distributed", action="store_true",
                    help="data-parallel over torchrun's processes: each rank profiles every world-th batch, the "
@@ -500,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-kinds", nargs="+", choices=TOKEN_KINDS,
                    help="pool only these token kinds of each (split, modality), e.g. text: the language model's "
                         "text positions, not its image-token positions (default: all)")
-    s.add_argument("--towers", nargs="+", choices=("vision", "projector", "language"),
+    s.add_argument("--towers", nargs="+", choices=TOWERS,
                    help="score only these towers (default: every tower the strategy's data reaches)")
     s.add_argument("--seed", type=int, default=0, help="random: the seed (default: %(default)s)")
     s.set_defaults(func=cmd_select)

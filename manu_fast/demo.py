@@ -41,10 +41,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import (EVAL_TEMPLATES, EVAL_VARIANT, MODALITIES, PROFILE_MODES, PROFILE_TEMPLATES, PROFILE_VARIANT,
+from .synthetic import (EVAL_TEMPLATES, EVAL_VARIANT, MODALITIES, PROFILE_MODES, PROFILE_TEMPLATES, PROFILE_VARIANT,
                    SPLITS, SyntheticProfiles, num_image_tokens)
 from .adapters import find_mlps
 from .evaluate import evaluate
+from .pipeline import calibrate_budget, drop_points
 
 OURS = "power-ratio"
 METHODS = ("manu-code", "manu-paper", "selective-pruning", "multimodal-only", OURS, "random")
@@ -288,14 +289,10 @@ def _select_kwargs(method: str, per_layer: bool) -> dict:
     return {**_SELECT_KWARGS[method], "per_layer": per_layer}
 
 
-def _drop_points(metrics: dict, baseline: dict) -> dict:
-    return {k: 100 * (baseline[k]["accuracy"] - v["accuracy"]) for k, v in metrics.items()}
-
-
 def _row(method, alpha, schedule, masks, metrics, baseline, like=None) -> dict:
     row = {"method": method, "like": like, "alpha": alpha, "schedule": schedule, "pruned": masks.num_pruned(),
            "pruned_by_tower": {t: n for t, (n, _) in masks.by_tower().items()}, "metrics": metrics}
-    row["drop"] = _drop_points(metrics, baseline)
+    row["drop"] = drop_points(metrics, baseline)
     return row
 
 
@@ -323,40 +320,6 @@ def budget_candidates(fingerprint: dict, exp: ExperimentConfig) -> list[dict]:
     return out
 
 
-def calibrate_budget(model, stats, select_kwargs: dict, candidates: list[dict], validation: dict, retain_limit: float,
-                     progress: bool = True) -> dict:
-    """Choose a pruning budget on validation data (the profiling questions): of the ``candidates`` (alpha
-    mappings), the one with the largest forget drop (sum over the two modalities) among those whose retain drop
-    (mean of the two modalities) is at most ``retain_limit`` points; ties go to fewer pruned neurons, then to the
-    earlier candidate. With none under the limit, the one with the smallest retain drop.
-
-    Returns {"alpha", "validation_drop" (points), "met_limit", "tried" (every candidate's pruned count and drops)}."""
-    from .masks import apply_masks, remove_masks
-    from .select import select_neurons
-    if not candidates:
-        raise ValueError("calibrate_budget needs at least one candidate budget")
-    baseline = evaluate(model, validation)
-    tried = []
-    for alpha in tqdm(candidates, desc="calibrate budget", disable=not progress, leave=False):
-        masks = select_neurons(stats, alpha=alpha, **select_kwargs)
-        apply_masks(model, masks, "calibrate")
-        try:
-            drop = _drop_points(evaluate(model, validation), baseline)
-        finally:
-            remove_masks(model, "calibrate")
-        tried.append({"alpha": alpha, "pruned": masks.num_pruned(), "drop": drop})
-
-    def forget(t):
-        return sum(t["drop"][f"forget/{m}"] for m in MODALITIES)
-
-    def retain(t):
-        return sum(t["drop"][f"retain/{m}"] for m in MODALITIES) / len(MODALITIES)
-
-    ok = [t for t in tried if retain(t) <= retain_limit]
-    best = max(ok, key=lambda t: (forget(t), -t["pruned"])) if ok else min(tried, key=lambda t: (retain(t), t["pruned"]))
-    return {"alpha": best["alpha"], "validation_drop": best["drop"], "met_limit": bool(ok), "tried": tried}
-
-
 def _check_experiment(exp: ExperimentConfig) -> None:
     unknown = [m for m in exp.methods if m not in METHODS]
     if unknown:
@@ -378,7 +341,8 @@ def run_experiment(model, data: SyntheticProfiles, exp: ExperimentConfig, progre
     calibrated budgets; returns the world's report dict (rows of reported-question accuracies)."""
     from .masks import apply_masks, remove_masks
     from .profiler import profile
-    from .select import iterative_prune, random_like, select_neurons
+    from .pipeline import iterative_prune
+    from .select import random_like, select_neurons
 
     _check_experiment(exp)
     positions = [exp.profile_positions] + ([exp.calibrated_positions] if exp.calibrated else [])

@@ -173,7 +173,7 @@ def evaluate_mc_items(model, processor, items, batch_size: int, device, dtype, p
     """{"accuracy", "answer_prob", "n"} of multiple-choice ``items`` of one modality: the model's next-token logits
     after the prompt, compared over the option letters' tokens (accuracy), and the softmax probability over the
     whole vocabulary of the right letter's token (answer_prob)."""
-    from .benchmarks import encode_items
+    from .datasets import encode_items
     width = max(len(i.options) for i in items)
     scores = torch.full((len(items), width), float("-inf"))  # options an item lacks never win
     right, probs, letter_ids = [], [], {}
@@ -203,7 +203,7 @@ def generate_texts(model, processor, requests, max_new_tokens: int, batch_size: 
     """Greedy continuations of raw prompts: ``requests`` is a list of (text with image placeholders, the images it
     shows in order); each text is tokenized as the processor does by default (a Llama tokenizer adds BOS), left-padded
     in batches, and its first ``max_new_tokens`` generated tokens are decoded without special tokens."""
-    from .benchmarks import encode_texts
+    from .datasets import encode_texts
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     pad = processor.tokenizer.pad_token_id
@@ -223,9 +223,9 @@ def generate_texts(model, processor, requests, max_new_tokens: int, batch_size: 
 def answer_losses(model, processor, items, batch_size: int, device=None, dtype=None, progress: bool = False,
                   desc: str = "answer loss") -> list[float]:
     """Mean negative log-likelihood per answer token of each item's ``answer`` after its chat-template prompt
-    (``benchmarks.encode_items``; the answer tokens are those past the prompt's own encoding). Items of one
+    (``datasets.encode_items``; the answer tokens are those past the prompt's own encoding). Items of one
     modality per call."""
-    from .benchmarks import encode_items
+    from .datasets import encode_items
     out = []
     for _, chunk in _batches(items, batch_size, desc, progress):
         full = encode_items(processor, chunk, with_answer=True, device=device, dtype=dtype)

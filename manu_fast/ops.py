@@ -7,8 +7,9 @@ from the MLP input ``x`` and the gate/up weights, so a backend may fuse the two 
 
 Backends (``get_backend(name, op)``), one implementation of each op per backend:
 
-- ``reference``: PyTorch, float64 for the activation and the statistics: the oracle and the fallback (here);
-- ``cpp``: the C++ CPU kernel (``csrc/``, ``manu_fast.cpp_backend``);
+- ``reference``: PyTorch, float64 for the activation and the statistics: the oracle and the fallback
+  (``manu_fast.backends.reference``);
+- ``cpp``: the C++ CPU kernel (``csrc/``, ``manu_fast.backends.cpp``);
 - ``triton``: the Triton GPU kernels (``kernels/``, installed as ``manu_fast.kernels``).
 
 Backend contracts (docs/OPS.md has the full text):
@@ -23,7 +24,7 @@ Backend contracts (docs/OPS.md has the full text):
   ``pre_acc``/``up_acc`` the statistics of the gate/up projections.
 
 Arguments reach a backend validated and normalised by the public functions below (once, here); backends
-only assert their raw-memory preconditions (``manu_fast.schema.check_backend_args``). Both ops are also
+only assert their raw-memory preconditions (``manu_fast.backends.contract.check_backend_args``). Both ops are also
 registered as torch.library custom ops (``torch.ops.manu_fast.act_stats`` / ``.gated_linear_act_stats``,
 mutated accumulators declared, fake implementations) which the public functions call while torch.compile
 traces; in eager mode they call the backend directly (the dispatcher costs ~65 us per call on CPU).
@@ -39,42 +40,14 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .activations import ACTIVATIONS, check_activation
-from .schema import DEFAULT_TAU, FLOAT_DTYPES, check_launch_args, check_linear, linear_then_act_stats
-from .stats import merge_into, segment_stats_reference
+from .activations import check_activation
+from .backends.contract import FLOAT_DTYPES, check_launch_args, check_linear
+from .backends.reference import act_stats_reference, gated_linear_act_stats_reference, hidden
+from .schema import DEFAULT_TAU
 
 BACKENDS = ("reference", "cpp", "triton")
 OPS = ("act_stats", "gated_linear_act_stats")
 _warned = set()
-
-
-# ---- the reference backend ----
-
-def _hidden(pre, up, act, keep):
-    """h = act(pre) [* up] with masked neurons zeroed, in PyTorch, in pre's dtype (differentiable)."""
-    h = ACTIVATIONS[act](pre)
-    if up is not None:
-        h = h * up
-    if keep is not None:
-        h = torch.where(keep.to(h.device), h, torch.zeros((), dtype=h.dtype, device=h.device))
-    return h
-
-
-def reference_backend(pre, up, act, keep, gid, num_groups, tau, hidden_acc, pre_acc, up_acc, write_out):
-    p64 = pre.to(torch.float64)
-    u64 = None if up is None else up.to(torch.float64)
-    h = _hidden(p64, u64, act, keep)
-    if gid is None:
-        gid = torch.zeros(pre.shape[0], dtype=torch.int32, device=pre.device)
-    for acc, a in ((hidden_acc, h), (pre_acc, p64), (up_acc, u64)):
-        if acc is not None:
-            merge_into(acc, segment_stats_reference(a, gid, num_groups, tau))
-    return h.to(pre.dtype, memory_format=torch.contiguous_format) if write_out else None  # contiguous, as promised
-
-
-def reference_gated_backend(*args):
-    """The projections in x.dtype (as the HF module computes them), then the reference ``act_stats``."""
-    return linear_then_act_stats(reference_backend, *args)
 
 
 # ---- dispatch ----
@@ -84,10 +57,10 @@ def get_backend(name: str, op: str = "act_stats"):
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; choose one of {OPS}")
     if name == "reference":
-        return reference_backend if op == "act_stats" else reference_gated_backend
+        return act_stats_reference if op == "act_stats" else gated_linear_act_stats_reference
     if name == "cpp":
-        from . import cpp_backend  # raises ImportError with build instructions when the extension is missing
-        return getattr(cpp_backend, f"{op}_cpp")
+        from .backends import cpp  # raises ImportError with build instructions when the extension is missing
+        return getattr(cpp, f"{op}_cpp")
     if name == "triton":
         from . import kernels
         return getattr(kernels, f"{op}_triton")
@@ -245,7 +218,7 @@ def act_stats(pre: torch.Tensor, up: torch.Tensor | None = None, *, act: str = "
     grad_h = None
     if write_out and _needs_grad(pre, up):
         # fp32 arithmetic, one rounding to pre.dtype, like the kernels
-        grad_h = _hidden(pre2.float(), None if up2 is None else up2.float(), act, keep).to(pre.dtype)
+        grad_h = hidden(pre2.float(), None if up2 is None else up2.float(), act, keep).to(pre.dtype)
         pre2, up2, write_out = pre2.detach(), None if up2 is None else up2.detach(), False
         if stats is None and pre_stats is None and up_stats is None:
             return grad_h.reshape(shape)

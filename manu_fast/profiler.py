@@ -27,13 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import TOKEN_KINDS, default_token_kinds, fingerprint, patch_model, token_ids, video_span_ids
+from .adapters import default_token_kinds, fingerprint, patch_model, token_ids, video_span_ids
 from .layers import MLPPart
-from .masks import SITES
 from .ops import act_stats
-from .stats import DEFAULT_TAU, F, NeuronStats, StatsFileError, empty_stats, group_label
+from .schema import NONFINITE_POLICIES, SITES, TOKEN_KINDS
+from .stats import DEFAULT_TAU, FIELD_INDEX, NeuronStats, StatsFileError, empty_stats, group_label
 
-NONFINITE_POLICIES = ("count", "error")
 CHECKPOINT_KEY = "checkpoint"  # safetensors metadata entry holding the resume position
 
 
@@ -242,7 +241,7 @@ def _block_sums(stats: NeuronStats, field: str, per_group: bool) -> dict[str, li
     """Sum of one field of every block (per group or in total), with one device->host copy per device."""
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for key, block in stats.blocks.items():
-        row = block[F[field]]
+        row = block[FIELD_INDEX[field]]
         by_device.setdefault(block.device, []).append((key, row.sum(-1) if per_group else row.sum()))
     out = {}
     for items in by_device.values():

@@ -49,18 +49,16 @@ import math
 import random
 from dataclasses import dataclass
 
-from .benchmarks import (CLEAR_FACE_PROMPT, BenchmarkItem, ChoiceQuestion, ClearCaption, ClearChoice, DataError,
+from .datasets import (CLEAR_FACE_PROMPT, BenchmarkItem, ChoiceQuestion, ClearCaption, ClearChoice, DataError,
                          MllmuPerson, OpenQuestion, caption_question, chat_texts)
-from .data import MODALITIES
+from .schema import MODALITIES, PROTOCOLS  # noqa: F401  (PROTOCOLS: a public name here too)
 from .evaluate import (answer_losses, cloze_hit, evaluate_mc_items, first_letter, generate_texts, mllmu_reply,
                        normalized_probability, rouge, truth_ratio, truth_ratio_score)
 
-PROTOCOLS = ("logit", "mllmu", "clear")
 MLLMU_SPLITS = ("forget", "retain", "test", "celebrity")
 MLLMU_CLASSIFICATION_SHOTS = 1  # eval.py: random.sample(id_list, 1) people for LLaVA's classification prompts
 MLLMU_CLOZE_SHOTS = 2           # eval.py: random.sample(id_list, 2) for LLaVA's cloze prompts (1 for Idefics2)
 CLASSIFICATION_FEW_SHOT_SPLITS = ("forget", "retain", "test")  # eval.py modes forget, retain_shared, test
-CLOZE_FEW_SHOT_SPLITS = MLLMU_SPLITS                           # ... and retain_celebrity
 MLLMU_LETTER_TOKENS = 8
 MLLMU_NEW_TOKENS = 50  # eval.py's max_new_tokens
 CLEAR_NEW_TOKENS = 300  # config/mm/eval.yaml generation.max_new_tokens

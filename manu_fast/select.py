@@ -32,16 +32,12 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .adapters import TOWERS
-from .data import MODALITIES
 from .masks import Masks
-from .stats import F, NeuronStats, metrics, pool_groups
+from .schema import IMAGE_TOWERS, METRICS, MODALITIES, STRATEGIES, TOWERS
+from .stats import FIELD_INDEX, NeuronStats, metrics, pool_groups
 
-STRATEGIES = ("manu-code", "manu-paper", "selective-pruning", "power-ratio", "random")
 EPS = 1e-5
 MANU_CODE_WEIGHTS = {"abs": 2.0, "freq": 0.0, "std": 2.0, "rms": 2.0}
-METRICS = ("abs", "freq", "std", "rms")
-IMAGE_TOWERS = ("vision", "projector")
 
 
 def natural_key(name: str):
@@ -92,7 +88,7 @@ class _Metrics:
         m = metrics(block)
         empty = m["count"] == 0
         if bool(empty.any()):
-            poisoned = int((block[F["nonfinite"]][empty] > 0).sum())
+            poisoned = int((block[FIELD_INDEX["nonfinite"]][empty] > 0).sum())
             if poisoned:
                 raise ValueError(f"group {what} at layer {layer!r}: {poisoned} neuron(s) saw only NaN/Inf values, so "
                                  "their scores are undefined; fix the model/inputs (profile with on_nonfinite='error' "
@@ -173,12 +169,12 @@ def top_k_count(alpha: float, n: int) -> int:
     return int(math.floor(alpha / 100.0 * n + 0.5))
 
 
-def _check_alpha(alpha):
+def check_alpha(alpha):
     """A percentage in (0, 100), or a mapping from tower names and layer names (fnmatch patterns) to percentages."""
     if isinstance(alpha, Mapping):
         if not alpha:
             raise ValueError(f"an alpha mapping needs at least one tower ({', '.join(TOWERS)}) or layer name")
-        return {str(key): _check_alpha(a) for key, a in alpha.items()}
+        return {str(key): check_alpha(a) for key, a in alpha.items()}
     alpha = float(alpha)
     if not 0.0 < alpha < 100.0:
         raise ValueError(f"alpha is a percentage in (0, 100), got {alpha}")
@@ -253,7 +249,7 @@ def select_neurons(stats: NeuronStats, strategy: str = "manu-code", alpha: float
     With ``alive`` (iterative rounds), only neurons it keeps are candidates and the result is cumulative:
     it prunes what ``alive`` prunes plus the new selection.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     sc = scores(stats, strategy, site=site, metric=metric, modality=modality, token_kinds=token_kinds,
                 towers=towers, seed=seed, weights=weights)
     keep = _alive_keep(stats, site, alive, sc)
@@ -292,34 +288,3 @@ def random_like(masks: Masks, seed: int = 0, per_layer: bool = False) -> Masks:
             keep[n][idx] = False
     return Masks(keep, masks.fingerprint, masks.site,
                  {"strategy": "random", "like": masks.description, "seed": seed, "per_layer": per_layer})
-
-
-def iterative_prune(model, data, rounds: int, strategy: str = "manu-code",
-                    alpha_per_round: float | Mapping[str, float] = 2.0, *,
-                    mask_name: str = "forget", site: str = "hidden", profile_kwargs: dict | None = None,
-                    seed: int = 0, **select_kwargs) -> Masks:
-    """``rounds`` of profile -> select -> mask: each round profiles the model with the masks so far applied
-    (reversibly, as mask ``mask_name``) and prunes ``alpha_per_round`` % more of the still-alive neurons
-    (alpha counted on every neuron of a pool). Returns the cumulative masks, left applied on the model.
-
-    ``data`` is the profiler's dict (split, modality) -> batches; each value is iterated once per round, so
-    it must be re-iterable (a list, a DataLoader), not a one-shot generator.
-    """
-    from .masks import apply_masks
-    from .profiler import profile
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    if "alive" in select_kwargs:
-        raise ValueError("iterative_prune tracks the alive neurons itself; apply earlier masks to the model instead")
-    for key, batches in data.items():
-        if iter(batches) is batches:
-            raise ValueError(f"data[{key}] is a one-shot iterator; iterative pruning needs a re-iterable (list, DataLoader)")
-    _check_alpha(alpha_per_round)
-    masks = None
-    for r in range(rounds):
-        if masks is not None:
-            apply_masks(model, masks, mask_name)
-        stats = profile(model, data, sites=(site,), **(profile_kwargs or {}))
-        masks = select_neurons(stats, strategy, alpha_per_round, site=site, alive=masks, seed=seed + r, **select_kwargs)
-    apply_masks(model, masks, mask_name)
-    return masks

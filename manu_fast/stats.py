@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .io import load_tensors, save_tensors
-from .schema import (DEFAULT_TAU, FIELDS, NUM_FIELDS, F, StatsFileError, check_fingerprint, group_label,  # noqa: F401
+from .schema import (DEFAULT_TAU, FIELDS, NUM_FIELDS, FIELD_INDEX, StatsFileError, check_fingerprint, group_label,  # noqa: F401
                      site_length)
 
 FORMAT = "manu_fast.stats/1"
@@ -35,13 +35,13 @@ def segment_stats_reference(a: torch.Tensor, group_ids: torch.Tensor, num_groups
         x0 = torch.where(finite, x, 0.0)
         mean = torch.where(n > 0, x0.sum(0) / n.clamp(min=1), 0.0)
         dev = torch.where(finite, x - mean, 0.0)
-        out[F["count"], k] = n
-        out[F["mean"], k] = mean
-        out[F["m2"], k] = (dev * dev).sum(0)
-        out[F["sum_abs"], k] = x0.abs().sum(0)
-        out[F["sum_sq"], k] = (x0 * x0).sum(0)
-        out[F["active"], k] = (x0.abs() > tau).sum(0, dtype=torch.float64)
-        out[F["nonfinite"], k] = (~finite).sum(0, dtype=torch.float64)
+        out[FIELD_INDEX["count"], k] = n
+        out[FIELD_INDEX["mean"], k] = mean
+        out[FIELD_INDEX["m2"], k] = (dev * dev).sum(0)
+        out[FIELD_INDEX["sum_abs"], k] = x0.abs().sum(0)
+        out[FIELD_INDEX["sum_sq"], k] = (x0 * x0).sum(0)
+        out[FIELD_INDEX["active"], k] = (x0.abs() > tau).sum(0, dtype=torch.float64)
+        out[FIELD_INDEX["nonfinite"], k] = (~finite).sum(0, dtype=torch.float64)
     return out
 
 
@@ -52,13 +52,13 @@ def merge_partials(parts: torch.Tensor) -> torch.Tensor:
     Deterministic: a fixed-order reduction over the leading axis.
     """
     p = parts.to(torch.float64)
-    n_i = p[:, F["count"]]
+    n_i = p[:, FIELD_INDEX["count"]]
     n = n_i.sum(0)
-    mean = torch.where(n > 0, (n_i * p[:, F["mean"]]).sum(0) / n.clamp(min=1), 0.0)
-    d = p[:, F["mean"]] - mean
+    mean = torch.where(n > 0, (n_i * p[:, FIELD_INDEX["mean"]]).sum(0) / n.clamp(min=1), 0.0)
+    d = p[:, FIELD_INDEX["mean"]] - mean
     out = p.sum(0)
-    out[F["mean"]] = mean
-    out[F["m2"]] = p[:, F["m2"]].sum(0) + (n_i * d * d).sum(0)
+    out[FIELD_INDEX["mean"]] = mean
+    out[FIELD_INDEX["m2"]] = p[:, FIELD_INDEX["m2"]].sum(0) + (n_i * d * d).sum(0)
     return out
 
 
@@ -80,19 +80,19 @@ def pool_groups(block: torch.Tensor, groups) -> torch.Tensor:
 
 def metrics(block: torch.Tensor) -> dict[str, torch.Tensor]:
     """Derived per-neuron metrics of a pooled block (NUM_FIELDS, ..., N). Empty groups give NaN."""
-    n = block[F["count"]]
+    n = block[FIELD_INDEX["count"]]
     nan = torch.full_like(n, float("nan"))
     safe = n.clamp(min=1)
-    var = torch.where(n > 0, block[F["m2"]] / safe, nan)  # population variance
+    var = torch.where(n > 0, block[FIELD_INDEX["m2"]] / safe, nan)  # population variance
     return {
         "count": n,
-        "mean": torch.where(n > 0, block[F["mean"]], nan),
-        "abs": torch.where(n > 0, block[F["sum_abs"]] / safe, nan),
-        "freq": torch.where(n > 0, block[F["active"]] / safe, nan),
+        "mean": torch.where(n > 0, block[FIELD_INDEX["mean"]], nan),
+        "abs": torch.where(n > 0, block[FIELD_INDEX["sum_abs"]] / safe, nan),
+        "freq": torch.where(n > 0, block[FIELD_INDEX["active"]] / safe, nan),
         "var": var,
         "std": var.sqrt(),
-        "rms": torch.where(n > 0, (block[F["sum_sq"]] / safe).sqrt(), nan),
-        "sum_sq": block[F["sum_sq"]],
+        "rms": torch.where(n > 0, (block[FIELD_INDEX["sum_sq"]] / safe).sqrt(), nan),
+        "sum_sq": block[FIELD_INDEX["sum_sq"]],
     }
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from manu_fast import protocols
-from manu_fast.benchmarks import CLEAR_CAPTION_QUESTIONS, CLEAR_FACE_PROMPT
+from manu_fast.datasets import CLEAR_CAPTION_QUESTIONS, CLEAR_FACE_PROMPT
 
 WORD = re.compile(r"\w+|[^\w\s]+")  # what the Whitespace pre-tokenizer splits: one WordLevel token each
 SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>")

@@ -18,7 +18,7 @@ from manu_fast.adapters import (ModelSpec, UnsupportedModelError, default_token_
                                 get_patch, inspect_model, patch_model, register_mlp_layout, register_model)
 from manu_fast.layers import FusedGatedMLP, FusedMLP, MLPPart, compact_width
 from manu_fast.profiler import Profiler, profile
-from manu_fast.stats import F, group_label, merge_partials, segment_stats_reference
+from manu_fast.stats import FIELD_INDEX, group_label, merge_partials, segment_stats_reference
 
 ARCHS = list(tm.ARCHS)
 
@@ -168,7 +168,7 @@ def test_family_patch_unpatch_stats_and_masks(name):
     assert set(stats.layers()) == set(originals)
     for layer_name, r in ref.items():
         got = stats.block(layer_name)
-        torch.testing.assert_close(got[F["count"]], r[F["count"]], rtol=0, atol=0)
+        torch.testing.assert_close(got[FIELD_INDEX["count"]], r[FIELD_INDEX["count"]], rtol=0, atol=0)
         torch.testing.assert_close(got, r, rtol=1e-5, atol=1e-6)
     assert stats.fingerprint == fingerprint(model)
     _check_masks(model, patch, kw)
@@ -259,7 +259,7 @@ def test_profile_mask_and_padding_are_ignored_and_memory_is_constant():
     pm[:, :3] = True
     stats = profile(model, {("forget", "text"): [dict(kw, profile_mask=pm)]}, progress=False)
     block = stats.block("model.layers.0.mlp")
-    assert block[F["count"], stats.groups.index("forget/text/text")].unique().tolist() == [6.0]
+    assert block[FIELD_INDEX["count"], stats.groups.index("forget/text/text")].unique().tolist() == [6.0]
     sizes = {k: v.numel() for k, v in stats.blocks.items()}
     longer = profile(model, {("forget", "text"): [tm.inputs("llama", model, batch=4, text_len=40)] * 3}, progress=False)
     assert {k: v.numel() for k, v in longer.blocks.items()} == sizes  # O(neurons), not O(tokens)
@@ -299,7 +299,7 @@ def test_gradients_flow_through_masked_and_profiled_layers():
     grad = layer.gate_proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
     assert (grad[[0, 3]] == 0).all() and (layer.down_proj.weight.grad[:, [0, 3]] == 0).all()  # pruned: no gradient
-    assert prof.stats.block(next(iter(patch.layers)))[F["count"], 1].sum() > 0
+    assert prof.stats.block(next(iter(patch.layers)))[FIELD_INDEX["count"], 1].sum() > 0
 
 
 def test_zero_neuron_layer():
@@ -327,7 +327,7 @@ def test_cuda_patch_and_stats_match_hooks(name):
     stats = profile(model, data, progress=False)
     for layer_name, r in ref.items():
         got = stats.block(layer_name)
-        torch.testing.assert_close(got[F["count"]], r[F["count"]], rtol=0, atol=0)
+        torch.testing.assert_close(got[FIELD_INDEX["count"]], r[FIELD_INDEX["count"]], rtol=0, atol=0)
         torch.testing.assert_close(got, r, rtol=1e-3, atol=1e-4)
 
 

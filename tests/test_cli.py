@@ -10,7 +10,8 @@ from transformers import LlavaForConditionalGeneration
 from manu_fast import demo
 from manu_fast.cli import DEMO_CONFIG, main
 from manu_fast.masks import Masks, apply_masks
-from manu_fast.select import iterative_prune, top_k_count
+from manu_fast.pipeline import iterative_prune
+from manu_fast.select import top_k_count
 from manu_fast.stats import NeuronStats
 
 TINY = demo.ModelConfig(num_people=6, vision_hidden=16, vision_intermediate=24, text_hidden=16, text_intermediate=40,

@@ -1,4 +1,4 @@
-"""The C++ CPU kernel (manu_fast._C via cpp_backend.act_stats_cpp) against the float64 reference.
+"""The C++ CPU kernel (manu_fast._C via backends.cpp.act_stats_cpp) against the float64 reference.
 
 Tolerances are derived, not guessed: for every output (h and each statistics field) the kernel's error
 against float64 must be at most twice PyTorch's own error at the input precision (the same formulas run
@@ -9,11 +9,12 @@ import torch
 
 from manu_fast import act_stats
 from manu_fast.activations import ACT_CODES, ACTIVATIONS
-from manu_fast.ops import pick_backend, reference_backend
-from manu_fast.stats import F, NUM_FIELDS, empty_stats, merge_into, metrics, segment_stats_reference
+from manu_fast.backends.reference import act_stats_reference as reference_backend
+from manu_fast.ops import pick_backend
+from manu_fast.stats import FIELD_INDEX, NUM_FIELDS, empty_stats, merge_into, metrics, segment_stats_reference
 
 try:
-    from manu_fast.cpp_backend import act_stats_cpp
+    from manu_fast.backends.cpp import act_stats_cpp
 except ImportError as e:  # CI builds the extension, so there these tests run
     pytest.skip(f"C++ extension not built ({e})", allow_module_level=True)
 
@@ -88,12 +89,12 @@ def _check(results, h_rel_atol=1e-6):
             assert cpp[site] is None
             continue
         for name in COUNT_FIELDS:
-            assert torch.equal(cpp[site][F[name]], ref[site][F[name]]), f"{site}.{name} differs"
+            assert torch.equal(cpp[site][FIELD_INDEX[name]], ref[site][FIELD_INDEX[name]]), f"{site}.{name} differs"
         # |h| > tau can flip for a value within rounding of tau; allow what PyTorch's own h shows, plus 1.
-        _assert_within_torch_error(f"{site}.active", cpp[site][F["active"]], ref[site][F["active"]],
-                                   lp[site][F["active"]], rel_atol=0.0, abs_atol=1.0)
+        _assert_within_torch_error(f"{site}.active", cpp[site][FIELD_INDEX["active"]], ref[site][FIELD_INDEX["active"]],
+                                   lp[site][FIELD_INDEX["active"]], rel_atol=0.0, abs_atol=1.0)
         for name in FLOAT_FIELDS:
-            _assert_within_torch_error(f"{site}.{name}", cpp[site][F[name]], ref[site][F[name]], lp[site][F[name]])
+            _assert_within_torch_error(f"{site}.{name}", cpp[site][FIELD_INDEX[name]], ref[site][FIELD_INDEX[name]], lp[site][FIELD_INDEX[name]])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -120,7 +121,7 @@ def test_nan_inf_empty_groups_and_odd_sizes(dtype):
     results = _run_three(pre, up, "silu", None, gid, groups)
     _check(results)
     cpp = results[0]
-    assert cpp["h"][F["nonfinite"], 1].sum() >= 4 and cpp["pre"][F["nonfinite"], 1].sum() == 3
+    assert cpp["h"][FIELD_INDEX["nonfinite"], 1].sum() >= 4 and cpp["pre"][FIELD_INDEX["nonfinite"], 1].sum() == 3
 
 
 def test_all_padding_batch_leaves_statistics_as_reference_does():
@@ -155,7 +156,7 @@ def test_large_mean_small_std(t, mean, std):
     std_two_pass = (x64 - x64.mean()).pow(2).mean().sqrt().item()
     std = metrics(acc[:, 0])["std"].item()
     assert abs(std / std_two_pass - 1) < 1e-6
-    assert acc[F["count"], 0, 0].item() == t
+    assert acc[FIELD_INDEX["count"], 0, 0].item() == t
 
 
 def test_repeated_calls_merge_like_one_call():

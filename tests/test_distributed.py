@@ -17,7 +17,7 @@ import torch
 import tiny_models as tm
 from manu_fast.adapters import get_patch
 from manu_fast.profiler import profile
-from manu_fast.stats import F, NeuronStats
+from manu_fast.stats import FIELD_INDEX, NeuronStats
 
 HERE = Path(__file__).resolve().parent
 SITES = ("hidden", "pre")
@@ -92,12 +92,12 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert dp.groups == single.groups and set(dp.blocks) == set(single.blocks)
     for key, ref in single.blocks.items():
         assert torch.equal(dp.blocks[key], rank1.blocks[key]), f"ranks disagree on {key}"
-        assert torch.equal(dp.blocks[key][F["count"]], ref[F["count"]]), key
-        assert torch.equal(dp.blocks[key][F["active"]], ref[F["active"]]), key
+        assert torch.equal(dp.blocks[key][FIELD_INDEX["count"]], ref[FIELD_INDEX["count"]]), key
+        assert torch.equal(dp.blocks[key][FIELD_INDEX["active"]], ref[FIELD_INDEX["active"]]), key
         # sums of O(1) values over <= 100 tokens: float64 reordering error ~1e-14 relative to the magnitude
         scale = ref.abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
         torch.testing.assert_close(dp.blocks[key] / scale, ref / scale, rtol=0, atol=1e-12)
-    assert single.block("model.language_model.layers.0.mlp")[F["count"], single.groups.index("forget/multimodal/image")].min() > 0
+    assert single.block("model.language_model.layers.0.mlp")[FIELD_INDEX["count"], single.groups.index("forget/multimodal/image")].min() > 0
 
     errors = [(tmp_path / f"errors{r}.txt").read_text().splitlines() for r in (0, 1)]
     assert "one rank fails: RuntimeError: profiling failed on rank(s) [1]" in errors[0][0]

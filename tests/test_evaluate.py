@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import bench_files as bf
-from manu_fast.benchmarks import BenchmarkItem, ImageRef
-from manu_fast.data import SyntheticProfiles
+from manu_fast.datasets import BenchmarkItem, ImageRef
+from manu_fast.synthetic import SyntheticProfiles
 from manu_fast.evaluate import (answer_losses, answer_probability, cloze_hit, evaluate, first_letter, generate_texts,
                                 mc_accuracy, mllmu_reply, normalized_probability, rouge, truth_ratio,
                                 truth_ratio_score)

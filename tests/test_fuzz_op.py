@@ -3,7 +3,7 @@ non-finite values and pre-filled accumulators, every available backend against a
 
 The oracle here is independent of the package: NumPy float64, two-pass over *all* the values an accumulator has
 seen (the pre-fill batch and the new one together), so it checks the backends' merge as well as their
-statistics — also for the ``reference`` backend (ops.reference_backend = segment_stats_reference + merge_into),
+statistics — also for the ``reference`` backend (act_stats_reference = segment_stats_reference + merge_into),
 which would otherwise only be compared with itself.
 
 Tolerances (as in test_triton.py, after flash-attention): a backend's error against float64 is at most twice
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from manu_fast import act_stats
 from manu_fast.activations import ACTIVATIONS
 from manu_fast.ops import cpp_available, triton_available
-from manu_fast.stats import F, FIELDS, NUM_FIELDS, segment_stats_reference
+from manu_fast.stats import FIELD_INDEX, FIELDS, NUM_FIELDS, segment_stats_reference
 from tolerances import fp32_accumulation_rtol
 
 NEAR_TAU_RTOL = 1e-5  # an fp32 h this close to tau may fall on either side of it
@@ -105,10 +105,10 @@ def _numpy_stats(values: np.ndarray, gid: np.ndarray, num_groups: int, tau: floa
         x0 = np.where(fin, x, 0.0)
         n = fin.sum(0)
         mean = x0.sum(0) / np.maximum(n, 1)
-        out[F["count"], k], out[F["mean"], k] = n, mean
-        out[F["m2"], k] = (np.where(fin, x - mean, 0.0) ** 2).sum(0)
-        out[F["sum_abs"], k], out[F["sum_sq"], k] = np.abs(x0).sum(0), (x0 * x0).sum(0)
-        out[F["active"], k], out[F["nonfinite"], k] = (np.abs(x0) > tau).sum(0), (~fin).sum(0)
+        out[FIELD_INDEX["count"], k], out[FIELD_INDEX["mean"], k] = n, mean
+        out[FIELD_INDEX["m2"], k] = (np.where(fin, x - mean, 0.0) ** 2).sum(0)
+        out[FIELD_INDEX["sum_abs"], k], out[FIELD_INDEX["sum_sq"], k] = np.abs(x0).sum(0), (x0 * x0).sum(0)
+        out[FIELD_INDEX["active"], k], out[FIELD_INDEX["nonfinite"], k] = (np.abs(x0) > tau).sum(0), (~fin).sum(0)
     return torch.from_numpy(out)
 
 
@@ -129,18 +129,18 @@ def _expected(c, values):
 def _check_stats(name, got, ref, peer, near_tau, bound):
     """``bound``: an upper bound of |value| (every activation has |act(x)| <= |x|); fp32 arithmetic may err by
     a few ulp of it even where a value cancels to almost nothing (gelu far in the negative tail)."""
-    n = ref[F["count"]].clamp(min=1)
-    n_max = float(ref[F["count"]].max()) if ref.numel() else 0.0
-    scale = {"mean": max((ref[F["sum_abs"]] / n).max(), bound), "m2": max(ref[F["m2"]].max(), bound ** 2 * n_max),
-             "sum_abs": max(ref[F["sum_abs"]].max(), bound * n_max), "sum_sq": max(ref[F["sum_sq"]].max(), bound ** 2 * n_max)}
+    n = ref[FIELD_INDEX["count"]].clamp(min=1)
+    n_max = float(ref[FIELD_INDEX["count"]].max()) if ref.numel() else 0.0
+    scale = {"mean": max((ref[FIELD_INDEX["sum_abs"]] / n).max(), bound), "m2": max(ref[FIELD_INDEX["m2"]].max(), bound ** 2 * n_max),
+             "sum_abs": max(ref[FIELD_INDEX["sum_abs"]].max(), bound * n_max), "sum_sq": max(ref[FIELD_INDEX["sum_sq"]].max(), bound ** 2 * n_max)}
     for field in FIELDS:
-        i = F[field]
+        i = FIELD_INDEX[field]
         if field in ("count", "nonfinite"):
             assert torch.equal(got[i], ref[i]), f"{name}.{field} differs"
             continue
         err = (got[i] - ref[i]).abs().max().item() if ref[i].numel() else 0.0
         peer_err = (peer[i] - ref[i]).abs().max().item() if ref[i].numel() else 0.0
-        rtol = fp32_accumulation_rtol(n_max + float(ref[F["nonfinite"]].max()) if ref.numel() else 1)
+        rtol = fp32_accumulation_rtol(n_max + float(ref[FIELD_INDEX["nonfinite"]].max()) if ref.numel() else 1)
         allowance = near_tau if field == "active" else rtol * float(scale[field]) if field in scale else 0.0
         assert err <= 2 * peer_err + allowance, f"{name}.{field}: error {err:.3g} > 2 x {peer_err:.3g} + {allowance:.3g}"
 

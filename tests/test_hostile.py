@@ -17,7 +17,7 @@ from manu_fast.adapters import UnsupportedModelError, fingerprint, get_patch
 from manu_fast.masks import Masks, apply_masks
 from manu_fast.profiler import NonFiniteActivationError, profile
 from manu_fast.select import select_neurons
-from manu_fast.stats import F, NeuronStats, StatsFileError
+from manu_fast.stats import FIELD_INDEX, NeuronStats, StatsFileError
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYER0 = "model.layers.0.mlp"
@@ -55,7 +55,7 @@ def test_a_modality_with_zero_tokens_warns_and_selection_refuses_it(llama):
     masked_out = [dict(b, profile_mask=torch.zeros_like(b["input_ids"], dtype=torch.bool)) for b in data[("retain", "text")]]
     with pytest.warns(UserWarning, match="no token of retain/text was profiled"):
         stats = profile(model, {("forget", "text"): data[("forget", "text")], ("retain", "text"): masked_out}, progress=False)
-    assert stats.block(LAYER0)[F["count"], stats.groups.index("retain/text/text")].sum() == 0
+    assert stats.block(LAYER0)[FIELD_INDEX["count"], stats.groups.index("retain/text/text")].sum() == 0
     with pytest.raises(ValueError, match="retain/text/.* is empty"):
         select_neurons(stats, "manu-code", 2.0)  # not NaN scores turned into masks
 
@@ -93,8 +93,8 @@ def test_nonfinite_activations_are_excluded_counted_and_warned(llama):
     clean = profile(model, {("forget", "text"): [dict(first[0], profile_mask=pm)]}, progress=False)
     got, want = poisoned.block(LAYER0), clean.block(LAYER0)
     g = poisoned.groups.index("forget/text/text")
-    assert (got[F["nonfinite"], g] == 1).all() and (want[F["nonfinite"]] == 0).all()
-    fields = [F[f] for f in ("count", "mean", "m2", "sum_abs", "sum_sq", "active")]
+    assert (got[FIELD_INDEX["nonfinite"], g] == 1).all() and (want[FIELD_INDEX["nonfinite"]] == 0).all()
+    fields = [FIELD_INDEX[f] for f in ("count", "mean", "m2", "sum_abs", "sum_sq", "active")]
     torch.testing.assert_close(got[fields], want[fields], rtol=1e-12, atol=1e-12)
 
 

@@ -3,7 +3,7 @@ the mllmu protocol builds: few-shot people, the questions it leaves out, the ima
 import pytest
 
 import bench_files as bf
-from manu_fast.benchmarks import ChoiceQuestion, DataError, OpenQuestion, load_mllmu_split
+from manu_fast.datasets import ChoiceQuestion, DataError, OpenQuestion, load_mllmu_split
 from manu_fast.protocols import (classification_prompt, cloze_prompt, draw_people, generation_prompt, mc_prompt,
                                  mllmu_requests, people_of)
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import bench_files as bf
-from manu_fast.benchmarks import NAME_QUESTIONS, name_in_answer, replace_placeholders
+from manu_fast.datasets import NAME_QUESTIONS, name_in_answer, replace_placeholders
 from manu_fast.cli import main
 from manu_fast.masks import Masks
-from manu_fast.stats import F, NeuronStats
+from manu_fast.stats import FIELD_INDEX, NeuronStats
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def _counts(stats: NeuronStats) -> dict[str, dict[str, int]]:
     first = {}
     for key in sorted(stats.blocks):
         first.setdefault(stats.fingerprint["layers"][key.split("::")[0]]["tower"], stats.blocks[key])
-    return {g: {f"{tower}/{kind}": int(block[F["count"], i, 0]) for tower, block in first.items()
+    return {g: {f"{tower}/{kind}": int(block[FIELD_INDEX["count"], i, 0]) for tower, block in first.items()
                 for kind in ("image", "text") if g.endswith("/" + kind)} for i, g in enumerate(stats.groups)}
 
 
@@ -110,9 +110,9 @@ def test_mllmu_profile_select_prune_evaluate(bench, tmp_path, capsys):
     # padded batches profile exactly the tokens of unpadded ones; values agree up to float32 matmul reordering
     s, one = NeuronStats.load(stats), NeuronStats.load(single)
     for key, block in s.blocks.items():
-        assert torch.equal(block[F["count"]], one.blocks[key][F["count"]]), key
-        scale = block[F["sum_abs"]].abs().amax()
-        torch.testing.assert_close(block[F["sum_abs"]], one.blocks[key][F["sum_abs"]], rtol=1e-5, atol=1e-5 * scale)
+        assert torch.equal(block[FIELD_INDEX["count"]], one.blocks[key][FIELD_INDEX["count"]]), key
+        scale = block[FIELD_INDEX["sum_abs"]].abs().amax()
+        torch.testing.assert_close(block[FIELD_INDEX["sum_abs"]], one.blocks[key][FIELD_INDEX["sum_abs"]], rtol=1e-5, atol=1e-5 * scale)
     # MANU's own prune file (image, ID, metadata) profiles the forget people exactly as forget_5 + ft_Data does
     manu = tmp_path / "manu.safetensors"
     cli(capsys, "profile", bench["model"], manu, "--forget", files["manu_forget"], "--retain", files["retain_95"],
@@ -197,7 +197,7 @@ def test_clear_profile_select_prune_evaluate(bench, tmp_path, capsys):
     files, stats = bench["clear"], tmp_path / "stats.safetensors"
     cli(capsys, "profile", bench["model"], stats, "--benchmark", "clear", "--forget", files["forget10+tofu"],
         "--retain", files["retain90+tofu"], "--batch-size", 2, "--no-progress")
-    from manu_fast.benchmarks import caption_question
+    from manu_fast.datasets import caption_question
     pairs = {split: {"multimodal": [(caption_question(0, c), c) for c in people.values()], "text": bf.TOFU[split]}
              for split, people in (("forget", bf.CLEAR_FORGET), ("retain", bf.CLEAR_RETAIN))}
     _check_counts(stats, pairs)

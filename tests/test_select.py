@@ -6,7 +6,7 @@ import torch
 
 from manu_fast.masks import Masks
 from manu_fast.select import EPS, natural_key, random_like, scores, select_neurons
-from manu_fast.stats import F, NeuronStats, empty_stats
+from manu_fast.stats import FIELD_INDEX, NeuronStats, empty_stats
 
 E = EPS
 GROUPS = ["forget/multimodal/image", "forget/multimodal/text", "forget/text/text",
@@ -22,9 +22,9 @@ def set_group(block, g, count=4.0, abs=1.0, freq=0.5, var=1.0, rms=1.0):
     """Write a group's sufficient statistics so that its derived metrics are exactly the given ones."""
     t = lambda v: torch.as_tensor(v, dtype=torch.float64).expand(3)  # noqa: E731
     n = t(count)
-    block[F["count"], g], block[F["mean"], g] = n, 0.0
-    block[F["m2"], g], block[F["sum_abs"], g] = t(var) * n, t(abs) * n
-    block[F["sum_sq"], g], block[F["active"], g] = t(rms) ** 2 * n, t(freq) * n
+    block[FIELD_INDEX["count"], g], block[FIELD_INDEX["mean"], g] = n, 0.0
+    block[FIELD_INDEX["m2"], g], block[FIELD_INDEX["sum_abs"], g] = t(var) * n, t(abs) * n
+    block[FIELD_INDEX["sum_sq"], g], block[FIELD_INDEX["active"], g] = t(rms) ** 2 * n, t(freq) * n
 
 
 def toy_stats() -> NeuronStats:
@@ -144,7 +144,7 @@ def test_all_ties_follow_layer_then_index_order():
     st = toy_stats()
     for n in (L2, L10):
         for g in range(len(GROUPS)):
-            if st.block(n)[F["count"], g, 0] > 0:
+            if st.block(n)[FIELD_INDEX["count"], g, 0] > 0:
                 set_group(st.block(n), g)
     m = select_neurons(st, "manu-paper", 50)  # k = 3 of 6, all scores equal
     assert pruned(m) == {L2: [0, 1, 2], L10: []}
@@ -184,7 +184,7 @@ def test_neuron_that_saw_only_nan_is_named_as_such():
     st = toy_stats()
     b = st.block(L2, "hidden")
     b[:, 2, 1] = 0.0  # forget/text/text, neuron 1: no finite value ...
-    b[F["nonfinite"], 2, 1] = 4.0  # ... because all four were NaN/Inf
+    b[FIELD_INDEX["nonfinite"], 2, 1] = 4.0  # ... because all four were NaN/Inf
     with pytest.raises(ValueError, match="1 neuron\\(s\\) saw only NaN/Inf"):
         scores(st, "manu-code")
 

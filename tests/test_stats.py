@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from manu_fast import act_stats
-from manu_fast.stats import (F, FIELDS, NeuronStats, StatsFileError, empty_stats, merge_partials, metrics,
+from manu_fast.stats import (FIELD_INDEX, FIELDS, NeuronStats, StatsFileError, empty_stats, merge_partials, metrics,
                              pool_groups, segment_stats_reference)
 
 
@@ -29,7 +29,7 @@ def test_metrics_hand_computed():
     assert m["var"][0].item() == pytest.approx(1.0)  # population variance of {1, 3}
     assert m["rms"][0].item() == pytest.approx(math.sqrt(5.0))
     block = segment_stats_reference(a, gid, 1, 0.1)
-    assert block[F["nonfinite"], 0].tolist() == [1.0, 0.0]
+    assert block[FIELD_INDEX["nonfinite"], 0].tolist() == [1.0, 0.0]
 
 
 def test_empty_group_gives_nan_metrics_not_zero():
@@ -51,7 +51,7 @@ def test_std_accurate_when_mean_dominates_1e7_tokens():
     full = torch.cat(xs).double()
     ref_std = full.std(0, unbiased=False)
     std = metrics(acc[:, 0])["std"]
-    assert acc[F["count"], 0, 0].item() == batch * batches
+    assert acc[FIELD_INDEX["count"], 0, 0].item() == batch * batches
     assert ((std - ref_std).abs() / ref_std).max().item() < 1e-3
 
 

@@ -13,9 +13,10 @@ pytest.importorskip("triton")
 
 from manu_fast import ops  # noqa: E402
 from manu_fast.activations import ACTIVATIONS  # noqa: E402
+from manu_fast.backends.reference import act_stats_reference, hidden  # noqa: E402
 from manu_fast.kernels import act_stats as act_stats_module  # noqa: E402
 from manu_fast.kernels import act_stats_triton, gated_act_stats_triton, prefer_fused_gemm  # noqa: E402
-from manu_fast.stats import F as FIELD, FIELDS, empty_stats, metrics, segment_stats_reference  # noqa: E402
+from manu_fast.stats import FIELD_INDEX, FIELDS, empty_stats, metrics, segment_stats_reference  # noqa: E402
 from tolerances import fp32_accumulation_rtol  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -25,16 +26,6 @@ SMALL = dict(block_t=16, block_n=32, tiles_per_chunk=2)  # several neuron blocks
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def _torch_hidden(pre, up, act, keep):
-    """h as PyTorch computes it in the input dtype (the 'same precision' peer)."""
-    h = ACTIVATIONS[act](pre)
-    if up is not None:
-        h = h * up
-    if keep is not None:
-        h = torch.where(keep.to(h.device), h, torch.zeros((), dtype=h.dtype, device=h.device))
-    return h
 
 
 def _max_err(a, b):
@@ -54,12 +45,12 @@ def assert_output_close(out, peer, ref):
 def assert_stats_close(got, peer, ref):
     """Statistics blocks (NUM_FIELDS, G, N): per field, kernel error <= 2 x error of the stats of PyTorch's
     same-dtype values + the fp32 accumulation bound over the largest group (zero for the exact counts)."""
-    n = ref[FIELD["count"]].clamp(min=1)
-    rtol = fp32_accumulation_rtol(int(ref[FIELD["count"]].max()) + int(ref[FIELD["nonfinite"]].max()))
-    scale = {"mean": (ref[FIELD["sum_abs"]] / n).max(), "m2": ref[FIELD["m2"]].max(),
-             "sum_abs": ref[FIELD["sum_abs"]].max(), "sum_sq": ref[FIELD["sum_sq"]].max()}
+    n = ref[FIELD_INDEX["count"]].clamp(min=1)
+    rtol = fp32_accumulation_rtol(int(ref[FIELD_INDEX["count"]].max()) + int(ref[FIELD_INDEX["nonfinite"]].max()))
+    scale = {"mean": (ref[FIELD_INDEX["sum_abs"]] / n).max(), "m2": ref[FIELD_INDEX["m2"]].max(),
+             "sum_abs": ref[FIELD_INDEX["sum_abs"]].max(), "sum_sq": ref[FIELD_INDEX["sum_sq"]].max()}
     for name in FIELDS:
-        i = FIELD[name]
+        i = FIELD_INDEX[name]
         err = (got[i] - ref[i]).abs().max().item()
         peer_err = (peer[i] - ref[i]).abs().max().item()
         atol = rtol * float(scale[name]) if name in scale else 0.0
@@ -81,7 +72,7 @@ def _run_both(pre, up, act, keep, gid, num_groups, write_out=True, **launch):
     accs = [empty_stats(num_groups, n, DEVICE) if site != 2 or up is not None else None for site in range(3)]
     accs_ref = [None if a is None else a.clone() for a in accs]
     h = act_stats_triton(pre, up, act, keep, gid, num_groups, 0.1, *accs, write_out, **launch)
-    h_ref = ops.reference_backend(pre.double(), None if up is None else up.double(), act, keep, gid, num_groups,
+    h_ref = act_stats_reference(pre.double(), None if up is None else up.double(), act, keep, gid, num_groups,
                                   0.1, *accs_ref, True)
     return h, accs, h_ref, accs_ref
 
@@ -98,12 +89,12 @@ def test_gated_all_sites_match_reference(act, dtype):
     pre, up, gid, keep = _inputs(45, 37, dtype, seed=list(ACTIVATIONS).index(act), num_groups=3)
     h, accs, h_ref, accs_ref = _run_both(pre, up, act, keep, gid, 4, **SMALL)
     assert h.dtype == dtype and h.is_contiguous()
-    assert_output_close(h, _torch_hidden(pre, up, act, keep), h_ref)
-    h_peer = _torch_hidden(pre, up, act, keep)
+    assert_output_close(h, hidden(pre, up, act, keep), h_ref)
+    h_peer = hidden(pre, up, act, keep)
     assert_stats_close(accs[0], segment_stats_reference(h_peer, gid, 4, 0.1), accs_ref[0])
     for got, ref, x in ((accs[1], accs_ref[1], pre), (accs[2], accs_ref[2], up)):  # pre/up sites: exact inputs
         assert_stats_close(got, segment_stats_reference(x, gid, 4, 0.1), ref)
-    assert accs[0][FIELD["count"], 3].abs().max() == 0  # the empty group stays empty
+    assert accs[0][FIELD_INDEX["count"], 3].abs().max() == 0  # the empty group stays empty
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 inside the interpreter
@@ -112,12 +103,12 @@ def test_plain_mlp_with_pre_site_and_nonfinite(dtype):
     pre, _, gid, keep = _inputs(40, 21, dtype, seed=1, gated=False)
     pre[3, 0], pre[5, 1], pre[7, 2], pre[8, 2] = float("nan"), float("inf"), float("-inf"), float("nan")
     h, accs, h_ref, accs_ref = _run_both(pre, None, "gelu", None, gid, 3, **SMALL)
-    peer = _torch_hidden(pre, None, "gelu", None)
+    peer = hidden(pre, None, "gelu", None)
     assert_output_close(h, peer, h_ref)
     assert_stats_close(accs[0], segment_stats_reference(peer, gid, 3, 0.1), accs_ref[0])
     assert_stats_close(accs[1], segment_stats_reference(pre, gid, 3, 0.1), accs_ref[1])
     bad = gid[[3, 5, 7, 8]]
-    assert accs[1][FIELD["nonfinite"]].sum() == (bad >= 0).sum()  # excluded from every other field
+    assert accs[1][FIELD_INDEX["nonfinite"]].sum() == (bad >= 0).sum()  # excluded from every other field
     assert torch.isfinite(accs[1]).all()
 
 
@@ -146,7 +137,7 @@ def test_non_contiguous_inputs_and_out_of_range_groups():
     torch.testing.assert_close(h, h_c, rtol=0, atol=0)
     for a, b in zip(accs, accs_c):
         assert_stats_close(a, b, b)
-    peer = _torch_hidden(pre, up, "silu", None)
+    peer = hidden(pre, up, "silu", None)
     assert_output_close(h, peer, h_ref)
     assert_stats_close(accs[0], segment_stats_reference(peer, gid, 3, 0.1), accs_ref[0])
 
@@ -166,7 +157,7 @@ def test_group_runs_revisited_within_a_chunk(acc_rows, tiles_per_chunk):
     up = torch.randn(t, 37, generator=g).to(DEVICE)
     h, accs, h_ref, accs_ref = _run_both(pre, up, "silu", None, gid, 3, block_t=16, block_n=32,
                                          tiles_per_chunk=tiles_per_chunk, acc_rows=acc_rows)
-    peer = _torch_hidden(pre, up, "silu", None)
+    peer = hidden(pre, up, "silu", None)
     assert_stats_close(accs[0], segment_stats_reference(peer, gid, 3, 0.1), accs_ref[0])
     for got, ref, x in ((accs[1], accs_ref[1], pre), (accs[2], accs_ref[2], up)):
         assert_stats_close(got, segment_stats_reference(x, gid, 3, 0.1), ref)
@@ -255,7 +246,7 @@ def test_all_padding_batch_leaves_statistics_unchanged():
     gid = torch.full((20,), -1, dtype=torch.int32, device=DEVICE)
     h = act_stats_triton(pre, up, "silu", keep, gid, 2, 0.1, acc, None, None, True, **SMALL)
     torch.testing.assert_close(acc, before, rtol=1e-15, atol=0)  # merging an all-empty partial: no change
-    assert_output_close(h, _torch_hidden(pre, up, "silu", keep), ops.reference_backend(
+    assert_output_close(h, hidden(pre, up, "silu", keep), act_stats_reference(
         pre.double(), up.double(), "silu", keep, gid, 2, 0.1, None, None, None, True))
 
 
@@ -278,7 +269,7 @@ def test_activity_threshold_matches_float64_comparison():
         acc, acc_ref = empty_stats(1, 5, DEVICE), empty_stats(1, 5, DEVICE)
         ops.act_stats(y, act="identity", stats=acc, tau=tau, write_out=False, backend="triton")
         ops.act_stats(y, act="identity", stats=acc_ref, tau=tau, write_out=False, backend="reference")
-        assert torch.equal(acc[FIELD["active"]], acc_ref[FIELD["active"]]), tau
+        assert torch.equal(acc[FIELD_INDEX["active"]], acc_ref[FIELD_INDEX["active"]]), tau
 
 
 def test_deterministic_and_launch_configurations_agree():
@@ -352,10 +343,10 @@ def _gated_reference(x, w_gate, b_gate, w_up, act, keep, gid, num_groups):
     n = w_gate.shape[0]
     accs_ref = [empty_stats(num_groups, n, DEVICE) for _ in range(3)]
     d = lambda t: None if t is None else t.double()  # noqa: E731
-    h_ref = ops.reference_backend(F.linear(d(x), d(w_gate), d(b_gate)), F.linear(d(x), d(w_up)), act, keep, gid,
+    h_ref = act_stats_reference(F.linear(d(x), d(w_gate), d(b_gate)), F.linear(d(x), d(w_up)), act, keep, gid,
                                   num_groups, 0.1, *accs_ref, True)
     g_peer, u_peer = F.linear(x, w_gate, b_gate), F.linear(x, w_up)
-    h_peer = _torch_hidden(g_peer, u_peer, act, keep)
+    h_peer = hidden(g_peer, u_peer, act, keep)
     peers = [segment_stats_reference(a, gid, num_groups, 0.1) for a in (h_peer, g_peer, u_peer)]
     return h_ref, accs_ref, h_peer, peers
 
@@ -433,5 +424,5 @@ def test_cuda_default_configs_at_moderate_size(dtype):
         assert_stats_close(got, peer, ref)
     g, u = F.linear(x, w_gate, b_gate), F.linear(x, w_up)
     h, accs, h_ref, accs_ref = _run_both(g, u, "silu", keep, gid, 3)
-    assert_output_close(h, _torch_hidden(g, u, "silu", keep), h_ref)
-    assert_stats_close(accs[0], segment_stats_reference(_torch_hidden(g, u, "silu", keep), gid, 3, 0.1), accs_ref[0])
+    assert_output_close(h, hidden(g, u, "silu", keep), h_ref)
+    assert_stats_close(accs[0], segment_stats_reference(hidden(g, u, "silu", keep), gid, 3, 0.1), accs_ref[0])

@@ -7,7 +7,7 @@ import re
 import pytest
 
 import bench_files as bf
-from manu_fast.benchmarks import (CLEAR_CAPTION_QUESTIONS, NAME_QUESTIONS, ChoiceQuestion, DataError, OpenQuestion,
+from manu_fast.datasets import (CLEAR_CAPTION_QUESTIONS, NAME_QUESTIONS, ChoiceQuestion, DataError, OpenQuestion,
                                   caption_question, load_clear_choices, load_clear_perturbed, load_clear_profiles,
                                   load_mllmu_profiles, load_mllmu_split, load_names, name_in_answer, read_rows,
                                   replace_placeholders)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from manu_fast.data import EVAL_TEMPLATES, PROFILE_TEMPLATES, SyntheticProfiles, num_image_tokens
+from manu_fast.synthetic import EVAL_TEMPLATES, PROFILE_TEMPLATES, SyntheticProfiles, num_image_tokens
 
 
 def test_same_seed_same_benchmark_other_seed_differs():

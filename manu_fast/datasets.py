@@ -45,6 +45,8 @@ import re
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 
+from .schema import MLLMU_TASKS  # noqa: F401  (a public name here too)
+
 
 class DataError(ValueError):
     """A benchmark file that does not hold what its benchmark publishes: the message names the file, row and field."""
@@ -238,7 +240,6 @@ def encode_items(processor, items: list[BenchmarkItem], *, with_answer: bool, de
 # ---------------------------------------------------------------------------------------------------- MLLMU-Bench
 MLLMU_SECTIONS = {"Image_Textual_Questions": "multimodal", "Pure_Text_Questions": "text"}
 MLLMU_TYPES = {"Image_Textual": "multimodal", "Pure_Text": "text"}
-MLLMU_TASKS = ("classification", "generation", "cloze")
 _TASK_COLUMN = {"classification": "Classification_Task", "generation": "Generation_Task", "cloze": "Mask_Task"}
 
 # MANU's questions that ask for the person's name (LLAVA_unimodal_Dataset.flatten_dataset), matched exactly

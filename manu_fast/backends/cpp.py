@@ -1,7 +1,7 @@
 """The C++ CPU backend of both ops (``csrc/``, built into ``manu_fast._C``).
 
 The extension works on raw buffers (data pointers, sizes, row strides) so that it does not depend on the
-torch version; the preconditions it trusts are asserted here first (``manu_fast.schema.check_backend_args``),
+torch version; the preconditions it trusts are asserted here first (``manu_fast.backends.contract.check_backend_args``),
 so a bad argument raises a Python exception instead of touching memory out of bounds.
 Importing this module raises ImportError (with the build command) when the extension is not built;
 ``manu_fast.ops`` catches that and falls back to the PyTorch reference.
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from .activations import ACT_CODES
-from .schema import check_backend_args, linear_then_act_stats
+from ..activations import ACT_CODES
+from .contract import check_backend_args, linear_then_act_stats
 
 try:
-    from . import _C
+    from .. import _C
 except ImportError as e:  # pragma: no cover - depends on the build
     raise ImportError("manu_fast._C (the C++ CPU kernel) is not built; build it with `pip install -e .` in the "
                       "manu_fast repository (needs a C++17 compiler and pybind11)") from e

@@ -13,7 +13,7 @@ Questions come in several phrasings ("templates") per attribute and faces in sev
 ("variants"): the training loop uses all of them, profiling uses ``PROFILE_TEMPLATES``/``PROFILE_VARIANT`` and the
 reported evaluation uses ``EVAL_TEMPLATES``/``EVAL_VARIANT``, so pruning is never tuned on the reported questions.
 
-The real benchmarks (MLLMU-Bench, CLEAR) are read by ``manu_fast.benchmarks``.
+The real benchmarks (MLLMU-Bench, CLEAR) are read by ``manu_fast.datasets``.
 """
 from __future__ import annotations
 
@@ -23,12 +23,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-MODALITIES = ("multimodal", "text")
-SPLITS = ("forget", "retain")
-FORGET_PERCENTS = (5, 10, 15)
+from .schema import MODALITIES, PROFILE_MODES, SPLITS  # noqa: F401  (re-exported: the demo's names)
+
 ATTRIBUTES = ("birthplace", "occupation", "hobby", "education", "pet", "employer", "vehicle", "instrument")
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<image>", "<this-person>", "<answer>")
-PROFILE_MODES = ("answer", "question", "all")
 PROFILE_TEMPLATES = (0, 1)
 EVAL_TEMPLATES = (2, 3)
 PROFILE_VARIANT = 1
