@@ -91,6 +91,11 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
+def fallback_announced() -> None:
+    """The caller has told the user which backend runs (manu-fast's start line): no fallback warning later."""
+    _warned.update(("cpp", "triton"))
+
+
 def pick_backend(device: torch.device) -> str:
     """The dispatch rule: MANU_FAST_BACKEND if set, else Triton on CUDA, C++ on CPU, reference otherwise."""
     forced = os.environ.get("MANU_FAST_BACKEND")
@@ -99,13 +104,13 @@ def pick_backend(device: torch.device) -> str:
     if device.type == "cuda":
         if triton_available():
             return "triton"
-        _warn_once("triton", "manu_fast: Triton kernels unavailable (is triton installed, and manu_fast installed with "
-                             "`pip install -e .` so that manu_fast.kernels exists?); using the slow PyTorch reference")
+        from .install import triton_fix
+        _warn_once("triton", f"manu_fast: Triton kernels unavailable, using the slow PyTorch reference; {triton_fix()}")
     if device.type == "cpu":
         if cpp_available():
             return "cpp"
-        _warn_once("cpp", "manu_fast: C++ extension manu_fast._C not built; using the slow PyTorch reference. "
-                          "Build it with `pip install -e .` (needs a C++ compiler and pybind11).")
+        from .install import cpp_fix
+        _warn_once("cpp", f"manu_fast: C++ extension manu_fast._C not built, using the slow PyTorch reference; {cpp_fix()}")
     return "reference"
 
 
