@@ -25,7 +25,7 @@ def require(module: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        dist, line = OPTIONAL[module]
+        dist, line = OPTIONAL[module.split(".")[0]]
         raise ImportError(f"{purpose} needs the {dist} package, which is not installed: {line}") from None
 
 
