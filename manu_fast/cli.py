@@ -79,9 +79,10 @@ def model_skeleton(model):
 def _announce(what: str, device: str, dtype: str) -> None:
     """The one line a long command prints first: device, dtype and the backend that runs (with the fix when a
     compiled backend is missing, said here once instead of a warning inside a progress bar)."""
-    from .install import run_line
-    from .ops import fallback_announced
-    print(run_line(device, dtype, what), file=sys.stderr)
+    import torch
+    from .ops import describe_backend, fallback_announced
+    print(f"manu-fast {what}: device {device}, dtype {dtype}, backend: {describe_backend(torch.device(device))}",
+          file=sys.stderr)
     fallback_announced()
 
 
@@ -448,9 +449,29 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from .install import version_text
         print(version_text())
         parser.exit()
+
+
+def version_text() -> str:
+    """``manu-fast --version``: the versions that matter and, per device, which backend runs."""
+    import torch
+    from .install import source_checkout, version
+    from .ops import describe_backend
+    checkout = source_checkout()
+    lines = [f"manu-fast {version('manu_fast')}" + (f" (source checkout {checkout})" if checkout else ""),
+             f"torch {torch.__version__}, transformers {version('transformers')}, triton {version('triton')}, "
+             f"safetensors {version('safetensors')}",
+             f"cpu:  {describe_backend(torch.device('cpu'))}"]
+    if torch.cuda.is_available():
+        lines += [f"cuda:{i} ({torch.cuda.get_device_name(i)}): {describe_backend(torch.device('cuda', i))}"
+                  for i in range(torch.cuda.device_count())]
+    else:
+        built = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only torch build"
+        lines.append(f"cuda: no CUDA device ({built})")
+    interp = "on" if os.environ.get("TRITON_INTERPRET") == "1" else "off"
+    lines.append(f"Triton interpreter (TRITON_INTERPRET=1, runs the Triton kernels on CPU tensors for tests): {interp}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,10 +60,10 @@ def test_missing_extension_is_one_line_with_the_fix_for_this_install(monkeypatch
     import torch
     monkeypatch.setattr(ops, "cpp_available", lambda: False)
     monkeypatch.delenv("MANU_FAST_BACKEND", raising=False)
-    line = install.backend_line(torch.device("cpu"))
+    line = ops.describe_backend(torch.device("cpu"))
     assert line.startswith("PyTorch reference") and f"pip install -e {REPO}" in line and "\n" not in line
     monkeypatch.setattr(install, "source_checkout", lambda: None)  # installed into site-packages
-    line = install.backend_line(torch.device("cpu"))
+    line = ops.describe_backend(torch.device("cpu"))
     assert "pip install -e" not in line and "--force-reinstall" in line and "pybind11" in line
 
 
