@@ -130,7 +130,7 @@ static inline const float* site_values(const Problem& p, int site, std::int64_t 
 template <int DT, int ACT>
 static void recompute_column(const Problem& p, int site, int g, std::int64_t j, double shift, double* sums) {
     double s1 = 0, s2 = 0, sum_sq = 0, sum_abs = 0, active = 0, nonfinite = 0;
-    float pre_v, up_v, h_v;
+    float pre_v = 0.0f, up_v = 0.0f, h_v = 0.0f;  // up_v is only read when p.up is set; initialised for -Wmaybe-uninitialized
     for (std::int64_t t = 0; t < p.T; ++t) {
         if ((p.gid ? p.gid[t] : 0) != g) continue;
         float x = *site_values<DT, ACT>(p, site, t, j, 1, &pre_v, &up_v, &h_v);

@@ -7,8 +7,12 @@
     manu-fast prune MODEL_DIR masks.safetensors PRUNED_DIR
     manu-fast report stats.safetensors   (or masks.safetensors, or MODEL_DIR: its MLPs per tower, what is left out)
     manu-fast evaluate MODEL_DIR --forget F --retain R [--protocol logit|mllmu|clear] [--masks M] [--json out.json]
+    manu-fast report masks.safetensors --plot where.png   (selected neurons per layer and tower; for a stats file,
+                                                         the forget/retain score distribution per layer)
     manu-fast demo --help
 
+MODEL: a folder written by save_pretrained or a Hugging Face hub id (llava-hf/llava-1.5-7b-hf).
+`manu-fast --version`: the versions and which backend (C++, Triton, PyTorch reference) runs on each device.
 Errors (bad arguments, missing or refused files) print one line on stderr and exit with status 2.
 """
 from __future__ import annotations
@@ -26,6 +30,8 @@ from .schema import (BENCHMARKS, DEFAULT_TAU, DTYPE_NAMES, METRICS, MLLMU_TASKS,
 EXIT_USAGE = 2
 DEMO_CONFIG = "manu_fast_demo.json"  # written by manu_fast.demo next to the model it trained
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+MODEL_HELP = ("model folder (written by save_pretrained) or hub id such as llava-hf/llava-1.5-7b-hf (downloaded to, "
+              "or offline read from, the Hugging Face cache)")
 
 
 class UsageError(Exception):
@@ -44,38 +50,47 @@ def _dtype(name: str):
     return table[name]
 
 
-def _auto_class(path: Path):
-    """(config, the first HF auto class that accepts it) of the model folder ``path``."""
+def _auto_class(model):
+    """(config, the first HF auto class that accepts it) of ``model``, a folder or a hub id (manu_fast.sources)."""
     import transformers as tf
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model folder not found or has no config.json: {path}")
-    config = tf.AutoConfig.from_pretrained(path)
+    from .sources import load_config
+    config = load_config(model)
     for auto in (tf.AutoModelForImageTextToText, tf.AutoModelForCausalLM, tf.AutoModel):
         if type(config) in auto._model_mapping:
             return config, auto
-    raise ValueError(f"{path}: no transformers auto class loads model type {config.model_type!r}")
+    raise ValueError(f"{model}: no transformers auto class loads model type {config.model_type!r}")
 
 
-def load_model(path, dtype: str = "float32", device: str = "cpu"):
-    """A model saved with ``save_pretrained`` in ``path``, with the first HF auto class that accepts its config."""
-    path = Path(path)
-    _, auto = _auto_class(path)
-    model = auto.from_pretrained(path, dtype=_dtype(dtype))
-    return model.to(device).eval()
+def load_model(model, dtype: str = "float32", device: str = "cpu"):
+    """``model`` (a folder written by ``save_pretrained`` or a hub id), with the first HF auto class that accepts
+    its config."""
+    _, auto = _auto_class(model)
+    return auto.from_pretrained(str(model), dtype=_dtype(dtype)).to(device).eval()
 
 
-def model_skeleton(path):
-    """The model of folder ``path`` built from its config.json alone on the 'meta' device (no weights read)."""
+def model_skeleton(model):
+    """``model`` (folder or hub id) built from its config alone on the 'meta' device (no weights read)."""
     import torch
-    config, auto = _auto_class(Path(path))
+    config, auto = _auto_class(model)
     with torch.device("meta"):
         return auto.from_config(config)
+
+
+def _announce(what: str, device: str, dtype: str) -> None:
+    """The one line a long command prints first: device, dtype and the backend that runs (with the fix when a
+    compiled backend is missing, said here once instead of a warning inside a progress bar)."""
+    import torch
+    from .ops import describe_backend, fallback_announced
+    print(f"manu-fast {what}: device {device}, dtype {dtype}, backend: {describe_backend(torch.device(device))}",
+          file=sys.stderr)
+    fallback_announced()
 
 
 # ---------------------------------------------------------------------------------------------------- profile
 def _synthetic_data(model, model_dir: Path, args, device) -> dict:
     from . import demo
-    cfg_file = model_dir / DEMO_CONFIG
+    from .sources import local_files
+    cfg_file = local_files(model_dir) / DEMO_CONFIG
     if not cfg_file.is_file():
         raise FileNotFoundError(f"--synthetic needs a model trained by `manu-fast demo` ({cfg_file} is missing)")
     data = demo.benchmark(demo.ModelConfig(**json.loads(cfg_file.read_text())))
@@ -106,16 +121,10 @@ def _check_batch_size(batch_size: int) -> None:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
 
 
-def load_processor(path):
-    """The HF processor (tokenizer + image processor + chat template) saved next to the model in ``path``."""
-    from transformers import AutoProcessor
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model folder not found: {path}")
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: no usable processor saved with the model (save the model's processor there with "
-                         f"save_pretrained): {e}") from None
+def load_processor(model):
+    """The HF processor (tokenizer + image processor + chat template) saved with ``model`` (folder or hub id)."""
+    from .sources import load_processor as load
+    return load(model)
 
 
 def _profile_items(args) -> dict:
@@ -149,9 +158,10 @@ def cmd_profile(args) -> None:
         rank, _ = mdist.init()
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    model_dir = Path(args.model)
+    model_dir = args.model
     items = None if args.synthetic else _profile_items(args)  # data and processor before the (maybe large) model
     processor = None if args.synthetic else load_processor(model_dir)
+    _announce("profile", device, args.dtype)
     model = load_model(model_dir, args.dtype, device)
     if args.synthetic:
         data = _synthetic_data(model, model_dir, args, device)
@@ -207,12 +217,14 @@ def cmd_prune(args) -> None:
     if out.resolve() == model_dir.resolve():
         raise UsageError("prune: OUT_DIR must differ from MODEL_DIR (the original weights are kept)")
     masks = Masks.load(args.masks)  # a damaged file is refused before the model is loaded
-    model = load_model(model_dir, args.dtype, args.device)
+    _announce("prune", args.device, args.dtype)
+    model = load_model(args.model, args.dtype, args.device)
     check_fingerprint(fingerprint(model), masks.fingerprint, args.masks)
     prune_weights(model, masks)
     model.save_pretrained(out)
     # tokenizer / processor files and the demo's config travel with the weights; config.json was just written
-    for f in model_dir.iterdir():
+    from .sources import local_files
+    for f in local_files(args.model).iterdir():
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not (out / f.name).exists() \
                 and not f.name.endswith(".index.json"):
             shutil.copy2(f, out / f.name)
@@ -249,6 +261,9 @@ PROTOCOL_OPTIONS = {"few_shot": ("mllmu",), "test": ("logit", "mllmu"), "celebri
 def _evaluation_tasks(args) -> tuple:
     """The tasks to run; arguments that do not fit the protocol are refused before anything is read."""
     from .evaluate import require_rouge
+    if args.names:
+        raise UsageError("evaluate: --names is not needed: MLLMU-Bench's evaluation questions name each person "
+                         "themselves (profile reads --names for the text-only form of the profiling pairs)")
     for option, protocols in PROTOCOL_OPTIONS.items():
         if getattr(args, option) is not None and args.protocol not in protocols:
             raise UsageError(f"evaluate: --{option.replace('_', '-')} does not apply to --protocol {args.protocol}")
@@ -276,18 +291,29 @@ def _metrics_text(metrics: dict) -> str:
     return ", ".join(parts)
 
 
+def masks_applied_line(path, masks) -> str:
+    """What ``evaluate --masks`` applied: the file, how it was made and the neurons pruned per tower."""
+    d = masks.description
+    how = ", ".join(f"{k} {d[k]}" for k in ("strategy", "alpha") if d.get(k) is not None)
+    towers = ", ".join(f"{t} {p} of {n}" for t, (p, n) in masks.by_tower().items())
+    return (f"masks applied: {path} ({how + ', ' if how else ''}site {masks.site}): {masks.num_pruned()} of "
+            f"{masks.num_total()} neurons pruned ({towers})")
+
+
 def cmd_evaluate(args) -> None:
     from . import protocols
     from .masks import Masks, apply_masks
     _check_batch_size(args.batch_size)
     tasks = _evaluation_tasks(args)
     data = _evaluation_data(args, tasks)
-    model_dir = Path(args.model)
+    model_dir = args.model
     masks = Masks.load(args.masks) if args.masks else None  # a damaged file is refused before the model is loaded
     processor = load_processor(model_dir)
+    _announce("evaluate", args.device, args.dtype)
     model = load_model(model_dir, args.dtype, args.device)
     if masks is not None:
         apply_masks(model, masks)
+        print(masks_applied_line(args.masks, masks))
     run = {"batch_size": args.batch_size, "device": args.device, "dtype": _dtype(args.dtype),
            "progress": not args.no_progress}
     report = {"model": str(model_dir), "masks": args.masks, "protocol": args.protocol, "seed": args.seed}
@@ -370,10 +396,13 @@ def cmd_report(args) -> None:
     from .masks import Masks
     from .stats import FORMAT as STATS_FORMAT
     from .stats import NeuronStats
+    from .sources import is_hub_id
     path = Path(args.file)
-    if path.is_dir():
+    if path.is_dir() or is_hub_id(args.file):
+        if args.plot:
+            raise UsageError("report: --plot draws a statistics or masks file, not a model")
         from .adapters import inspect_model
-        print(format_model(inspect_model(model_skeleton(path))))
+        print(format_model(inspect_model(model_skeleton(args.file))))
         return
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
@@ -384,9 +413,17 @@ def cmd_report(args) -> None:
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise StatsFileError(f"{path}: not a readable safetensors file ({e})") from None
     if fmt == STATS_FORMAT:
-        print(format_stats(NeuronStats.load(path)))
+        stats = NeuronStats.load(path)
+        print(format_stats(stats))
+        if args.plot:
+            from .plots import plot_stats
+            print(f"wrote {plot_stats(stats, args.plot, source=path.name)}")
     elif fmt == MASKS_FORMAT:
-        print(format_masks(Masks.load(path)))
+        masks = Masks.load(path)
+        print(format_masks(masks))
+        if args.plot:
+            from .plots import plot_masks
+            print(f"wrote {plot_masks(masks, args.plot, source=path.name)}")
     else:
         raise StatsFileError(f"{path}: neither a manu_fast statistics nor a masks file (format {fmt!r})")
 
@@ -405,9 +442,44 @@ def cmd_demo(demo_args: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- parser
+class _VersionAction(argparse.Action):
+    """--version: imports torch, so it runs only when asked (not while the parser is built)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+def version_text() -> str:
+    """``manu-fast --version``: the versions that matter and, per device, which backend runs."""
+    import torch
+    from .install import source_checkout, version
+    from .ops import describe_backend
+    checkout = source_checkout()
+    lines = [f"manu-fast {version('manu_fast')}" + (f" (source checkout {checkout})" if checkout else ""),
+             f"torch {torch.__version__}, transformers {version('transformers')}, triton {version('triton')}, "
+             f"safetensors {version('safetensors')}",
+             f"cpu:  {describe_backend(torch.device('cpu'))}"]
+    if torch.cuda.is_available():
+        lines += [f"cuda:{i} ({torch.cuda.get_device_name(i)}): {describe_backend(torch.device('cuda', i))}"
+                  for i in range(torch.cuda.device_count())]
+    else:
+        built = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only torch build"
+        lines.append(f"cuda: no CUDA device ({built})")
+    interp = "on" if os.environ.get("TRITON_INTERPRET") == "1" else "off"
+    lines.append(f"Triton interpreter (TRITON_INTERPRET=1, runs the Triton kernels on CPU tensors for tests): {interp}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="manu-fast", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--version", action=_VersionAction,
+                   help="print the versions of manu-fast, torch, transformers and triton and which backend runs on "
+                        "each device, then exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     dev = argparse.ArgumentParser(add_help=False)
     dev.add_argument("--device", default="cpu", help="torch device to run the model on (default: %(default)s)")
@@ -417,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("profile", parents=[dev], help="gather per-neuron statistics of a model over forget/retain data",
                        description="Run MODEL over forget and retain data, multimodal and text-only, and write the "
                                    "per-neuron statistics of every MLP to OUT (safetensors).")
-    s.add_argument("model", help="model folder (written by save_pretrained)")
+    s.add_argument("model", help=MODEL_HELP)
     s.add_argument("out", help="statistics file to write (.safetensors)")
     s.add_argument("--synthetic", action="store_true",
                    help="profile on the embedded synthetic benchmark (MODEL must be a model trained by `manu-fast demo`)")
@@ -500,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prune", parents=[dev], help="zero the selected neurons' weights and save the pruned model",
                        description="Permanently zero the weights of the neurons pruned by MASKS in MODEL and save the "
                                    "result to OUT_DIR; it loads with stock transformers (from_pretrained).")
-    s.add_argument("model", help="model folder (written by save_pretrained)")
+    s.add_argument("model", help=MODEL_HELP)
     s.add_argument("masks", help="masks file written by `manu-fast select`")
     s.add_argument("out", help="folder to write the pruned model to (must differ from MODEL)")
     s.set_defaults(func=cmd_prune)
@@ -513,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "letter, cloze, generation ROUGE); clear = CLEAR's eval (captions and face "
                                    "recognition: ROUGE, probability, truth ratio; real_faces / real_world multiple "
                                    "choice). See manu_fast/protocols.py.")
-    s.add_argument("model", help="model folder (written by save_pretrained, with its processor)")
+    s.add_argument("model", help=MODEL_HELP + "; with its processor")
     s.add_argument("--forget", required=True, help="forget split: MLLMU-Bench forget_5/10/15, or CLEAR "
                                                    "forget01/05/10_perturbed (parquet file or folder)")
     s.add_argument("--retain", required=True, help="retain split: MLLMU-Bench retain_95/90/85, or CLEAR "
@@ -534,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int,
                    help="tokens generated per reply (default: 50 for mllmu as eval.py, 300 for clear as eval.yaml)")
     s.add_argument("--masks", help="masks file written by `manu-fast select`, applied (reversibly) before evaluating")
+    s.add_argument("--names", help=argparse.SUPPRESS)  # profile's option, refused with the reason (see _evaluation_tasks)
     s.add_argument("--batch-size", type=int, default=16, help="questions per batch (default: %(default)s)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--json", help="also write the results (with every reply) to this JSON file")
@@ -544,7 +617,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a masks file (how it was made, pruned neurons per tower), or a model folder (every "
                                    "MLP found per tower, how it is patched, and what is left out and why; built from "
                                    "config.json on the meta device, no weights read).")
-    s.add_argument("file", help="a .safetensors statistics or masks file, or a model folder")
+    s.add_argument("file", help="a .safetensors statistics or masks file, or a model (folder or hub id)")
+    s.add_argument("--plot", help="also draw the file to this .png/.pdf/.svg: a masks file's pruned neurons per layer "
+                                  "and tower, a statistics file's forget/retain activation ratio of the neurons per "
+                                  "layer (needs matplotlib: the eval extra)")
     s.set_defaults(func=cmd_report)
 
     # listed for --help only: main() hands `demo ...` to the demo's own parser (imported lazily)

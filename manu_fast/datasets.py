@@ -45,6 +45,7 @@ import re
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 
+from .install import require
 from .schema import MLLMU_TASKS  # noqa: F401  (a public name here too)
 
 
@@ -84,7 +85,7 @@ class Row:
 
 def read_rows(path) -> list[Row]:
     """Every row of a parquet file (or folder of them), nested structs and lists as Python dicts and lists."""
-    import pyarrow.parquet as pq
+    pq = require("pyarrow.parquet", "reading MLLMU-Bench / CLEAR parquet files")
 
     rows = []
     for file in parquet_files(path):
@@ -148,7 +149,8 @@ class ImageRef:
     where: str = ""
 
     def load(self):
-        from PIL import Image, UnidentifiedImageError
+        Image = require("PIL.Image", "decoding the benchmarks' images")
+        UnidentifiedImageError = Image.UnidentifiedImageError
 
         value = self.source
         if isinstance(value, dict):
@@ -361,6 +363,16 @@ def _open_questions(row: Row, column: str) -> list[OpenQuestion]:
     return out
 
 
+CLEAR_COLUMNS = ("caption", "perturbed_names", "paraphrased_caption")  # in CLEAR's files, in no MLLMU-Bench file
+
+
+def _refuse_clear(row: Row, option: str) -> None:
+    """A DataError suggesting ``option`` when an MLLMU-Bench reader is given a file with CLEAR's columns."""
+    if not row.has("ID") and any(row.has(c) for c in CLEAR_COLUMNS):
+        raise DataError(f"{row.where}: the columns {sorted(row.values)} are CLEAR's, not MLLMU-Bench's: "
+                        f"pass {option}")
+
+
 def load_mllmu_split(path, tasks=MLLMU_TASKS) -> list[MllmuPerson]:
     """The people of an MLLMU-Bench split (any config but ``ft_Data``), in file order, with the questions of
     ``tasks`` (any of ``MLLMU_TASKS``: classification = ``Classification_Task``, generation =
@@ -369,7 +381,9 @@ def load_mllmu_split(path, tasks=MLLMU_TASKS) -> list[MllmuPerson]:
     if unknown:
         raise ValueError(f"unknown MLLMU-Bench tasks {sorted(unknown)}: choose from {MLLMU_TASKS}")
     people, seen = [], {}
-    for row in read_rows(path):
+    rows = read_rows(path)
+    _refuse_clear(rows[0], "--protocol clear")
+    for row in rows:
         pid = person_id(row)
         if pid in seen:
             raise DataError(f"{row.where}: ID {pid!r} already used by {seen[pid]}")
@@ -434,6 +448,7 @@ def load_mllmu_profiles(path, names: dict | None = None, qa=None) -> list[Benchm
     pairs then come from ``qa`` (``ID, metadata``, e.g. ``ft_Data``) and their images from ``path``.
     ``names``: {ID: name}, which takes precedence over the names in the data (see the module docstring)."""
     rows = read_rows(path)
+    _refuse_clear(rows[0], "--benchmark clear")
     if qa is None and not rows[0].has("metadata"):
         raise DataError(f"{rows[0].where}: no column 'metadata' (the file has {sorted(rows[0].values)}): profile "
                         f"a MANU-style file (image, ID, metadata), or pass the question-answer file, e.g. ft_Data, "

@@ -54,12 +54,8 @@ def cloze_hit(reply: str, truth: str) -> bool:
 
 def require_rouge():
     """The rouge-score package's scorer module, or an ImportError saying how to install it."""
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError:
-        raise ImportError("ROUGE needs the rouge-score package: pip install rouge-score "
-                          "(or manu_fast's 'eval' extra)") from None
-    return rouge_scorer
+    from .install import require
+    return require("rouge_score.rouge_scorer", "ROUGE")
 
 
 def rouge(predictions, references, measure: str = "fmeasure") -> dict:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from .activations import check_activation
 from .backends.contract import FLOAT_DTYPES, check_launch_args, check_linear
 from .backends.reference import act_stats_reference, gated_linear_act_stats_reference, hidden
+from .install import cpp_fix, triton_fix
 from .schema import DEFAULT_TAU
 
 BACKENDS = ("reference", "cpp", "triton")
@@ -91,6 +92,11 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
+def fallback_announced() -> None:
+    """The caller has told the user which backend runs (manu-fast's start line): no fallback warning later."""
+    _warned.update(("cpp", "triton"))
+
+
 def pick_backend(device: torch.device) -> str:
     """The dispatch rule: MANU_FAST_BACKEND if set, else Triton on CUDA, C++ on CPU, reference otherwise."""
     forced = os.environ.get("MANU_FAST_BACKEND")
@@ -99,14 +105,31 @@ def pick_backend(device: torch.device) -> str:
     if device.type == "cuda":
         if triton_available():
             return "triton"
-        _warn_once("triton", "manu_fast: Triton kernels unavailable (is triton installed, and manu_fast installed with "
-                             "`pip install -e .` so that manu_fast.kernels exists?); using the slow PyTorch reference")
+        _warn_once("triton", f"manu_fast: Triton kernels unavailable, using the slow PyTorch reference; {triton_fix()}")
     if device.type == "cpu":
         if cpp_available():
             return "cpp"
-        _warn_once("cpp", "manu_fast: C++ extension manu_fast._C not built; using the slow PyTorch reference. "
-                          "Build it with `pip install -e .` (needs a C++ compiler and pybind11).")
+        _warn_once("cpp", f"manu_fast: C++ extension manu_fast._C not built, using the slow PyTorch reference; {cpp_fix()}")
     return "reference"
+
+
+BACKEND_TEXT = {"cpp": "C++ kernel (manu_fast._C)", "triton": "Triton kernels", "reference": "PyTorch reference (slow)"}
+
+
+def describe_backend(device: torch.device) -> str:
+    """One line: what ``pick_backend`` runs on ``device`` and, when a compiled backend is missing, how to get it."""
+    forced = os.environ.get("MANU_FAST_BACKEND")
+    if forced:
+        return f"{BACKEND_TEXT.get(forced, forced)} (forced by MANU_FAST_BACKEND={forced})"
+    if device.type == "cpu":
+        return BACKEND_TEXT["cpp"] if cpp_available() else \
+            f"{BACKEND_TEXT['reference']}: manu_fast._C is not built; {cpp_fix()}"
+    if device.type == "cuda":
+        if triton_available():
+            interp = " in the CPU interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
+            return BACKEND_TEXT["triton"] + interp
+        return f"{BACKEND_TEXT['reference']}: the Triton kernels are unavailable; {triton_fix()}"
+    return f"{BACKEND_TEXT['reference']} (no compiled backend for {device.type})"
 
 
 # ---- the custom ops (what torch.compile / torch.export see) ----

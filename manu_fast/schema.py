@@ -71,19 +71,47 @@ def site_length(layer_info: dict, site: str) -> int:
     return int(layer_info["hidden"] if site == "out" else layer_info["neurons"])
 
 
+def _names(names: list, limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _towers(layers: dict) -> str:
+    counts: dict = {}
+    for info in layers.values():
+        counts[info.get("tower", "?")] = counts.get(info.get("tower", "?"), 0) + 1
+    return ", ".join(f"{n} {t}" for t, n in counts.items()) + " MLPs" if counts else "no MLPs"
+
+
+def _shape(info: dict) -> str:
+    return ", ".join(f"{k} {info[k]}" for k in ("kind", "tower", "neurons", "hidden") if k in info)
+
+
+FINGERPRINT_FIX = "make it again from this model (manu-fast profile, then select)"
+
+
 def check_fingerprint(expected: dict, found: dict, path=None) -> None:
-    """Raise StatsFileError naming the first difference between two model fingerprints."""
+    """Raise StatsFileError naming both sides of the differences between two model fingerprints (``expected``: the
+    model's, ``found``: the file's) and the fix."""
     where = f"{path}: " if path else ""
     if expected == found:
         return
-    if expected.get("model_type") != found.get("model_type"):
-        raise StatsFileError(f"{where}made for model type {found.get('model_type')!r}, this model is {expected.get('model_type')!r}")
+    et, ft = expected.get("model_type"), found.get("model_type")
     el, fl = expected.get("layers", {}), found.get("layers", {})
-    missing = sorted(set(el) - set(fl))
-    extra = sorted(set(fl) - set(el))
-    if missing or extra:
-        raise StatsFileError(f"{where}made for another model: layers missing {missing[:3]}, unknown {extra[:3]}")
-    for name in el:
-        if el[name] != fl[name]:
-            raise StatsFileError(f"{where}layer {name!r} differs: file has {fl[name]}, model has {el[name]}")
-    raise StatsFileError(f"{where}model fingerprint differs")
+    if et != ft:
+        raise StatsFileError(f"{where}made for a {ft!r} model ({_towers(fl)}), this model is a {et!r} "
+                             f"({_towers(el)}): {FINGERPRINT_FIX}")
+    only_file, only_model = sorted(set(fl) - set(el)), sorted(set(el) - set(fl))
+    if only_file or only_model:
+        sides = [f"only in the file: {_names(only_file)}" if only_file else "",
+                 f"only in the model: {_names(only_model)}" if only_model else ""]
+        raise StatsFileError(f"{where}made for another {et!r} model: the file has {_towers(fl)}, this model "
+                             f"{_towers(el)}; {'; '.join(x for x in sides if x)}: {FINGERPRINT_FIX}")
+    differ = [n for n in el if el[n] != fl[n]]
+    if differ:
+        name = differ[0]
+        more = f" (and {len(differ) - 1} more layers)" if len(differ) > 1 else ""
+        raise StatsFileError(f"{where}made for another {et!r} model: layer {name!r} has {_shape(fl[name])} in the file, "
+                             f"{_shape(el[name])} in this model{more}: {FINGERPRINT_FIX}")
+    raise StatsFileError(f"{where}made for another model: the fingerprints differ outside the layers "
+                         f"(file {sorted(found)}, model {sorted(expected)}): {FINGERPRINT_FIX}")

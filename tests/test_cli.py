@@ -116,7 +116,7 @@ def test_one_line_errors(model_dir, tmp_path, capsys):
                   {"model_type": "llama", "layers": {"model.layers.0.mlp": {"kind": "gated", "tower": "language",
                                                                            "neurons": 4, "hidden": 2}}})
     other.save(tmp_path / "other.safetensors")
-    one_line_error(capsys, "prune", model_dir, tmp_path / "other.safetensors", tmp_path / "out", match="model type 'llama'")
+    one_line_error(capsys, "prune", model_dir, tmp_path / "other.safetensors", tmp_path / "out", match="made for a 'llama' model")
     one_line_error(capsys, "demo", "--alphas", "x", match="invalid float value")
 
 

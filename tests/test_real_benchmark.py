@@ -263,8 +263,8 @@ def test_missing_rouge_is_one_line_error_before_the_model_loads(bench, tmp_path,
                   bench["mllmu"]["retain_95"], "--few-shot", bench["mllmu"]["Full_Set"]]):
         capsys.readouterr()
         assert main(["evaluate", str(tmp_path / "no_model"), *map(str, argv)]) == 2
-        assert capsys.readouterr().err.strip() == ("manu-fast: error: ROUGE needs the rouge-score package: pip install "
-                                                   "rouge-score (or manu_fast's 'eval' extra)")
+        assert capsys.readouterr().err.strip() == ("manu-fast: error: ROUGE needs the rouge-score package, which is "
+                                                   'not installed: pip install "manu-fast[eval]"')
     # the tasks without ROUGE still run
     out = cli(capsys, "evaluate", bench["rigged"], "--protocol", "mllmu", "--tasks", "classification", "cloze",
               "--forget", bench["mllmu"]["forget_5"], "--retain", bench["mllmu"]["retain_95"], "--few-shot",

@@ -16,8 +16,8 @@ from .contract import check_backend_args, linear_then_act_stats
 try:
     from .. import _C
 except ImportError as e:  # pragma: no cover - depends on the build
-    raise ImportError("manu_fast._C (the C++ CPU kernel) is not built; build it with `pip install -e .` in the "
-                      "manu_fast repository (needs a C++17 compiler and pybind11)") from e
+    from ..install import cpp_fix
+    raise ImportError(f"manu_fast._C (the C++ CPU kernel) is not built; {cpp_fix()}") from e
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 

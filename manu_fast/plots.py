@@ -1,0 +1,140 @@
+"""Pictures of where the neurons are (``manu-fast report FILE --plot OUT.png``), drawn with matplotlib (the
+``eval`` extra):
+
+- a masks file: the share of each layer's neurons that the masks prune, one panel per tower (vision, projector,
+  language model), layers in model order, the count written over each bar;
+- a statistics file: per layer, the distribution over its neurons of the forget/retain ratio of the RMS activation
+  (log10; 0 = the neuron is as active on forget as on retain data), multimodal and text-only data side by side
+  (the box: quartiles, whiskers: 5th-95th percentile, dot: the most forget-specific neuron). The neurons far above
+  0 are the ones every strategy of docs/SELECTION.md ranks first.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .install import require
+from .schema import TOWERS
+
+MODALITY_COLOURS = {"multimodal": "tab:blue", "text": "tab:orange"}
+TOWER_COLOURS = {"vision": "tab:green", "projector": "tab:purple", "language": "tab:red"}
+
+
+def layer_label(name: str) -> str:
+    """A short axis label for a layer: its last index (``...layers.12.mlp`` -> ``12``), else its last name part."""
+    numbers = re.findall(r"\.(\d+)(?:\.|$)", name)
+    if numbers:
+        return numbers[-1]
+    parts = [p for p in name.split(".") if p not in ("mlp", "model")]
+    return parts[-1] if parts else name
+
+
+def _pyplot():
+    matplotlib = require("matplotlib", "--plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _by_tower(names, tower_of) -> dict[str, list[str]]:
+    from .select import natural_key
+    out = {}
+    for name in sorted(names, key=natural_key):
+        out.setdefault(tower_of(name), []).append(name)
+    order = list(TOWERS) + sorted(set(out) - set(TOWERS))
+    return {t: out[t] for t in order if t in out}
+
+
+def _panels(plt, towers: dict[str, list[str]], title: str):
+    widths = [max(len(v), 2) for v in towers.values()]
+    fig, axes = plt.subplots(1, len(towers), figsize=(min(2.5 + 0.32 * sum(widths) + 1.2 * len(towers), 22), 4.2),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    fig.suptitle(title, fontsize=10)
+    return fig, axes[0]
+
+
+def _save(fig, path, bottom: float = 0.0) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise ValueError(f"--plot {path}: give a .png, .pdf or .svg file")
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.savefig(path, dpi=130)
+    return path
+
+
+def plot_masks(masks, path, source: str = "masks") -> Path:
+    """The pruned share of every layer, per tower (see the module docstring); returns ``path``."""
+    plt = _pyplot()
+    towers = _by_tower(masks.keep, masks.tower)
+    d = masks.description
+    how = ", ".join(f"{k} {d[k]}" for k in ("strategy", "alpha") if d.get(k) is not None)
+    title = (f"{source}: {masks.num_pruned()} of {masks.num_total()} {masks.site} neurons pruned "
+             f"({100 * masks.fraction():.2f} %){'; ' + how if how else ''}")
+    fig, axes = _panels(plt, towers, title)
+    for ax, (tower, layers) in zip(axes, towers.items()):
+        pruned = [int((~masks.keep[n]).sum()) for n in layers]
+        share = [100 * p / masks.keep[n].numel() for p, n in zip(pruned, layers)]
+        x = range(len(layers))
+        ax.bar(x, share, color=TOWER_COLOURS.get(tower, "tab:gray"), width=0.8)
+        top = max(share + [1e-9])
+        for i, (p, s) in enumerate(zip(pruned, share)):
+            if len(layers) <= 40:
+                ax.text(i, s + 0.02 * top, str(p), ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, top * 1.15 + 1e-9)
+        ax.set_xticks(list(x), [layer_label(n) for n in layers], fontsize=7, rotation=90 if len(layers) > 24 else 0)
+        p, n = masks.by_tower().get(tower, (sum(pruned), 0))
+        ax.set_title(f"{tower}: {p} of {n} pruned", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("% of the layer's neurons pruned\n(number pruned above each bar)")
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_stats(stats, path, source: str = "statistics", site: str = "hidden") -> Path:
+    """Per layer, the distribution of the neurons' forget/retain RMS ratio in each modality (module docstring)."""
+    import torch
+    from .select import scores
+    plt = _pyplot()
+    ratio = {m: scores(stats, "selective-pruning", site=site, metric="rms", modality=m)
+             for m in MODALITY_COLOURS if stats.group_ids(None, m)}
+    names = dict.fromkeys(n for r in ratio.values() for n in r)
+    towers = _by_tower(names, lambda n: stats.fingerprint["layers"][n].get("tower", "unknown"))
+    title = (f"{source}: forget/retain RMS activation of each neuron, per layer (site {site})\n"
+             "boxes: quartiles, whiskers: 5-95 %, dot: the most forget-specific neuron")
+    fig, axes = _panels(plt, towers, title)
+    for ax, (tower, layers) in zip(axes, towers.items()):
+        present = {m: r for m, r in ratio.items() if any(n in r for n in layers)}
+        step = 0.8 / max(len(present), 1)
+        for k, (modality, by_layer) in enumerate(present.items()):
+            rows = [(i, torch.log10(by_layer[n].clamp_min(1e-12)).float()) for i, n in enumerate(layers) if n in by_layer]
+            if not rows:
+                continue
+            pos = [i - 0.4 + step * (k + 0.5) for i, _ in rows]
+            q = [torch.quantile(v, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist() for _, v in rows]
+            colour = MODALITY_COLOURS[modality]
+            ax.bxp([{"whislo": a, "q1": b, "med": c, "q3": d, "whishi": e, "fliers": []} for a, b, c, d, e in q],
+                   positions=pos, widths=step * 0.8, showfliers=False, patch_artist=True,
+                   boxprops={"facecolor": colour, "alpha": 0.55, "edgecolor": colour},
+                   medianprops={"color": "black"}, whiskerprops={"color": colour}, capprops={"color": colour})
+            ax.plot(pos, [float(v.max()) for _, v in rows], "o", color=colour, markersize=3,
+                    label=f"{modality} data")
+        ax.axhline(0.0, color="gray", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(layers)), [layer_label(n) for n in layers], fontsize=7,
+                      rotation=90 if len(layers) > 24 else 0)
+        ax.set_xlim(-0.6, len(layers) - 0.4)
+        ax.set_title(tower, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("log10 forget RMS / retain RMS\n(0: as active on both; above: forget-specific)")
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels), frameon=False)
+    out = _save(fig, path, bottom=0.06)
+    plt.close(fig)
+    return out
