@@ -11,6 +11,7 @@ No pickle crosses the process group: layouts are compared by hash and failures s
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import torch
 
 from .stats import NeuronStats, merge_partials
 
+DEFAULT_TIMEOUT_S = 30 * 60  # a collective waiting longer than this for a rank fails on every rank
 GATHER_BUDGET_BYTES = 256 * 2**20  # per-rank bytes of statistics gathered at once (world x this in flight)
 
 
@@ -31,10 +33,13 @@ def _dist():
     return dist
 
 
-def init(backend: str | None = None) -> tuple[int, int]:
+def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment if needed; return (rank, world size).
 
-    Backend: ``nccl`` when CUDA is available (each process on cuda:LOCAL_RANK), else ``gloo``."""
+    Backend: ``nccl`` when CUDA is available (each process on cuda:LOCAL_RANK), else ``gloo``. ``timeout_s``: how long
+    a collective waits for a stalled or dead rank before every rank fails with an error (instead of hanging)."""
+    if not 0 < timeout_s < float("inf"):
+        raise ValueError(f"the distributed timeout must be a positive number of seconds, got {timeout_s}")
     dist = _dist()
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -43,7 +48,7 @@ def init(backend: str | None = None) -> tuple[int, int]:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -114,24 +119,29 @@ def sum_counts(counts: dict[str, int], group=None) -> dict[str, int]:
     return {k: totals[k] for k in counts}
 
 
-def _layout_digest(stats: NeuronStats) -> torch.Tensor:
+def _digest(value) -> list[int]:
+    return list(hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest())
+
+
+def check_same_layout(stats: NeuronStats, group=None, run: dict | None = None) -> None:
+    """Collective: raise ValueError on every rank unless all ranks hold statistics of the same layout
+    (model fingerprint, groups, tau, layers, sites) and, given ``run`` (``manu_fast.profiler.run_identity``), the
+    same weights and dtype; compared by SHA-256 digests."""
+    dist = _dist()
     layout = {"groups": stats.groups, "tau": repr(float(stats.tau)), "fingerprint": stats.fingerprint,
               "blocks": [[k, list(b.shape)] for k, b in stats.blocks.items()]}
-    digest = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).digest()
-    return torch.tensor(list(digest), dtype=torch.uint8)
-
-
-def check_same_layout(stats: NeuronStats, group=None) -> None:
-    """Collective: raise ValueError on every rank unless all ranks hold statistics of the same layout
-    (model fingerprint, groups, tau, layers, sites), compared by a SHA-256 digest."""
-    dist = _dist()
-    digest = _layout_digest(stats).to(comm_device(group))
+    digest = torch.tensor(_digest(layout) + _digest(run), dtype=torch.uint8, device=comm_device(group))
     digests = [torch.empty_like(digest) for _ in range(dist.get_world_size(group))]
     dist.all_gather(digests, digest, group=group)
-    differ = [r for r, d in enumerate(digests) if not torch.equal(d, digest)]
+    rank = dist.get_rank(group)
+    differ = [r for r, d in enumerate(digests) if not torch.equal(d[:32], digest[:32])]
     if differ:
-        raise ValueError(f"rank {dist.get_rank(group)}: ranks {differ} profiled other groups, tau, layers or sites "
+        raise ValueError(f"rank {rank}: ranks {differ} profiled other groups, tau, layers or sites "
                          "than this one; every rank must call profile with the same model, data keys, sites, towers and tau")
+    differ = [r for r, d in enumerate(digests) if not torch.equal(d[32:], digest[32:])]
+    if differ:
+        raise ValueError(f"rank {rank}: ranks {differ} profiled a model with other weights or another dtype than "
+                         "this one (weights digest differs); every rank must load the same model files and --dtype")
 
 
 def _chunks(keys: list[str], sizes: list[int], budget: int) -> list[list[str]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import fingerprint, get_patch, patch_model
-from .io import load_tensors, save_tensors
+from .io import check_fingerprint_fields, load_tensors, parse_json, save_tensors
 from .schema import SITES, StatsFileError, check_fingerprint, site_length  # noqa: F401
 
 FORMAT = "manu_fast.masks/1"
@@ -108,12 +108,13 @@ class Masks:
     def load(cls, path, expect_fingerprint: dict | None = None) -> "Masks":
         """Read a masks file; refuse (StatsFileError) a damaged file or one made for another model."""
         tensors, meta = load_tensors(path, FORMAT, "masks")
-        try:
-            fp = json.loads(meta["fingerprint"])
-            description = json.loads(meta.get("description", "{}"))
-            site = meta["site"]
-        except (KeyError, ValueError) as e:
-            raise StatsFileError(f"{path}: masks file metadata is damaged ({e})") from None
+        fp = check_fingerprint_fields(parse_json(meta.get("fingerprint"), path, "fingerprint"), path)
+        description = parse_json(meta.get("description", "{}"), path, "description")
+        if not isinstance(description, dict):
+            raise StatsFileError(f"{path}: metadata field 'description' must be an object")
+        site = meta.get("site")
+        if site not in SITES:
+            raise StatsFileError(f"{path}: metadata field 'site' must be one of {SITES}, got {str(site)[:40]}")
         if expect_fingerprint is not None:
             check_fingerprint(expect_fingerprint, fp, path)
         try:
