@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .activations import activation_name
-from .layers import FusedGatedMLP, FusedMLP, FusedPlainMLP, MLPPart
+from .layers import FusedGatedMLP, FusedMLP, FusedPlainMLP, MLPPart, compact_identity
 from .schema import MOE_POLICIES, TOKEN_KINDS, TOWERS  # noqa: F401  (TOWERS, TOKEN_KINDS: public names here too)
 
 
@@ -449,8 +449,8 @@ def fingerprint(model: nn.Module) -> dict:
     """What a statistics/mask file must match: model type and every MLP's name, kind, tower and sizes."""
     patch = get_patch(model)
     if patch is not None:
-        layers = {n: {"kind": l.kind, "tower": patch.towers[n], "neurons": l.num_neurons, "hidden": l.hidden_size}
-                  for n, l in patch.layers.items()}
+        layers = {n: {"kind": l.kind, "tower": patch.towers[n], "neurons": l.num_neurons, "hidden": l.hidden_size,
+                      **compact_identity(l)} for n, l in patch.layers.items()}
     else:
         layers = {i.name: {"kind": i.kind, "tower": i.tower, "neurons": i.neurons, "hidden": i.hidden}
                   for i in find_mlps(model)}

@@ -26,6 +26,10 @@ DEFAULT_TIMEOUT_S = 30 * 60  # a collective waiting longer than this for a rank 
 GATHER_BUDGET_BYTES = 256 * 2**20  # per-rank bytes of statistics gathered at once (world x this in flight)
 
 
+class DistributedError(RuntimeError):
+    """A distributed run that cannot go on: not launched by torchrun, or another rank failed."""
+
+
 def _dist():
     import torch.distributed as dist
     if not dist.is_available():
@@ -43,7 +47,7 @@ def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tu
     dist = _dist()
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise RuntimeError("distributed profiling needs torch.distributed: launch with torchrun (it sets RANK, "
+            raise DistributedError("distributed profiling needs torch.distributed: launch with torchrun (it sets RANK, "
                                "WORLD_SIZE, MASTER_ADDR...) or call torch.distributed.init_process_group first")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
@@ -103,7 +107,7 @@ def raise_if_any_rank_failed(error: BaseException | None, group=None) -> None:
         raise error
     failed = [r for r, f in enumerate(flags) if int(f.item())]
     if failed:
-        raise RuntimeError(f"profiling failed on rank(s) {failed}; see their error output")
+        raise DistributedError(f"profiling failed on rank(s) {failed}; see their error output")
 
 
 def sum_counts(counts: dict[str, int], group=None) -> dict[str, int]:

@@ -191,6 +191,40 @@ def prune_weights(model, masks: Masks) -> None:
             patch.unpatch()
 
 
+def translate_masks(masks: Masks, model) -> Masks:
+    """Hidden-site ``masks`` moved across compaction with the map ``compact_model`` keeps on the compact layers of
+    ``model`` (a compacted model): masks of the full model into the compact numbering, or masks made on the compacted
+    model back into the original numbering (for the full model, after ``Patch.unpatch()``; the neurons compaction
+    dropped stay pruned there). Masks that fit neither side are refused (StatsFileError)."""
+    if masks.site != "hidden":
+        raise ValueError(f"only hidden-site masks can be translated across compaction, these are of site {masks.site!r}")
+    patch = get_patch(model)
+    compact = {n: l for n, l in (patch.layers.items() if patch is not None else ()) if l.origin is not None}
+    if not compact:
+        raise ValueError("the model has no compacted layers: there is nothing to translate masks across")
+    here = fingerprint(model)
+    full = {**here, "layers": {n: {**{k: v for k, v in i.items() if k != "compacted"}, "neurons": compact[n].origin_neurons}
+                               if n in compact else i for n, i in here["layers"].items()}}
+    to_compact = masks.fingerprint == full
+    if not to_compact:
+        check_fingerprint(here, masks.fingerprint, "masks (neither of the full model nor of this compacted one)")
+    keep = {}
+    for name, k in masks.keep.items():
+        if name not in compact:
+            keep[name] = k
+            continue
+        origin = compact[name].origin
+        used = origin >= 0
+        if to_compact:  # each compact neuron takes its original neuron's flag; padding neurons (zero) stay kept
+            new = torch.ones(origin.numel(), dtype=torch.bool)
+            new[used] = k[origin[used]]
+        else:  # each original neuron takes its compact copy's flag; dropped neurons stay pruned
+            new = torch.zeros(compact[name].origin_neurons, dtype=torch.bool)
+            new[origin[used]] = k[used]
+        keep[name] = new
+    return Masks(keep, here if to_compact else full, masks.site, {"translated": masks.description})
+
+
 def compact_model(model) -> int:
     """Drop the masked neurons of every fused layer from its weights (docs/OPS.md, section 5, "compact"), so that
     the MLPs do less work at inference; returns how many masked neurons were dropped.
@@ -199,7 +233,8 @@ def compact_model(model) -> int:
     with zero neurons (``manu_fast.layers.compact_width``), which keeps the GEMMs at GEMM-friendly widths. MLP parts
     (hooks inside a larger module, ``manu_fast.layers.MLPPart``) are not compacted (a warning names them); their
     masks stay applied. ``Patch.unpatch()`` still restores the full original model. Statistics and masks of the full
-    model no longer fit the compacted one (its fingerprint changes), so compact last, for serving.
+    model no longer fit the compacted one: its fingerprint always changes (``manu_fast.layers.compact_identity``), even
+    when the rounded width equals the original, and ``translate_masks`` converts masks between the two numberings.
     """
     patch = get_patch(model)
     if patch is None:

@@ -85,5 +85,14 @@ def check_fingerprint(expected: dict, found: dict, path=None) -> None:
         raise StatsFileError(f"{where}made for another model: layers missing {missing[:3]}, unknown {extra[:3]}")
     for name in el:
         if el[name] != fl[name]:
+            if "compacted" in el[name] or "compacted" in fl[name]:
+                side = "the full model" if "compacted" not in fl[name] else "another compaction of this model"
+                if "compacted" not in el[name]:
+                    side, this = "a compacted model", "this model is not compacted"
+                else:
+                    this = "this model is compacted"
+                raise StatsFileError(f"{where}layer {name!r}: made for {side}, {this} (compaction renumbers the "
+                                     "neurons): convert masks with manu_fast.masks.translate_masks, or profile and "
+                                     "select on the model you apply them to")
             raise StatsFileError(f"{where}layer {name!r} differs: file has {fl[name]}, model has {el[name]}")
     raise StatsFileError(f"{where}model fingerprint differs")
