@@ -436,3 +436,24 @@ def test_nested_and_concurrent_profilers_are_refused(llama):
 def test_bad_data_is_refused_at_the_door(llama, data, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         profile(llama, data, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mllmu(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mllmu")
+    return bf.write_mllmu(root)
+
+
+def test_overlapping_forget_and_retain_people_are_refused_unless_allowed(files, mllmu, capsys):
+    same = ["profile", files / "M", files / "o.safetensors", "--forget", mllmu["manu_forget"], "--retain",
+            mllmu["manu_forget"], "--names", mllmu["names"]]
+    rc, err = _cli(capsys, *same)
+    assert rc == 2 and "people are in both --forget and --retain (IDs" in err and err.count("\n") == 1, err
+    rc, err = _cli(capsys, *same, "--allow-overlap")  # goes on, to the (fake) model folder's processor
+    assert rc == 2 and "people are in both" not in err and "no usable processor" in err, err
+
+
+def test_test_set_as_profiling_data_is_warned_about(files, mllmu, capsys):
+    rc, err = _cli(capsys, "profile", files / "M", files / "o.safetensors", "--forget", mllmu["Test_Set"],
+                   "--retain", mllmu["retain_95"], "--qa", mllmu["ft_Data"], "--names", mllmu["names"])
+    assert "warning: --forget" in err and "looks like MLLMU-Bench's Test_Set" in err, err
