@@ -320,11 +320,11 @@ def cmd_evaluate(args) -> None:
     from . import protocols
     from .masks import Masks, apply_masks
     _check_batch_size(args.batch_size)
+    tasks = _evaluation_tasks(args)
     check_outputs("evaluate", {"--json": args.json},
                   {"MODEL_DIR": args.model, **_inputs(args, "forget", "retain", "few_shot", "test", "celebrity",
                                                       "real_faces", "real_world", "masks")}, folders=("MODEL_DIR",))
     check_device(args.device)
-    tasks = _evaluation_tasks(args)
     data = _evaluation_data(args, tasks)
     model_dir = Path(args.model)
     masks = Masks.load(args.masks) if args.masks else None  # a damaged file is refused before the model is loaded

@@ -11,6 +11,7 @@ No pickle crosses the process group: layouts are compared by hash and failures s
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -28,6 +29,18 @@ GATHER_BUDGET_BYTES = 256 * 2**20  # per-rank bytes of statistics gathered at on
 
 class DistributedError(RuntimeError):
     """A distributed run that cannot go on: not launched by torchrun, or another rank failed."""
+
+
+@contextlib.contextmanager
+def _collective(what: str):
+    """A collective whose failure (a rank that stalled past the timeout, or died) is a DistributedError saying so."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, DistributedError):
+            raise
+        raise DistributedError(f"{what} failed on this rank: another rank stalled past the timeout (init(timeout_s=...), "
+                               f"--dist-timeout) or died ({' '.join(str(e).split())[:300]})") from e
 
 
 def _dist():
@@ -102,7 +115,8 @@ def raise_if_any_rank_failed(error: BaseException | None, group=None) -> None:
     dist = _dist()
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=comm_device(group))
     flags = [torch.empty_like(flag) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(flags, flag, group=group)
+    with _collective("the exchange of failure flags"):
+        dist.all_gather(flags, flag, group=group)
     if error is not None:
         raise error
     failed = [r for r, f in enumerate(flags) if int(f.item())]
@@ -118,7 +132,8 @@ def sum_counts(counts: dict[str, int], group=None) -> dict[str, int]:
     dist = _dist()
     keys = sorted(counts)
     t = torch.tensor([counts[k] for k in keys], dtype=torch.int64, device=comm_device(group))
-    dist.all_reduce(t, group=group)
+    with _collective("summing the batch counts"):
+        dist.all_reduce(t, group=group)
     totals = dict(zip(keys, t.tolist()))
     return {k: totals[k] for k in counts}
 
@@ -136,7 +151,8 @@ def check_same_layout(stats: NeuronStats, group=None, run: dict | None = None) -
               "blocks": [[k, list(b.shape)] for k, b in stats.blocks.items()]}
     digest = torch.tensor(_digest(layout) + _digest(run), dtype=torch.uint8, device=comm_device(group))
     digests = [torch.empty_like(digest) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(digests, digest, group=group)
+    with _collective("the layout check"):
+        dist.all_gather(digests, digest, group=group)
     rank = dist.get_rank(group)
     differ = [r for r, d in enumerate(digests) if not torch.equal(d[:32], digest[:32])]
     if differ:
@@ -175,7 +191,8 @@ def all_reduce_stats(stats: NeuronStats, group=None, budget_bytes: int | None = 
     for chunk in _chunks(keys, sizes, GATHER_BUDGET_BYTES if budget_bytes is None else budget_bytes):
         local = torch.cat([stats.blocks[k].to(dev) for k in chunk], dim=2).contiguous()
         parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local, group=group)
+        with _collective("the statistics merge"):
+            dist.all_gather(parts, local, group=group)
         merged = merge_partials(torch.stack(parts))
         widths = [stats.blocks[k].shape[2] for k in chunk]
         for key, part in zip(chunk, merged.split(widths, dim=2)):

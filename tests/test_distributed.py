@@ -141,7 +141,8 @@ def test_a_stalled_rank_is_an_error_after_the_timeout_not_a_hang(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError("the run hung")
     message = (tmp_path / "stall0.txt").read_text()
-    assert message != "no error" and float(message.split(" after ")[1].split()[0]) < 3 * STALL_TIMEOUT_S, message
+    assert message.startswith("DistributedError after ") and "another rank stalled past the timeout" in message, message
+    assert float(message.split(" after ")[1].split()[0]) < 3 * STALL_TIMEOUT_S, message
 
 
 def _llama_and_data():
