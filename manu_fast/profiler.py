@@ -29,10 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import default_token_kinds, fingerprint, patch_model, token_ids, video_span_ids
-from .layers import MLPPart
-from .ops import act_stats
 from .digests import BatchDigests, weights_digest
 from .io import parse_json
+from .layers import MLPPart
+from .ops import act_stats
 from .schema import NONFINITE_POLICIES, SITES, TOKEN_KINDS
 from .stats import DEFAULT_TAU, FIELD_INDEX, NeuronStats, StatsFileError, empty_stats, group_label
 
