@@ -589,7 +589,9 @@ def _probe(original: nn.Module, fused: FusedMLP) -> bool | None:
     if not isinstance(a, torch.Tensor) or a.shape != b.shape:
         return False
     a, b = a.float(), b.float()
-    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max()) + 1e-6))
+    finite = a[torch.isfinite(a)]  # a weight of +-inf (or NaN) must not make the tolerance NaN
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * scale + 1e-6, equal_nan=True))
 
 
 def _moe_error(mt: str, moe: list[Skipped]) -> UnsupportedModelError:

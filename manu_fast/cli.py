@@ -9,7 +9,9 @@
     manu-fast evaluate MODEL_DIR --forget F --retain R [--protocol logit|mllmu|clear] [--masks M] [--json out.json]
     manu-fast demo --help
 
-Errors (bad arguments, missing or refused files) print one line on stderr and exit with status 2.
+Errors (bad arguments, missing or refused files, a full disk, no CUDA) print one line on stderr and exit with
+status 2; an internal error prints its traceback and exits with status 1. No command writes over one of its inputs
+or into the model folder it reads (docs/ROBUSTNESS.md).
 """
 from __future__ import annotations
 

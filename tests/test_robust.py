@@ -457,3 +457,15 @@ def test_test_set_as_profiling_data_is_warned_about(files, mllmu, capsys):
     rc, err = _cli(capsys, "profile", files / "M", files / "o.safetensors", "--forget", mllmu["Test_Set"],
                    "--retain", mllmu["retain_95"], "--qa", mllmu["ft_Data"], "--names", mllmu["names"])
     assert "warning: --forget" in err and "looks like MLLMU-Bench's Test_Set" in err, err
+
+
+def test_a_model_with_an_infinite_weight_is_still_patched(monkeypatch):
+    import manu_fast.adapters as ad
+    from manu_fast.layers import MLPPart
+    monkeypatch.setattr(ad, "_PROBE_VERDICTS", {})  # the first patch of the class in this process
+    model = tm.build("llama")
+    with torch.no_grad():
+        for name in ("model.layers.0.mlp", "model.layers.1.mlp"):
+            model.get_submodule(f"{name}.down_proj").weight[0] = float("inf")  # +inf - inf: NaN outputs
+    patch = ad.patch_model(model)
+    assert not any(isinstance(layer, MLPPart) for layer in patch.layers.values())  # fused, as without the inf
