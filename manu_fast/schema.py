@@ -110,6 +110,15 @@ def check_fingerprint(expected: dict, found: dict, path=None) -> None:
     differ = [n for n in el if el[n] != fl[n]]
     if differ:
         name = differ[0]
+        if "compacted" in el[name] or "compacted" in fl[name]:
+            side = "the full model" if "compacted" not in fl[name] else "another compaction of this model"
+            if "compacted" not in el[name]:
+                side, this = "a compacted model", "this model is not compacted"
+            else:
+                this = "this model is compacted"
+            raise StatsFileError(f"{where}layer {name!r}: made for {side}, {this} (compaction renumbers the "
+                                 "neurons): convert masks with manu_fast.masks.translate_masks, or profile and "
+                                 "select on the model you apply them to")
         more = f" (and {len(differ) - 1} more layers)" if len(differ) > 1 else ""
         raise StatsFileError(f"{where}made for another {et!r} model: layer {name!r} has {_shape(fl[name])} in the file, "
                              f"{_shape(el[name])} in this model{more}: {FINGERPRINT_FIX}")
