@@ -17,7 +17,6 @@ activations, and run data-parallel on ``torch.distributed`` (see ``manu_fast.dis
 """
 from __future__ import annotations
 
-import inspect
 import json
 import warnings
 from collections.abc import Iterable
@@ -27,10 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import default_token_kinds, fingerprint, patch_model, token_ids, video_span_ids
+from .adapters import default_token_kinds, fingerprint, forward_kwargs, patch_model, token_ids, video_span_ids
 from .layers import MLPPart
 from .ops import act_stats
-from .schema import NONFINITE_POLICIES, SITES, TOKEN_KINDS
+from .schema import NONFINITE_POLICIES, SITES, STATISTICS, TOKEN_KINDS
 from .stats import DEFAULT_TAU, FIELD_INDEX, NeuronStats, StatsFileError, empty_stats, group_label
 
 CHECKPOINT_KEY = "checkpoint"  # safetensors metadata entry holding the resume position
@@ -212,17 +211,6 @@ class Profiler:
         return gid
 
 
-def _forward_kwargs(model: nn.Module) -> dict:
-    """Cheap extras for a statistics-only forward: no KV cache, logits for the last position only."""
-    params = inspect.signature(model.forward).parameters
-    extra = {}
-    if "use_cache" in params:
-        extra["use_cache"] = False
-    if "logits_to_keep" in params:
-        extra["logits_to_keep"] = 1
-    return extra
-
-
 def _vision_kind(batch: dict) -> str:
     """``video`` for a batch whose only pixels are video frames, else ``image``."""
     video = any(k.startswith("pixel_values_video") for k in batch)
@@ -332,7 +320,7 @@ def _no_batch_error(key: str) -> ValueError:
 def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], progress: bool, on_nonfinite: str,
                      checkpoint, checkpoint_every: int, rank: int, world: int, require_batches: bool) -> dict[str, int]:
     """Run every batch not yet in ``prof.stats`` (``position``: batches done per data key); return batches per key."""
-    extra = _forward_kwargs(model)
+    extra = forward_kwargs(model)
     since_save = 0
     saved = dict(position) if position else None  # what the checkpoint on disk holds (resumed from it)
     nonfinite_before = _block_sums(prof.stats, "nonfinite", per_group=False) if on_nonfinite == "error" else {}
@@ -377,8 +365,14 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
 def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, sites=("hidden",),
             tau: float = DEFAULT_TAU, towers=None, token_kinds=None, special_token_ids=(), progress: bool = True,
             checkpoint=None, checkpoint_every: int = 50, resume: bool = False, on_nonfinite: str = "count",
-            distributed: bool = False) -> NeuronStats:
+            distributed: bool = False, statistics: str = "exact", official_layers: str = "as-run"):
     """Profile ``model`` over ``data`` ({(split, modality): batches}) and return its NeuronStats.
+
+    ``statistics="official"`` gathers the official MANU code's statistics instead (``manu_fast.official``: the
+    Linear outputs, per-position statistics averaged per chunk of 10 batches, padding included) and returns an
+    OfficialStats for ``select_neurons(..., "manu-official")``; ``official_layers`` is ``"as-run"`` (every layer of
+    a tower pooled, the last three pruned, as the code runs) or ``"per-layer"`` (one name per layer). The sites,
+    tau, towers, token kinds, checkpoints and distributed options are those of the exact statistics only.
 
     A batch is a dict of model kwargs on the model's device, with an optional ``profile_mask`` (B, L) bool
     selecting the language-model positions to profile. Groups: every (split, modality) x token kind
@@ -401,6 +395,20 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
             rank runs the batches it is given (shard them with ``manu_fast.distributed.Shard``) and the
             statistics are merged exactly across ranks, so every rank returns the whole-data statistics.
     """
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
+    if statistics == "official":
+        given = [n for n, v, default in (("sites", tuple(sites), ("hidden",)), ("tau", tau, DEFAULT_TAU),
+                                         ("towers", towers, None), ("token_kinds", token_kinds, None),
+                                         ("special_token_ids", tuple(special_token_ids), ()),
+                                         ("checkpoint", checkpoint, None), ("resume", resume, False),
+                                         ("on_nonfinite", on_nonfinite, "count"), ("distributed", distributed, False))
+                 if v != default]
+        if given:
+            raise ValueError(f"statistics='official' fixes its sites, threshold and data handling; "
+                             f"{', '.join(given)} apply to the exact statistics only")
+        from .official import profile_official
+        return profile_official(model, data, official_layers=official_layers, progress=progress)
     if not data:
         raise ValueError("no data to profile: give at least one (split, modality) -> batches entry")
     if on_nonfinite not in NONFINITE_POLICIES:
