@@ -239,3 +239,45 @@ def test_zeroed_rows_equal_the_reference_at_llava_depth(variant):
     _assert_same_weights(pruned, expected)
     if variant == "as-run":
         assert {int(k.split(".layers.")[1].split(".")[0]) for k in masks.keep} == {21, 22, 23, 29, 30, 31}
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def test_cli_profile_official_select_report_prune(tmp_path, capsys):
+    import bench_files as bf
+    from manu_fast.cli import main
+    processor = bf.processor()
+    bf.model(processor).save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "mllmu").mkdir()
+    files = bf.write_mllmu(tmp_path / "mllmu")
+    stats, masks, out = tmp_path / "o.safetensors", tmp_path / "m.safetensors", tmp_path / "pruned"
+
+    def cli(*argv):
+        capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        text, err = capsys.readouterr()
+        assert rc == 0, err
+        return text
+
+    common = ["--forget", files["forget_5"], "--retain", files["retain_95"], "--qa", files["ft_Data"], "--names",
+              files["names"], "--no-progress", "--seed", 3]
+    capsys.readouterr()  # 3 retain text-only items in batches of 2: a batch of one, whose std over samples is NaN
+    assert main([str(a) for a in ["profile", tmp_path / "model", stats, *common, "--batch-size", 2, "--official",
+                                  "--official-layers", "per-layer"]]) == 2
+    assert "a retain/text batch would hold one item (3 items in batches of 2)" in capsys.readouterr().err
+    assert "official statistics (per-layer)" in cli("profile", tmp_path / "model", stats, *common, "--batch-size", 4,
+                                                    "--official", "--official-layers", "per-layer")
+    report = cli("report", stats)
+    assert "official MANU statistics (per-layer)" in report and "pre, up, out" in report
+    cli("select", stats, masks, "--strategy", "manu-official", "--alpha", 10)
+    assert Masks.load(masks).site == "linear" and Masks.load(masks).num_pruned() > 0
+    cli("prune", tmp_path / "model", masks, out)
+    pruned = tf.LlavaForConditionalGeneration.from_pretrained(out)
+    zero_rows = (pruned.model.language_model.layers[1].mlp.down_proj.weight == 0).all(1)
+    assert torch.equal(zero_rows, ~Masks.load(masks).keep["model.language_model.layers.1.mlp::out"])
+    capsys.readouterr()
+    assert main(["select", str(stats), str(masks), "--strategy", "manu-official", "--per-layer"]) == 2
+    assert "do not apply" in capsys.readouterr().err
+    assert main(["profile", str(tmp_path / "model"), str(stats), "--synthetic", "--official"]) == 2
+    assert main(["profile", str(tmp_path / "model"), str(stats), *map(str, common), "--official", "--sites", "pre"]) == 2
+    assert "apply to the exact statistics only" in capsys.readouterr().err
