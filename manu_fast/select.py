@@ -3,9 +3,11 @@
 Every strategy's formula, its source and status, and the top-k rules are in docs/SELECTION.md; in short
 (metrics of a (split, modality) are pooled over the chosen token kinds; F = forget, R = retain, eps = 1e-5):
 
-- ``manu-code`` (the official MANU code, without its bugs): per modality ``S_m = sum_k w_k (F_k / (R_k + eps) - 1)``,
-  ``w = {abs: 2, freq: 0, std: 2, rms: 2}``; image towers scored on multimodal data, the language model on
-  text-only data; top alpha % per tower.
+- ``manu-code`` (the official score formula on exact token statistics, per layer): per modality
+  ``S_m = sum_k w_k (F_k / (R_k + eps) - 1)``, ``w = {abs: 2, freq: 0, std: 2, rms: 2}``; image towers scored on
+  multimodal data, the language model on text-only data; top alpha % per tower.
+- ``manu-official`` (the official code's selection as it runs, ``manu_fast.official``): the same formula on the
+  official statistics of ``profile(..., statistics="official")``, one top-k per tower over Linear rows.
 - ``manu-paper`` (experimental: our reading of the paper's summary formulas; on the demo it selects neurons that
   carry nothing, see docs/SELECTION.md): ``S = I(F) / (I(R) + eps)`` with the cross-modal importance
   ``I = I_abs + I_freq + I_var + I_rms`` of each split; language model only by default; global top alpha %.
