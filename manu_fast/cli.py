@@ -27,8 +27,9 @@ import sys
 from pathlib import Path
 
 from .paths import check_outputs
-from .schema import (BENCHMARKS, DEFAULT_TAU, DTYPE_NAMES, METRICS, MLLMU_TASKS, MODALITIES, MOE_POLICIES,
-                     NONFINITE_POLICIES, OFFICIAL_LAYERS, PROFILE_MODES, PROTOCOLS, SITES, SPLITS, STRATEGIES,
+from .schema import (BENCHMARKS, CLEAR_DS_SIZE, DEFAULT_TAU, DTYPE_NAMES, GENERATION_INPUTS, METRICS, MLLMU_TASKS,
+                     MODALITIES, MOE_POLICIES, NONFINITE_POLICIES, OFFICIAL_LAYERS, PROFILE_MODES, PROTOCOLS, SITES,
+                     SPLITS, STRATEGIES,
                      TOKEN_KINDS, TOWERS, StatsFileError)
 
 EXIT_USAGE = 2
@@ -377,7 +378,7 @@ def _evaluation_data(args, tasks) -> dict:
 # the evaluate options each protocol reads (any other given is refused, not ignored)
 PROTOCOL_OPTIONS = {"few_shot": ("mllmu",), "test": ("logit", "mllmu"), "celebrity": ("logit", "mllmu"),
                     "tasks": ("mllmu",), "real_faces": ("clear",), "real_world": ("clear",),
-                    "max_new_tokens": ("mllmu", "clear")}
+                    "max_new_tokens": ("mllmu", "clear"), "ds_size": ("clear",), "generation_input": ("clear",)}
 
 
 def _evaluation_tasks(args) -> tuple:
@@ -393,6 +394,8 @@ def _evaluation_tasks(args) -> tuple:
         raise UsageError("evaluate: --protocol mllmu needs --few-shot (MLLMU-Bench's Full_Set file)")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.ds_size is not None and args.ds_size < 0:
+        raise UsageError(f"--ds-size must be >= 0 (0 = all rows), got {args.ds_size}")
     tasks = tuple(args.tasks or (MLLMU_TASKS if args.protocol == "mllmu" else ("classification",)))
     if args.protocol == "clear" or "generation" in tasks:
         require_rouge()
@@ -450,11 +453,23 @@ def cmd_evaluate(args) -> None:
                                              max_new_tokens=args.max_new_tokens or protocols.MLLMU_NEW_TOKENS, **run)
         report.update(extra)
     else:
-        results = protocols.run_clear(model, processor, data["splits"], data["choices"], seed=args.seed,
-                                      max_new_tokens=args.max_new_tokens or protocols.CLEAR_NEW_TOKENS, **run)
+        results, extra = protocols.run_clear(
+            model, processor, data["splits"], data["choices"], seed=args.seed,
+            max_new_tokens=args.max_new_tokens or protocols.CLEAR_NEW_TOKENS,
+            ds_size=CLEAR_DS_SIZE if args.ds_size is None else args.ds_size,
+            generation_input=args.generation_input or "text", **run)
+        report.update(extra)
     print(_table(["data", "task", "questions", "metrics"],
                  [[key, task, m["n"], _metrics_text(m)] for key, by_task in results.items()
                   for task, m in by_task.items()]))
+    if args.protocol == "clear":
+        utility = report["model_utility"]
+        which = f"the first {report['ds_size']}" if report["ds_size"] else "all"
+        print(f"rows scored ({which} of each task, --ds-size): "
+              + ", ".join(f"{k} {used} of {total}" for k, (used, total) in report["rows"].items()))
+        if utility["value"] is not None:
+            print(f"CLEAR Model Utility {utility['value']:.4f}: the harmonic mean of ROUGE, Prob. and Truth Ratio of "
+                  f"{', '.join(utility['tasks'])}")
     if args.json:
         Path(args.json).write_text(json.dumps({**report, "results": results}, indent=2))
         print(f"wrote {args.json}")
@@ -765,6 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "caption question (default: %(default)s)")
     s.add_argument("--max-new-tokens", type=int,
                    help="tokens generated per reply (default: 50 for mllmu as eval.py, 300 for clear as eval.yaml)")
+    s.add_argument("--ds-size", type=int, metavar="N",
+                   help=f"clear: score the first N rows of each task, 0 = all (default: {CLEAR_DS_SIZE}, eval.yaml's "
+                        f"ds_size)")
+    s.add_argument("--generation-input", choices=GENERATION_INPUTS,
+                   help="clear: replies generated from CLEAR's decoded text prompt, without the image (text, the "
+                        "default, as eval.py), or from the chat-template prompt with the image (image)")
     s.add_argument("--masks", help="masks file written by `manu-fast select`, applied (reversibly) before evaluating")
     s.add_argument("--names", help=argparse.SUPPRESS)  # profile's option, refused with the reason (see _evaluation_tasks)
     s.add_argument("--batch-size", type=int, default=16, help="questions per batch (default: %(default)s)")

@@ -43,6 +43,8 @@ METRICS = ("abs", "freq", "std", "rms")
 BENCHMARKS = ("mllmu", "clear")
 PROTOCOLS = ("logit", "mllmu", "clear")
 MLLMU_TASKS = ("classification", "generation", "cloze")
+CLEAR_DS_SIZE = 300  # config/mm/eval.yaml ds_size: the first rows of each CLEAR task scored (0 = all)
+GENERATION_INPUTS = ("text", "image")  # CLEAR's replies: from its decoded text prompt, or (ours) with the image
 
 
 class StatsFileError(ValueError):
