@@ -136,8 +136,8 @@ class Masks:
         if not isinstance(description, dict):
             raise StatsFileError(f"{path}: metadata field 'description' must be an object")
         site = meta.get("site")
-        if site not in SITES:
-            raise StatsFileError(f"{path}: metadata field 'site' must be one of {SITES}, got {str(site)[:40]}")
+        if site not in MASK_SITES:
+            raise StatsFileError(f"{path}: metadata field 'site' must be one of {MASK_SITES}, got {str(site)[:40]}")
         if expect_fingerprint is not None:
             check_fingerprint(expect_fingerprint, fp, path)
         try:

@@ -72,9 +72,9 @@ def test_save_load_roundtrip_and_refusals(tmp_path):
     assert t.groups == s.groups and t.tau == s.tau
     torch.testing.assert_close(t.blocks["model.layers.0.mlp::hidden"], s.blocks["model.layers.0.mlp::hidden"], rtol=0, atol=0)
     other = {"model_type": "llama", "layers": {"model.layers.0.mlp": {"kind": "gated", "tower": "language", "neurons": 6, "hidden": 8}}}
-    with pytest.raises(StatsFileError, match="differs"):
+    with pytest.raises(StatsFileError, match="made for another"):
         NeuronStats.load(p, expect_fingerprint=other)
-    with pytest.raises(StatsFileError, match="model type"):
+    with pytest.raises(StatsFileError, match="made for a .llama. model"):
         NeuronStats.load(p, expect_fingerprint={**FP, "model_type": "llava"})
     raw = p.read_bytes()
     bad = tmp_path / "bad.safetensors"
@@ -134,7 +134,7 @@ def test_merge_of_two_shards_equals_the_whole():
     with pytest.raises(ValueError, match="different groups or tau"):
         shard.merge(_stats_of(values, gid, groups, FP, tau=0.2))
     wider = {"model_type": "llama", "layers": {"model.layers.0.mlp": {**FP["layers"]["model.layers.0.mlp"], "neurons": 6}}}
-    with pytest.raises(StatsFileError, match="differs"):
+    with pytest.raises(StatsFileError, match="made for another"):
         shard.merge(_stats_of(values, gid, groups, wider))
     with pytest.raises(ValueError, match="different layers/sites"):
         shard.merge(_stats_of({"hidden": values["hidden"]}, gid, groups, FP))
