@@ -202,6 +202,7 @@ def test_clear_text_prompt_is_the_decoded_text_before_the_answer():
     full = chat_texts(processor, [item], with_answer=True, as_turn=True)[0]
     assert full == "<s>USER: <image>\nThe name of the person on the image is  ASSISTANT: Ivo Kent </s>"
     # the WordLevel tokenizer decodes with a space between tokens
-    assert clear_text_prompt(processor, full, "Ivo Kent") == "USER : The name of the person on the image is ASSISTANT : "
+    assert (clear_text_prompt(processor, full, "Ivo Kent")
+            == "USER : The name of the person on the image is ASSISTANT : ")
     with pytest.raises(ValueError, match="'Una Dale' is not in its decoded text"):
         clear_text_prompt(processor, full, "Una Dale")
