@@ -149,12 +149,13 @@ def test_celebrity_people_also_in_full_set_show_no_examples_and_pass_no_example_
     assert skipped["celebrity/text"]["classification"] == len(text_letters)
 
 
-def _clear_losses(model, processor, items) -> list[float]:
+def _clear_losses(model, processor, items, closing: bool = True) -> tuple[list[float], list[int]]:
     """CLEAR's loss pass written independently from ``mm/dataset.py`` (``convert_mm_data_to_model_format``,
     ``mm_data_collator_preprocessor``) and ``mm/eval.py`` (``get_batch_loss`` / number of labels): left-padded as
     eval.py sets the tokenizer, labels = the full text's tokens after the prompt's, the prompt counted with
     ``tokenizer.tokenize(add_special_tokens=True)``; each ``<image>`` counted as the PATCHES tokens the processor
-    expands it into (CLEAR counts it as one: what it evidently means on current transformers)."""
+    expands it into (CLEAR counts it as one: what it evidently means on current transformers). ``closing=False``
+    leaves out the template's closing token (the answer alone, as manu_fast scored it before)."""
     tok = processor.tokenizer
     full, prompt_tokens = [], []
     for item in items:
@@ -170,6 +171,8 @@ def _clear_losses(model, processor, items) -> list[float]:
     labels = enc["input_ids"].clone()
     for row, n in zip(labels, prompt_tokens):
         row[:(row != tok.pad_token_id).nonzero()[0, 0] + n] = -100
+        if not closing:
+            row[-1] = -100
     with torch.no_grad():
         logits = model(**enc).logits.double()
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
@@ -191,8 +194,11 @@ def test_answer_losses_match_clear_label_mask(modality):
     assert counted == [len(bf.WORD.findall(a)) + 1 for a in answers]
     got = answer_losses(model, processor, items, batch_size=3)
     diff = max(abs(g - w) for g, w in zip(got, want))
-    print(f"CLEAR label-mask parity ({modality}): max |answer_losses - CLEAR| = {diff:.2e} nats")
-    assert diff < 1e-5
+    without, _ = _clear_losses(model, processor, items, closing=False)
+    gap = max(abs(g - w) for g, w in zip(got, without))
+    print(f"CLEAR label-mask parity ({modality}): max |answer_losses - CLEAR| = {diff:.2e} nats; "
+          f"{gap:.2e} without the closing token")
+    assert diff < 1e-5 and gap > 1e-3
 
 
 def test_clear_text_prompt_is_the_decoded_text_before_the_answer():
