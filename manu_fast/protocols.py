@@ -352,7 +352,8 @@ def run_clear(model, processor, splits: dict[str, list[ClearCaption]], choices: 
         """One task's metrics: ``rows`` asked ``questions``; right answers ``truths``, truth-ratio bases
         ``paraphrases``, wrong answers ``wrongs`` (a list per row)."""
         def items(answers):
-            return [BenchmarkItem(r.where, None, r.modality, q, a, r.image) for r, q, a in zip(rows, questions, answers)]
+            return [BenchmarkItem(r.where, None, r.modality, q, a, r.image)
+                    for r, q, a in zip(rows, questions, answers)]
         asked = items(truths)
         flat = asked + items(paraphrases) + [BenchmarkItem(r.where, None, r.modality, q, w, r.image)
                                              for r, q, ws in zip(rows, questions, wrongs) for w in ws]

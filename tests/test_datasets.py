@@ -93,6 +93,8 @@ def _set(path, value):
      "row 1: Classification_Task.Image_Textual_Questions[0].Options.C is null, not text"),
     (_set([0, "Classification_Task", "Pure_Text_Questions", 0, "Correct_Answer"], "E"),
      "row 0: Classification_Task.Pure_Text_Questions[0].Correct_Answer 'E' is not one of the options"),
+    (_set([0, "Classification_Task", "Pure_Text_Questions", 0, "Correct_Answer"], "B "),  # eval.py: never right
+     "row 0: Classification_Task.Pure_Text_Questions[0].Correct_Answer 'B ' is not one of the options"),
     (_set([2, "Classification_Task", "Pure_Text_Questions", 0, "Question"], "  "),
      "row 2: Classification_Task.Pure_Text_Questions[0].Question is empty, not text"),
     (_set([0, "Classification_Task", "Image_Textual_Questions"], None),

@@ -1,11 +1,15 @@
-"""MLLMU-Bench's eval.py prompts pinned character for character (written here by hand from eval.py), and the requests
-the mllmu protocol builds: few-shot people, the questions it leaves out, the images each prompt shows."""
+"""MLLMU-Bench's eval.py prompts pinned character for character (written here by hand from eval.py), the requests
+the mllmu protocol builds (few-shot people, the questions it leaves out, the images each prompt shows), and CLEAR's
+loss pass against an independent implementation of its label mask."""
 import pytest
+import torch
 
 import bench_files as bf
-from manu_fast.datasets import ChoiceQuestion, DataError, OpenQuestion, load_mllmu_split
-from manu_fast.protocols import (classification_prompt, cloze_prompt, draw_people, generation_prompt, mc_prompt,
-                                 mllmu_requests, people_of)
+from manu_fast.datasets import (BenchmarkItem, ChoiceQuestion, DataError, ImageRef, OpenQuestion, chat_texts,
+                                load_image, load_mllmu_split)
+from manu_fast.evaluate import answer_losses
+from manu_fast.protocols import (classification_prompt, clear_text_prompt, cloze_prompt, draw_people,
+                                 generation_prompt, mc_prompt, mllmu_requests, people_of)
 
 JOB = ChoiceQuestion("What is the job of this person?", {"A": "doctor", "B": "pilot", "C": "chef", "D": "judge"}, "B")
 HOME = ChoiceQuestion("Where does this person live?", {"A": "Oslo", "B": "Rome", "C": "Lima", "D": "Pune"}, "C")
@@ -128,3 +132,83 @@ def test_draws_are_seeded_and_test_rows_follow_the_forget_people(people):
     assert [p.person_id for p in test] == list(bf.FORGET) and len(test[0].images) == 3
     with pytest.raises(DataError, match="Test_Set has no row with ID 'c1'"):
         people_of(people["Test_Set"], people["Retain_Set"], "Test_Set")
+
+
+def test_celebrity_people_also_in_full_set_show_no_examples_and_pass_no_example_images(people):
+    """eval.py's celebrity mode draws a person from Retain_Set and reads their examples from Full_Set; when the ID is
+    also in Full_Set it passes the examples' images but shows no example (processor error: more images than
+    placeholders). Here such a person gives neither; their questions at the examples' positions are not asked."""
+    full = people["Full_Set"] + people["Retain_Set"]
+    requests, few_shot, skipped = mllmu_requests({"celebrity": people["Retain_Set"]}, full, ("classification",), 0)
+    drawn = few_shot["celebrity"]["classification"]
+    assert len(drawn) == 1 and drawn[0] in bf.CELEBRITIES
+    assert requests and all(len(r.images) == r.prompt.count("<image>") <= 1 for r in requests)
+    assert not any("Correct Answer:" in r.prompt for r in requests)
+    image_letters, text_letters = bf.LETTERS[drawn[0]]
+    assert skipped["celebrity/multimodal"]["classification"] == len(image_letters)
+    assert skipped["celebrity/text"]["classification"] == len(text_letters)
+
+
+def _clear_losses(model, processor, items, closing: bool = True) -> tuple[list[float], list[int]]:
+    """CLEAR's loss pass written independently from ``mm/dataset.py`` (``convert_mm_data_to_model_format``,
+    ``mm_data_collator_preprocessor``) and ``mm/eval.py`` (``get_batch_loss`` / number of labels): left-padded as
+    eval.py sets the tokenizer, labels = the full text's tokens after the prompt's, the prompt counted with
+    ``tokenizer.tokenize(add_special_tokens=True)``; each ``<image>`` counted as the PATCHES tokens the processor
+    expands it into (CLEAR counts it as one: what it evidently means on current transformers). ``closing=False``
+    leaves out the template's closing token (the answer alone, as manu_fast scored it before)."""
+    tok = processor.tokenizer
+    full, prompt_tokens = [], []
+    for item in items:
+        user = [{"type": "image"}] if item.image is not None else []
+        conversation = [{"role": "user", "content": user + [{"type": "text", "text": item.prompt}]}]
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        prompt_tokens.append(len(tok.tokenize(prompt, add_special_tokens=True)) + prompt.count("<image>")
+                             * (bf.PATCHES - 1))
+        conversation.append({"role": "assistant", "content": [{"type": "text", "text": item.answer}]})
+        full.append(processor.apply_chat_template(conversation, add_generation_prompt=False))
+    images = [load_image(i.image) for i in items if i.image is not None]
+    enc = processor(text=full, images=images or None, return_tensors="pt", padding="longest", padding_side="left")
+    labels = enc["input_ids"].clone()
+    for row, n in zip(labels, prompt_tokens):
+        row[:(row != tok.pad_token_id).nonzero()[0, 0] + n] = -100
+        if not closing:
+            row[-1] = -100
+    with torch.no_grad():
+        logits = model(**enc).logits.double()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    counted = (labels[:, 1:] != -100).sum(-1)
+    return (loss.sum(-1) / counted).tolist(), counted.tolist()
+
+
+@pytest.mark.parametrize("modality", ["multimodal", "text"])
+def test_answer_losses_match_clear_label_mask(modality):
+    """answer_losses (right-padded, the prompt encoded apart) equals CLEAR's left-padded label-mask pass on the tiny
+    LLaVA, and counts every answer word plus the template's closing </s>."""
+    processor = bf.processor()
+    model = bf.model(processor)
+    image = ImageRef(bf.image_struct((7, 8, 9)), "x") if modality == "multimodal" else None
+    answers = ["B", "Ivo Kent reads a map on a train.", "A picture of Una Dale.", "Tom Hill"]
+    items = [BenchmarkItem(str(k), None, modality, q, a, image)
+             for k, (q, a) in enumerate(zip(bf.CLEAR_CAPTION_QUESTIONS, answers))]
+    want, counted = _clear_losses(model, processor, items)
+    assert counted == [len(bf.WORD.findall(a)) + 1 for a in answers]
+    got = answer_losses(model, processor, items, batch_size=3)
+    diff = max(abs(g - w) for g, w in zip(got, want))
+    without, _ = _clear_losses(model, processor, items, closing=False)
+    gap = max(abs(g - w) for g, w in zip(got, without))
+    print(f"CLEAR label-mask parity ({modality}): max |answer_losses - CLEAR| = {diff:.2e} nats; "
+          f"{gap:.2e} without the closing token")
+    assert diff < 1e-5 and gap > 1e-3
+
+
+def test_clear_text_prompt_is_the_decoded_text_before_the_answer():
+    """eval.py generates from the decoded input (special tokens skipped: no <s>, image or </s>) cut at the answer."""
+    processor = bf.processor()
+    item = BenchmarkItem("x", None, "multimodal", bf.CLEAR_FACE_PROMPT, "Ivo Kent", None)
+    full = chat_texts(processor, [item], with_answer=True, as_turn=True)[0]
+    assert full == "<s>USER: <image>\nThe name of the person on the image is  ASSISTANT: Ivo Kent </s>"
+    # the WordLevel tokenizer decodes with a space between tokens
+    assert (clear_text_prompt(processor, full, "Ivo Kent")
+            == "USER : The name of the person on the image is ASSISTANT : ")
+    with pytest.raises(ValueError, match="'Una Dale' is not in its decoded text"):
+        clear_text_prompt(processor, full, "Una Dale")
