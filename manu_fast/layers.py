@@ -8,12 +8,27 @@ the fused op (``manu_fast.ops``): activation, mask and statistics in one pass.
 from __future__ import annotations
 
 import hashlib
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from .activations import activation_name
 from .ops import act_stats, gated_linear_act_stats
+
+
+class Recorder(Protocol):
+    """What a layer's ``recorder`` (attached by ``manu_fast.profiler.Profiler`` while profiling) must provide."""
+
+    def op_kwargs(self, layer: "FusedMLP", num_tokens: int) -> dict:
+        """The op's statistics arguments for a call over ``num_tokens`` tokens (``group_ids``, ``stats``,
+        ``pre_stats``, ``up_stats``, ``tau``), or {} when this call is not profiled."""
+
+    def record_output(self, layer: "FusedMLP", y: torch.Tensor) -> None:
+        """Statistics of the MLP's output (site 'out')."""
+
+    def record_input(self, layer: "FusedMLP", site: str, a: torch.Tensor) -> None:
+        """Statistics of an MLP part's input Linear output (site 'pre' or 'up')."""
 
 
 class FusedMLP(nn.Module):
@@ -30,7 +45,7 @@ class FusedMLP(nn.Module):
         self._enabled: set[str] = set()
         self.register_buffer("keep", None, persistent=False)
         self.register_buffer("out_keep", None, persistent=False)
-        self.recorder = None  # set by manu_fast.profiler.Profiler while profiling
+        self.recorder: Recorder | None = None  # set by manu_fast.profiler.Profiler while profiling
         self.origin: torch.Tensor | None = None  # a compact copy's map to the original numbering (compact_identity)
         self.origin_neurons: int | None = None  # ... and the original layer's width
 

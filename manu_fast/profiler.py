@@ -44,7 +44,8 @@ class NonFiniteActivationError(FloatingPointError):
 
 
 class _LayerRecorder:
-    """Attached to one FusedMLP while profiling: hands the op its group ids and accumulators."""
+    """The ``layers.Recorder`` attached to one FusedMLP while profiling: hands the op its group ids and
+    accumulators."""
 
     def __init__(self, profiler: "Profiler", tower: str, accs: dict[str, torch.Tensor], device: torch.device):
         self.profiler, self.tower, self.accs, self.device = profiler, tower, accs, device
