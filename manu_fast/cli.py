@@ -612,10 +612,11 @@ EXIT_INTERNAL = 1
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The errors a user can cause or meet (bad input, a refused file, a full disk, a missing package, no GPU memory):
     one line and exit status 2. The libraries' own types are added once they are imported."""
-    found = [UsageError, StatsFileError, FileNotFoundError, ValueError, OSError, ImportError]
+    found = [UsageError, StatsFileError, FileNotFoundError, ValueError, OSError, ImportError, MemoryError]
     for module, name in (("safetensors", "SafetensorError"), ("PIL.Image", "DecompressionBombError"),
                          ("torch", "OutOfMemoryError"), ("torch.distributed", "DistError"),
-                         ("manu_fast.distributed", "DistributedError")):
+                         ("manu_fast.distributed", "DistributedError"),
+                         ("manu_fast.profiler", "NonFiniteActivationError")):
         if module in sys.modules and hasattr(sys.modules[module], name):
             found.append(getattr(sys.modules[module], name))
     return tuple(found)

@@ -140,6 +140,30 @@ def test_full_disk_is_one_line_and_leaves_no_temp_file(files, capsys, monkeypatc
     assert not list(files.glob("m.safetensors*"))
 
 
+def _expected_failures():
+    import PIL.Image
+    import torch.distributed
+    from safetensors import SafetensorError
+    from manu_fast.distributed import DistributedError
+    from manu_fast.profiler import NonFiniteActivationError
+    return [SafetensorError("No space left on device"), PIL.Image.DecompressionBombError("bomb"),
+            torch.OutOfMemoryError("CUDA out of memory"), torch.distributed.DistError("timed out"),
+            DistributedError("profiling failed on rank(s) [1]"), NonFiniteActivationError("80 non-finite values"),
+            MemoryError("no memory"), ImportError("No module named 'rouge_score'"), OSError(28, "No space left"),
+            StatsFileError("bad file\nsecond line")]
+
+
+@pytest.mark.parametrize("error", _expected_failures(), ids=lambda e: type(e).__name__)
+def test_expected_failures_are_one_line_and_exit_2(files, capsys, monkeypatch, error):
+    import manu_fast.select as sel
+
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(sel, "select_neurons", fail)
+    rc, err = _cli(capsys, "select", files / "s.safetensors", files / "m.safetensors")
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("manu-fast: error: ") and "Traceback" not in err, err
+
+
 def test_internal_errors_keep_their_traceback(files, capsys, monkeypatch):
     import manu_fast.select as sel
 
