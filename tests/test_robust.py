@@ -315,6 +315,17 @@ def test_impossible_moments_are_refused_naming_the_field(stats, tmp_path, field,
         NeuronStats.load(tmp_path / "s.safetensors")
 
 
+@pytest.mark.parametrize("field,value,message", [("count", 2.5, "field 'count' holds non-integer counts"),
+                                                 ("nonfinite", 0.5, "field 'nonfinite' holds non-integer"),
+                                                 ("active", 1e9, "field 'active' exceeds 'count'")])
+def test_impossible_counts_are_refused(stats, tmp_path, field, value, message):
+    bad = NeuronStats(stats.groups, stats.fingerprint, stats.tau, {k: v.clone() for k, v in stats.blocks.items()})
+    bad.blocks[next(iter(bad.blocks))][FIELDS.index(field), 0, 3] = value
+    bad.save(tmp_path / "s.safetensors")
+    with pytest.raises(StatsFileError, match=message):
+        NeuronStats.load(tmp_path / "s.safetensors")
+
+
 def test_fuzz_benchmark_parquet_fields(tmp_path):
     root = tmp_path / "mllmu"
     root.mkdir()
