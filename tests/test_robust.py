@@ -426,6 +426,12 @@ def test_weights_digest_sees_a_changed_row_and_is_cheap():
     assert time.perf_counter() - start < 1.0
 
 
+@pytest.mark.parametrize("groups", [[], "forget/text/text", ["forget/text"], ["a/b/c", "a/b/c"], ["a//c"], [5]])
+def test_profiler_group_labels_are_checked(llama, groups):
+    with pytest.raises(ValueError, match="groups must be|group labels must be"):
+        Profiler(llama, groups)
+
+
 def test_nested_and_concurrent_profilers_are_refused(llama):
     groups = ["forget/text/text"]
     with Profiler(llama, groups):
@@ -467,6 +473,9 @@ def test_nested_and_concurrent_profilers_are_refused(llama):
     ({("forget", "text"): [[1, 2, 3]]}, "batch 1 of forget/text is a list, not a dict"),
     ({("forget", "text"): [{"input_ids": torch.zeros(0, 5, dtype=torch.long)}]}, "input 'input_ids' is empty"),
     ({("forget", "text"): [{"input_ids": torch.zeros(2, 5, dtype=torch.long, device="meta")}]}, "'meta' device"),
+    ({("forget", "text"): [{"input_ids": torch.zeros(2, 5)}]}, "input_ids must hold integer token ids, not torch.float32"),
+    ({("forget", "text"): [{"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 4)}]},
+     "attention_mask has shape (2, 4), input_ids (2, 5)"),
 ])
 def test_bad_data_is_refused_at_the_door(llama, data, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
