@@ -183,14 +183,34 @@ def test_a_stale_temp_file_of_a_killed_write_is_removed_by_the_next(stats, tmp_p
     assert not stale.exists() and other.exists()
 
 
-def test_decompression_bomb_is_a_data_error(tmp_path, monkeypatch):
-    import PIL.Image
-    rows = [{"image": bf.png((1, 2, 3), size=(40, 40)), "ID": "1", "name": "Ana",
+def _bomb_png(side: int = 20_000) -> bytes:
+    """A valid 1-bit PNG of side x side pixels (400 M) that compresses to a few kB: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = zlib.compress(b"\x00" * ((1 + side // 8) * side), 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_a_data_error(tmp_path):
+    rows = [{"image": _bomb_png(), "ID": "1", "name": "Ana",
              "metadata": json.dumps([{"Question": "Where?", "Answer": "Lima"}])}]
     items = load_mllmu_profiles(bf.write(tmp_path / "p.parquet", rows))
-    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # 1600 pixels > 2 x the limit: a bomb
-    with pytest.raises(DataError, match="cannot decode the image.*decompression bomb"):
+    with pytest.raises(DataError, match="row 0 image: cannot decode the image.*decompression bomb"):
         items[0].image.load()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(files, capsys, monkeypatch):
+    import manu_fast.select as sel
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sel, "select_neurons", interrupted)
+    rc, err = _cli(capsys, "select", files / "s.safetensors", files / "m.safetensors")
+    assert rc == 130 and err == "manu-fast: interrupted\n"
 
 
 # ---------------------------------------------------------------------------------------------------- file fuzzer
