@@ -79,7 +79,7 @@ def check_device(device: str) -> None:
 
 
 def _inputs(args, *names) -> dict:
-    """{--option: path} of the given path options of ``args`` (for manu_fast.io.check_outputs)."""
+    """{--option: path} of the given path options of ``args`` (for manu_fast.paths.check_outputs)."""
     return {f"--{n.replace('_', '-')}": getattr(args, n) for n in names}
 
 
