@@ -321,6 +321,51 @@ def test_fuzz_every_field_of_a_checkpoint(llama, tmp_path):
     assert _fuzz(tmp_path / "f.safetensors", tensors, meta, (CHECKPOINT_KEY,), (), use) > 100
 
 
+def _tensor_variants(tensors: dict):
+    """Every tensor dict with one tensor of another dtype or shape, deleted, or one unknown tensor added."""
+    for key, t in tensors.items():
+        for dtype in (torch.float32, torch.float16, torch.bool, torch.int64, torch.uint8):
+            if t.dtype != dtype:
+                yield f"{key} as {dtype}", {**tensors, key: t.to(dtype)}
+        yield f"{key} shorter", {**tensors, key: t[..., :-1].contiguous()}
+        yield f"{key} flat" if t.dim() > 1 else f"{key} 2-D", {**tensors, key: t.reshape(1, -1) if t.dim() == 1
+                                                               else t.reshape(-1).contiguous()}
+        yield f"{key} empty", {**tensors, key: t[..., :0].contiguous()}
+        yield f"{key} deleted", {k: v for k, v in tensors.items() if k != key}
+    some = next(iter(tensors.values()))
+    for extra in ("model.layers.9.mlp::hidden", "model.layers.0.mlp::bogus", "model.layers.0.mlp", "model.layers.9.mlp",
+                  "", "::"):
+        if extra not in tensors:
+            yield f"extra {extra!r}", {**tensors, extra: some.clone()}
+
+
+@pytest.mark.parametrize("kind", ["statistics", "masks"])
+def test_fuzz_every_tensor_of_a_file(stats, tmp_path, kind):
+    path = tmp_path / "f.safetensors"
+    if kind == "statistics":
+        stats.save(path)
+        fmt, use = "manu_fast.stats/1", NeuronStats.load
+    else:
+        Masks.all_kept(stats.fingerprint).save(path)
+        fmt, use = "manu_fast.masks/1", Masks.load
+    tensors, meta = load_tensors(path, fmt, kind)
+    meta.pop(CHECKSUM_KEY)
+    tried = 0
+    for what, variant in _tensor_variants(tensors):
+        save_tensors(variant, path, meta)
+        try:
+            loaded = use(path)
+        except StatsFileError:
+            tried += 1
+            continue
+        except Exception as e:  # noqa: BLE001 - the point of the test
+            raise AssertionError(f"{what}: {type(e).__name__}: {e}") from e
+        assert what.endswith("deleted"), what  # only a missing block / layer mask is a valid file (fewer layers)
+        assert len(getattr(loaded, "blocks", getattr(loaded, "keep", None))) == len(tensors) - 1
+        tried += 1
+    assert tried > 20
+
+
 @pytest.mark.parametrize("field", ["count", "m2", "sum_abs", "sum_sq", "active", "nonfinite", "mean"])
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
 def test_impossible_moments_are_refused_naming_the_field(stats, tmp_path, field, value):
