@@ -516,6 +516,8 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
             rank runs the batches it is given (shard them with ``manu_fast.distributed.Shard``) and the
             statistics are merged exactly across ranks, so every rank returns the whole-data statistics.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (an HF model), got {type(model).__name__}")
     _check_data(data)
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")

@@ -578,3 +578,20 @@ def test_a_model_with_an_infinite_weight_is_still_patched(monkeypatch):
             model.get_submodule(f"{name}.down_proj").weight[0] = float("inf")  # +inf - inf: NaN outputs
     patch = ad.patch_model(model)
     assert not any(isinstance(layer, MLPPart) for layer in patch.layers.values())  # fused, as without the inf
+
+
+def test_wrong_types_in_the_api_are_named():
+    from manu_fast.masks import prune_weights
+    from manu_fast.select import select_neurons
+    model = tm.build("llama")
+    for call, message in [(lambda: profile(None, {}), "model must be a torch.nn.Module"),
+                          (lambda: profile("model", {}), "model must be a torch.nn.Module"),
+                          (lambda: select_neurons(None), "stats must be a manu_fast.stats.NeuronStats"),
+                          (lambda: select_neurons({"a": 1}), "stats must be a manu_fast.stats.NeuronStats"),
+                          (lambda: apply_masks(model, {"x": 1}), "masks must be a manu_fast.masks.Masks"),
+                          (lambda: prune_weights(model, "masks.safetensors"), "masks must be a manu_fast.masks.Masks"),
+                          (lambda: Masks({}, "fp"), "fingerprint must be a model fingerprint"),
+                          (lambda: Masks({}, {"model_type": "llama"}), "fingerprint must be a model fingerprint"),
+                          (lambda: Masks([], {"layers": {}}), "keep must be a dict")]:
+        with pytest.raises(TypeError, match=message):
+            call()
