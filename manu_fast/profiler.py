@@ -508,7 +508,9 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
             (``manu_fast.distributed.rank_path``).
         resume: continue from ``checkpoint`` when it exists (start afresh when it does not): its statistics
             are loaded and the batches it holds are read but not run, so ``data`` must yield the same batches
-            in the same order as the interrupted run. The result equals an uninterrupted run bit for bit.
+            in the same order as the interrupted run. The result equals an uninterrupted run bit for bit. The
+            checkpoint records a digest of the weights, their dtype and a digest of every batch's token ids and
+            shapes (``manu_fast.digests``): a resume with other weights, dtype or batches is refused.
         on_nonfinite: ``"count"`` excludes NaN/Inf activations from every statistic and counts them in the
             ``nonfinite`` field (a warning gives the total); ``"error"`` raises NonFiniteActivationError at
             the first batch that has any (one device sync per batch).
