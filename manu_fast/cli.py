@@ -100,13 +100,23 @@ def model_skeleton(path):
 
 
 # ---------------------------------------------------------------------------------------------------- profile
-def _synthetic_data(model, model_dir: Path, args, device) -> dict:
+def _synthetic_benchmark(model_dir: Path):
+    """The synthetic benchmark of a model trained by `manu-fast demo`, from its config (read before the model)."""
     from . import demo
     cfg_file = model_dir / DEMO_CONFIG
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder not found: {model_dir}")
     if not cfg_file.is_file():
         raise FileNotFoundError(f"--synthetic needs a model trained by `manu-fast demo` ({cfg_file} is missing)")
-    data = demo.benchmark(demo.ModelConfig(**json.loads(cfg_file.read_text())))
-    profiling, _ = demo.question_sets(data, model, args.forget_percent, args.profile_positions, args.batch_size)
+    try:
+        return demo.benchmark(demo.ModelConfig(**json.loads(cfg_file.read_text())))
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ValueError(f"{cfg_file}: not a configuration written by `manu-fast demo` ({e})") from None
+
+
+def _synthetic_data(model, benchmark, args, device) -> dict:
+    from . import demo
+    profiling, _ = demo.question_sets(benchmark, model, args.forget_percent, args.profile_positions, args.batch_size)
     return {key: [b.to(device).inputs for b in batches] for key, batches in profiling.items()}
 
 
@@ -190,11 +200,13 @@ def cmd_profile(args) -> None:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     model_dir = Path(args.model)
-    items = None if args.synthetic else _profile_items(args)  # data and processor before the (maybe large) model
+    # data and processor before the (maybe large) model
+    benchmark = _synthetic_benchmark(model_dir) if args.synthetic else None
+    items = None if args.synthetic else _profile_items(args)
     processor = None if args.synthetic else load_processor(model_dir)
     model = load_model(model_dir, args.dtype, device)
     if args.synthetic:
-        data = _synthetic_data(model, model_dir, args, device)
+        data = _synthetic_data(model, benchmark, args, device)
     else:
         data = {(split, modality): _EncodedItems(processor, [i for i in chosen if i.modality == modality],
                                                  args.batch_size, device, _dtype(args.dtype))

@@ -595,3 +595,10 @@ def test_wrong_types_in_the_api_are_named():
                           (lambda: Masks([], {"layers": {}}), "keep must be a dict")]:
         with pytest.raises(TypeError, match=message):
             call()
+
+
+@pytest.mark.parametrize("config", ["[1]", "{not json", '{"bogus": 1}', "[" * 100_000])
+def test_a_damaged_demo_config_is_one_line_before_the_model_loads(files, capsys, config):
+    (files / "M" / "manu_fast_demo.json").write_text(config)
+    rc, err = _cli(capsys, "profile", files / "M", files / "o.safetensors", "--synthetic")
+    assert rc == 2 and "manu_fast_demo.json: not a configuration written by `manu-fast demo`" in err, err
