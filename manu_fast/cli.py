@@ -86,7 +86,7 @@ def check_device(device: str) -> None:
 
 
 def _inputs(args, *names) -> dict:
-    """{--option: path} of the given path options of ``args`` (for manu_fast.io.check_outputs)."""
+    """{--option: path} of the given path options of ``args`` (for manu_fast.paths.check_outputs)."""
     return {f"--{n.replace('_', '-')}": getattr(args, n) for n in names}
 
 
@@ -116,14 +116,22 @@ def _announce(what: str, device: str, dtype: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- profile
-def _synthetic_data(model, model_dir: Path, args, device) -> dict:
+def _synthetic_benchmark(model_dir):
+    """The synthetic benchmark of a model trained by `manu-fast demo`, from its config (read before the model)."""
     from . import demo
     from .sources import local_files
     cfg_file = local_files(model_dir) / DEMO_CONFIG
     if not cfg_file.is_file():
         raise FileNotFoundError(f"--synthetic needs a model trained by `manu-fast demo` ({cfg_file} is missing)")
-    data = demo.benchmark(demo.ModelConfig(**json.loads(cfg_file.read_text())))
-    profiling, _ = demo.question_sets(data, model, args.forget_percent, args.profile_positions, args.batch_size)
+    try:
+        return demo.benchmark(demo.ModelConfig(**json.loads(cfg_file.read_text())))
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ValueError(f"{cfg_file}: not a configuration written by `manu-fast demo` ({e})") from None
+
+
+def _synthetic_data(model, benchmark, args, device) -> dict:
+    from . import demo
+    profiling, _ = demo.question_sets(benchmark, model, args.forget_percent, args.profile_positions, args.batch_size)
     return {key: [b.to(device).inputs for b in batches] for key, batches in profiling.items()}
 
 
@@ -269,12 +277,14 @@ def cmd_profile(args) -> None:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     model_dir = args.model
-    items = None if args.synthetic else _profile_items(args)  # data and processor before the (maybe large) model
+    # data and processor before the (maybe large) model
+    benchmark = _synthetic_benchmark(model_dir) if args.synthetic else None
+    items = None if args.synthetic else _profile_items(args)
     processor = None if args.synthetic else load_processor(model_dir)
     _announce("profile", device, args.dtype)
     model = load_model(model_dir, args.dtype, device)
     if args.synthetic:
-        data = _synthetic_data(model, model_dir, args, device)
+        data = _synthetic_data(model, benchmark, args, device)
     else:
         data = {(split, modality): _EncodedItems(processor, [i for i in chosen if i.modality == modality],
                                                  args.batch_size, device, _dtype(args.dtype))
@@ -815,10 +825,11 @@ EXIT_INTERNAL = 1
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The errors a user can cause or meet (bad input, a refused file, a full disk, a missing package, no GPU memory):
     one line and exit status 2. The libraries' own types are added once they are imported."""
-    found = [UsageError, StatsFileError, FileNotFoundError, ValueError, OSError, ImportError]
+    found = [UsageError, StatsFileError, FileNotFoundError, ValueError, OSError, ImportError, MemoryError]
     for module, name in (("safetensors", "SafetensorError"), ("PIL.Image", "DecompressionBombError"),
                          ("torch", "OutOfMemoryError"), ("torch.distributed", "DistError"),
-                         ("manu_fast.distributed", "DistributedError")):
+                         ("manu_fast.distributed", "DistributedError"),
+                         ("manu_fast.profiler", "NonFiniteActivationError")):
         if module in sys.modules and hasattr(sys.modules[module], name):
             found.append(getattr(sys.modules[module], name))
     return tuple(found)

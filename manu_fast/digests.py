@@ -45,13 +45,14 @@ class BatchDigests:
     def __init__(self):
         self._hash: dict[str, "hashlib._Hash"] = {}
         self._pending: dict[str, list[tuple[str, torch.Tensor | None]]] = {}
-        self._weights: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._weights: dict[torch.device, torch.Tensor] = {}  # per device, as long as the longest batch yet
 
     def _weights_for(self, n: int, device: torch.device) -> torch.Tensor:
-        if (n, device) not in self._weights:  # position weights and pseudo-random weights, both below 2**20
+        w = self._weights.get(device)
+        if w is None or w.shape[1] < n:  # position weights and pseudo-random weights, both below 2**20
             pos = torch.arange(1, n + 1, dtype=torch.int64, device=device)
-            self._weights[(n, device)] = torch.stack([pos % (2**20), (pos * 2654435761) % (2**20 - 3) + 1])
-        return self._weights[(n, device)]
+            w = self._weights[device] = torch.stack([pos % (2**20), (pos * 2654435761) % (2**20 - 3) + 1])
+        return w[:, :n]
 
     def add(self, key: str, batch: dict) -> None:
         ids = batch.get("input_ids")

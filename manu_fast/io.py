@@ -140,12 +140,21 @@ def check_fingerprint_fields(fp, path) -> dict:
     return fp
 
 
+COUNT_FIELDS = ("count", "active", "nonfinite")
+
+
 def check_moments(block: torch.Tensor, path, key: str) -> None:
     """Refuse (StatsFileError naming the block and field) statistics that no profiling run can produce: non-finite
-    values, or negative counts and sums of squares/absolute values."""
+    values, negative counts and sums of squares/absolute values, non-integer counts, more active values than
+    values."""
     finite = torch.isfinite(block).flatten(1).all(1)
     for i, name in enumerate(FIELDS):
         if not bool(finite[i]):
             raise StatsFileError(f"{path}: block {key!r} field {name!r} holds NaN or Inf")
         if name != "mean" and bool((block[i] < 0).any()):
             raise StatsFileError(f"{path}: block {key!r} field {name!r} holds negative values")
+        if name in COUNT_FIELDS and not torch.equal(block[i], block[i].round()):
+            raise StatsFileError(f"{path}: block {key!r} field {name!r} holds non-integer counts")
+    count, active = block[FIELDS.index("count")], block[FIELDS.index("active")]
+    if bool((active > count).any()):
+        raise StatsFileError(f"{path}: block {key!r} field 'active' exceeds 'count' (more active values than values)")

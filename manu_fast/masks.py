@@ -64,7 +64,12 @@ class Masks:
     description: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        layers = self.fingerprint.get("layers", {})
+        if not isinstance(self.fingerprint, dict) or not isinstance(self.fingerprint.get("layers"), dict):
+            raise TypeError("Masks: fingerprint must be a model fingerprint {'model_type': ..., 'layers': {...}} "
+                            "(manu_fast.adapters.fingerprint)")
+        if not isinstance(self.keep, dict):
+            raise TypeError(f"Masks: keep must be a dict {{layer: bool tensor}}, got {type(self.keep).__name__}")
+        layers = self.fingerprint["layers"]
         checked = {}
         for name, k in self.keep.items():
             k = torch.as_tensor(k)
@@ -146,12 +151,18 @@ class Masks:
             raise StatsFileError(f"{path}: {e}") from None
 
 
+def _check_masks(masks) -> None:
+    if not isinstance(masks, Masks):
+        raise TypeError(f"masks must be a manu_fast.masks.Masks (Masks.load(path)), got {type(masks).__name__}")
+
+
 def apply_masks(model, masks: Masks, name: str = "forget"):
     """Set ``masks`` on the model's fused layers as the reversible mask ``name`` (O(N) per layer, no weight copy).
 
     Patches the model first if needed (``manu_fast.adapters.patch_model``) and returns the Patch. Several
     names compose (a neuron is active only if every enabled mask keeps it); ``remove_masks`` undoes one.
     """
+    _check_masks(masks)
     check_fingerprint(fingerprint(model), masks.fingerprint, "masks")
     patch = patch_model(model, moe="skip")  # masks never hold experts (they are never profiled)
     layers = masks.fingerprint["layers"]
@@ -200,6 +211,7 @@ def prune_weights(model, masks: Masks) -> None:
     Works on a stock HF model or a patched one; afterwards ``save_pretrained`` / ``from_pretrained`` with
     stock transformers reproduces the pruned outputs (the weights are zero; no custom module is needed).
     """
+    _check_masks(masks)
     check_fingerprint(fingerprint(model), masks.fingerprint, "masks")
     owned = get_patch(model) is None
     patch = patch_model(model, moe="skip")  # fused layers and parts use the HF Linears: zeroing them zeroes the model's

@@ -38,7 +38,8 @@ def check_outputs(command: str, outputs: dict, inputs: dict, folders=(), output_
         for b in labels[i + 1:]:
             if _same_file(outs[a], outs[b]) or (b in output_folders and _inside(outs[a], outs[b])) \
                     or (a in output_folders and _inside(outs[b], outs[a])):
-                raise ValueError(f"{command}: {a} and {b} are the same path ({outputs[a]}): give each output its own")
+                raise ValueError(f"{command}: {a} and {b} are the same path, or one lies inside the other ({outputs[a]}, "
+                                 f"{outputs[b]}): give each output its own")
     for out_label, out in outs.items():
         for in_label, src in ins.items():
             if _same_file(out, src):

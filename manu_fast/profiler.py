@@ -99,8 +99,11 @@ class Profiler:
             raise ValueError(f"unknown sites {bad}; choose from {SITES}")
         if not 0 <= tau < float("inf"):
             raise ValueError(f"tau must be a finite non-negative threshold, got {tau}")
-        if len(set(groups)) != len(groups) or not groups:
+        if isinstance(groups, str) or len(set(groups)) != len(groups) or not groups:
             raise ValueError("groups must be a non-empty list of distinct labels")
+        bad = [g for g in groups if not isinstance(g, str) or len(g.split("/")) != 3 or not all(g.split("/"))]
+        if bad:
+            raise ValueError(f"group labels must be split/modality/kind, got {bad[0]!r}")
         self.patch = patch_model(model)
         self.token_kinds = default_token_kinds(model) if token_kinds is None else tuple(token_kinds)
         bad = [k for k in self.token_kinds if k not in TOKEN_KINDS]
@@ -388,6 +391,12 @@ def _check_batch(batch, key: str, number: int) -> None:
             raise ValueError(f"batch {number} of {key}: input {name!r} is on the 'meta' device (it holds no data)")
         if value.numel() == 0 and name != "profile_mask":
             raise ValueError(f"batch {number} of {key}: input {name!r} is empty (shape {tuple(value.shape)})")
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    if isinstance(ids, torch.Tensor) and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
+        raise ValueError(f"batch {number} of {key}: input_ids must hold integer token ids, not {ids.dtype}")
+    if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+        raise ValueError(f"batch {number} of {key}: attention_mask has shape {tuple(mask.shape)}, input_ids "
+                         f"{tuple(ids.shape)}")
 
 
 def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], progress: bool, on_nonfinite: str,
@@ -494,7 +503,9 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
             (``manu_fast.distributed.rank_path``).
         resume: continue from ``checkpoint`` when it exists (start afresh when it does not): its statistics
             are loaded and the batches it holds are read but not run, so ``data`` must yield the same batches
-            in the same order as the interrupted run. The result equals an uninterrupted run bit for bit.
+            in the same order as the interrupted run. The result equals an uninterrupted run bit for bit. The
+            checkpoint records a digest of the weights, their dtype and a digest of every batch's token ids and
+            shapes (``manu_fast.digests``): a resume with other weights, dtype or batches is refused.
         on_nonfinite: ``"count"`` excludes NaN/Inf activations from every statistic and counts them in the
             ``nonfinite`` field (a warning gives the total); ``"error"`` raises NonFiniteActivationError at
             the first batch that has any (one device sync per batch).
@@ -502,6 +513,8 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
             rank runs the batches it is given (shard them with ``manu_fast.distributed.Shard``) and the
             statistics are merged exactly across ranks, so every rank returns the whole-data statistics.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (an HF model), got {type(model).__name__}")
     _check_data(data)
     if statistics not in STATISTICS:
         raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")

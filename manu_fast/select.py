@@ -149,6 +149,8 @@ def scores(stats: NeuronStats, strategy: str = "manu-code", *, site: str = "hidd
            modality: str | None = None, token_kinds=None, towers=None, seed: int = 0,
            weights: dict | None = None) -> dict[str, torch.Tensor]:
     """Per-neuron scores (float64, higher = prune first) of every considered layer, in natural layer order."""
+    if not isinstance(stats, NeuronStats):
+        raise TypeError(f"stats must be a manu_fast.stats.NeuronStats (NeuronStats.load(path)), got {type(stats).__name__}")
     _check_options(strategy, metric, modality, weights)
     if strategy == "selective-pruning":
         modality = modality or "text"

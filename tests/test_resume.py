@@ -88,6 +88,26 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_statistics(tmp_path):
     _assert_bit_equal(again, reference)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1])
+def test_killed_at_random_points_again_and_again_resumes_exactly(tmp_path, seed):
+    """Killed at a random forward, resumed and killed again at another random forward (the resumed process's own
+    count), until a run ends: the statistics are bit-equal to an uninterrupted run's."""
+    import random
+    rng = random.Random(seed)
+    model, data = _setup()
+    reference = profile(model, data, sites=SITES, progress=False)
+    ckpt = tmp_path / "ckpt.safetensors"
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(ckpt), str(rng.randint(1, 4))],
+                              cwd=HERE, capture_output=True, text=True, timeout=120)
+        if proc.returncode != -signal.SIGKILL:  # this run had fewer batches left than its kill point
+            break
+    resumed_model, resumed_data = _setup()
+    _assert_bit_equal(_run(resumed_model, resumed_data, ckpt), reference)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def profile_stats_like(model, data):
     """Empty statistics with this run's layout, to read a checkpoint's position into."""
     from manu_fast.profiler import Profiler

@@ -140,6 +140,30 @@ def test_full_disk_is_one_line_and_leaves_no_temp_file(files, capsys, monkeypatc
     assert not list(files.glob("m.safetensors*"))
 
 
+def _expected_failures():
+    import PIL.Image
+    import torch.distributed
+    from safetensors import SafetensorError
+    from manu_fast.distributed import DistributedError
+    from manu_fast.profiler import NonFiniteActivationError
+    return [SafetensorError("No space left on device"), PIL.Image.DecompressionBombError("bomb"),
+            torch.OutOfMemoryError("CUDA out of memory"), torch.distributed.DistError("timed out"),
+            DistributedError("profiling failed on rank(s) [1]"), NonFiniteActivationError("80 non-finite values"),
+            MemoryError("no memory"), ImportError("No module named 'rouge_score'"), OSError(28, "No space left"),
+            StatsFileError("bad file\nsecond line")]
+
+
+@pytest.mark.parametrize("error", _expected_failures(), ids=lambda e: type(e).__name__)
+def test_expected_failures_are_one_line_and_exit_2(files, capsys, monkeypatch, error):
+    import manu_fast.select as sel
+
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(sel, "select_neurons", fail)
+    rc, err = _cli(capsys, "select", files / "s.safetensors", files / "m.safetensors")
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("manu-fast: error: ") and "Traceback" not in err, err
+
+
 def test_internal_errors_keep_their_traceback(files, capsys, monkeypatch):
     import manu_fast.select as sel
 
@@ -159,14 +183,34 @@ def test_a_stale_temp_file_of_a_killed_write_is_removed_by_the_next(stats, tmp_p
     assert not stale.exists() and other.exists()
 
 
-def test_decompression_bomb_is_a_data_error(tmp_path, monkeypatch):
-    import PIL.Image
-    rows = [{"image": bf.png((1, 2, 3), size=(40, 40)), "ID": "1", "name": "Ana",
+def _bomb_png(side: int = 20_000) -> bytes:
+    """A valid 1-bit PNG of side x side pixels (400 M) that compresses to a few kB: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = zlib.compress(b"\x00" * ((1 + side // 8) * side), 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_a_data_error(tmp_path):
+    rows = [{"image": _bomb_png(), "ID": "1", "name": "Ana",
              "metadata": json.dumps([{"Question": "Where?", "Answer": "Lima"}])}]
     items = load_mllmu_profiles(bf.write(tmp_path / "p.parquet", rows))
-    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # 1600 pixels > 2 x the limit: a bomb
-    with pytest.raises(DataError, match="cannot decode the image.*decompression bomb"):
+    with pytest.raises(DataError, match="row 0 image: cannot decode the image.*decompression bomb"):
         items[0].image.load()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(files, capsys, monkeypatch):
+    import manu_fast.select as sel
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sel, "select_neurons", interrupted)
+    rc, err = _cli(capsys, "select", files / "s.safetensors", files / "m.safetensors")
+    assert rc == 130 and err == "manu-fast: interrupted\n"
 
 
 # ---------------------------------------------------------------------------------------------------- file fuzzer
@@ -277,6 +321,51 @@ def test_fuzz_every_field_of_a_checkpoint(llama, tmp_path):
     assert _fuzz(tmp_path / "f.safetensors", tensors, meta, (CHECKPOINT_KEY,), (), use) > 100
 
 
+def _tensor_variants(tensors: dict):
+    """Every tensor dict with one tensor of another dtype or shape, deleted, or one unknown tensor added."""
+    for key, t in tensors.items():
+        for dtype in (torch.float32, torch.float16, torch.bool, torch.int64, torch.uint8):
+            if t.dtype != dtype:
+                yield f"{key} as {dtype}", {**tensors, key: t.to(dtype)}
+        yield f"{key} shorter", {**tensors, key: t[..., :-1].contiguous()}
+        yield f"{key} flat" if t.dim() > 1 else f"{key} 2-D", {**tensors, key: t.reshape(1, -1) if t.dim() == 1
+                                                               else t.reshape(-1).contiguous()}
+        yield f"{key} empty", {**tensors, key: t[..., :0].contiguous()}
+        yield f"{key} deleted", {k: v for k, v in tensors.items() if k != key}
+    some = next(iter(tensors.values()))
+    for extra in ("model.layers.9.mlp::hidden", "model.layers.0.mlp::bogus", "model.layers.0.mlp", "model.layers.9.mlp",
+                  "", "::"):
+        if extra not in tensors:
+            yield f"extra {extra!r}", {**tensors, extra: some.clone()}
+
+
+@pytest.mark.parametrize("kind", ["statistics", "masks"])
+def test_fuzz_every_tensor_of_a_file(stats, tmp_path, kind):
+    path = tmp_path / "f.safetensors"
+    if kind == "statistics":
+        stats.save(path)
+        fmt, use = "manu_fast.stats/1", NeuronStats.load
+    else:
+        Masks.all_kept(stats.fingerprint).save(path)
+        fmt, use = "manu_fast.masks/1", Masks.load
+    tensors, meta = load_tensors(path, fmt, kind)
+    meta.pop(CHECKSUM_KEY)
+    tried = 0
+    for what, variant in _tensor_variants(tensors):
+        save_tensors(variant, path, meta)
+        try:
+            loaded = use(path)
+        except StatsFileError:
+            tried += 1
+            continue
+        except Exception as e:  # noqa: BLE001 - the point of the test
+            raise AssertionError(f"{what}: {type(e).__name__}: {e}") from e
+        assert what.endswith("deleted"), what  # only a missing block / layer mask is a valid file (fewer layers)
+        assert len(getattr(loaded, "blocks", getattr(loaded, "keep", None))) == len(tensors) - 1
+        tried += 1
+    assert tried > 20
+
+
 @pytest.mark.parametrize("field", ["count", "m2", "sum_abs", "sum_sq", "active", "nonfinite", "mean"])
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
 def test_impossible_moments_are_refused_naming_the_field(stats, tmp_path, field, value):
@@ -288,6 +377,17 @@ def test_impossible_moments_are_refused_naming_the_field(stats, tmp_path, field,
         NeuronStats.load(tmp_path / "s.safetensors")
         return
     with pytest.raises(StatsFileError, match=f"block {key!r} field {field!r} holds"):
+        NeuronStats.load(tmp_path / "s.safetensors")
+
+
+@pytest.mark.parametrize("field,value,message", [("count", 2.5, "field 'count' holds non-integer counts"),
+                                                 ("nonfinite", 0.5, "field 'nonfinite' holds non-integer"),
+                                                 ("active", 1e9, "field 'active' exceeds 'count'")])
+def test_impossible_counts_are_refused(stats, tmp_path, field, value, message):
+    bad = NeuronStats(stats.groups, stats.fingerprint, stats.tau, {k: v.clone() for k, v in stats.blocks.items()})
+    bad.blocks[next(iter(bad.blocks))][FIELDS.index(field), 0, 3] = value
+    bad.save(tmp_path / "s.safetensors")
+    with pytest.raises(StatsFileError, match=message):
         NeuronStats.load(tmp_path / "s.safetensors")
 
 
@@ -391,6 +491,12 @@ def test_weights_digest_sees_a_changed_row_and_is_cheap():
     assert time.perf_counter() - start < 1.0
 
 
+@pytest.mark.parametrize("groups", [[], "forget/text/text", ["forget/text"], ["a/b/c", "a/b/c"], ["a//c"], [5]])
+def test_profiler_group_labels_are_checked(llama, groups):
+    with pytest.raises(ValueError, match="groups must be|group labels must be"):
+        Profiler(llama, groups)
+
+
 def test_nested_and_concurrent_profilers_are_refused(llama):
     groups = ["forget/text/text"]
     with Profiler(llama, groups):
@@ -432,6 +538,9 @@ def test_nested_and_concurrent_profilers_are_refused(llama):
     ({("forget", "text"): [[1, 2, 3]]}, "batch 1 of forget/text is a list, not a dict"),
     ({("forget", "text"): [{"input_ids": torch.zeros(0, 5, dtype=torch.long)}]}, "input 'input_ids' is empty"),
     ({("forget", "text"): [{"input_ids": torch.zeros(2, 5, dtype=torch.long, device="meta")}]}, "'meta' device"),
+    ({("forget", "text"): [{"input_ids": torch.zeros(2, 5)}]}, "input_ids must hold integer token ids, not torch.float32"),
+    ({("forget", "text"): [{"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 4)}]},
+     "attention_mask has shape (2, 4), input_ids (2, 5)"),
 ])
 def test_bad_data_is_refused_at_the_door(llama, data, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -469,3 +578,27 @@ def test_a_model_with_an_infinite_weight_is_still_patched(monkeypatch):
             model.get_submodule(f"{name}.down_proj").weight[0] = float("inf")  # +inf - inf: NaN outputs
     patch = ad.patch_model(model)
     assert not any(isinstance(layer, MLPPart) for layer in patch.layers.values())  # fused, as without the inf
+
+
+def test_wrong_types_in_the_api_are_named():
+    from manu_fast.masks import prune_weights
+    from manu_fast.select import select_neurons
+    model = tm.build("llama")
+    for call, message in [(lambda: profile(None, {}), "model must be a torch.nn.Module"),
+                          (lambda: profile("model", {}), "model must be a torch.nn.Module"),
+                          (lambda: select_neurons(None), "stats must be a manu_fast.stats.NeuronStats"),
+                          (lambda: select_neurons({"a": 1}), "stats must be a manu_fast.stats.NeuronStats"),
+                          (lambda: apply_masks(model, {"x": 1}), "masks must be a manu_fast.masks.Masks"),
+                          (lambda: prune_weights(model, "masks.safetensors"), "masks must be a manu_fast.masks.Masks"),
+                          (lambda: Masks({}, "fp"), "fingerprint must be a model fingerprint"),
+                          (lambda: Masks({}, {"model_type": "llama"}), "fingerprint must be a model fingerprint"),
+                          (lambda: Masks([], {"layers": {}}), "keep must be a dict")]:
+        with pytest.raises(TypeError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("config", ["[1]", "{not json", '{"bogus": 1}', "[" * 100_000])
+def test_a_damaged_demo_config_is_one_line_before_the_model_loads(files, capsys, config):
+    (files / "M" / "manu_fast_demo.json").write_text(config)
+    rc, err = _cli(capsys, "profile", files / "M", files / "o.safetensors", "--synthetic")
+    assert rc == 2 and "manu_fast_demo.json: not a configuration written by `manu-fast demo`" in err, err

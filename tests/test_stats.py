@@ -55,9 +55,18 @@ def test_std_accurate_when_mean_dominates_1e7_tokens():
     assert ((std - ref_std).abs() / ref_std).max().item() < 1e-3
 
 
+def _toy_block(groups: int, width: int) -> torch.Tensor:
+    """Random statistics that a profiling run could have produced (integer counts, active <= count)."""
+    block = torch.rand(len(FIELDS), groups, width, dtype=torch.float64)
+    for name in ("count", "active", "nonfinite"):
+        block[FIELDS.index(name)] = torch.randint(0, 10, (groups, width), dtype=torch.float64)
+    block[FIELDS.index("active")] = torch.minimum(block[FIELDS.index("active")], block[FIELDS.index("count")])
+    return block
+
+
 def _toy_stats(fp):
     s = NeuronStats(["forget/multimodal/text", "retain/multimodal/text"], fp, 0.1)
-    s.blocks["model.layers.0.mlp::hidden"] = torch.rand(len(FIELDS), 2, 5, dtype=torch.float64)
+    s.blocks["model.layers.0.mlp::hidden"] = _toy_block(2, 5)
     return s
 
 
@@ -89,8 +98,8 @@ def test_load_refuses_blocks_that_do_not_fit_the_fingerprint(tmp_path):
     """The checksum only proves the file is as written; a writer's block must still fit the model it names."""
     layer = "model.layers.0.mlp"
     good = _toy_stats(FP)
-    good.blocks[f"{layer}::out"] = torch.rand(len(FIELDS), 2, 8, dtype=torch.float64)  # out: the hidden width
-    good.blocks[f"{layer}::up"] = torch.rand(len(FIELDS), 2, 5, dtype=torch.float64)
+    good.blocks[f"{layer}::out"] = _toy_block(2, 8)  # out: the hidden width
+    good.blocks[f"{layer}::up"] = _toy_block(2, 5)
     good.save(tmp_path / "good.safetensors")
     assert set(NeuronStats.load(tmp_path / "good.safetensors").blocks) == set(good.blocks)
     plain = {"model_type": "llama", "layers": {layer: {**FP["layers"][layer], "kind": "plain"}}}
