@@ -120,7 +120,10 @@ def _synthetic_benchmark(model_dir):
     """The synthetic benchmark of a model trained by `manu-fast demo`, from its config (read before the model)."""
     from . import demo
     from .sources import local_files
-    cfg_file = local_files(model_dir) / DEMO_CONFIG
+    folder = local_files(model_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {model_dir}")
+    cfg_file = folder / DEMO_CONFIG
     if not cfg_file.is_file():
         raise FileNotFoundError(f"--synthetic needs a model trained by `manu-fast demo` ({cfg_file} is missing)")
     try:
