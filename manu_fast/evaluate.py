@@ -14,6 +14,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .schema import data_key
+
 
 def mc_accuracy(option_scores: torch.Tensor, answer_index: torch.Tensor) -> float:
     """Fraction of rows whose highest-scoring option (logit or summed log-likelihood, (B, K)) is the right one.
@@ -139,7 +141,7 @@ def evaluate(model, data: dict) -> dict:
     was_training = model.training
     model.eval()
     try:
-        return {f"{split}/{modality}": evaluate_batches(model, batches) for (split, modality), batches in data.items()}
+        return {data_key(split, modality): evaluate_batches(model, batches) for (split, modality), batches in data.items()}
     finally:
         model.train(was_training)
 

@@ -25,7 +25,7 @@ import torch
 
 from .adapters import fingerprint, get_patch, patch_model
 from .io import check_fingerprint_fields, load_tensors, parse_json, save_tensors
-from .schema import LINEAR_ROW_SITES, MASK_SITES, SITES, StatsFileError, check_fingerprint, site_length  # noqa: F401
+from .schema import LINEAR_ROW_SITES, MASK_SITES, SITES, StatsFileError, check_fingerprint, layer_sites, site_length  # noqa: F401
 
 FORMAT = "manu_fast.masks/1"
 
@@ -84,7 +84,8 @@ class Masks:
         """Masks that keep every neuron of ``layers`` (default: every layer of the fingerprint that has ``site``)."""
         info = fingerprint["layers"]
         if layers is None:
-            layers = [n for n, i in info.items() if site != "up" or i.get("kind") == "gated"]
+            # a plain MLP has no 'up' (skipped); a gate_up layer has no 'pre' of its own (refused by site_length)
+            layers = [n for n, i in info.items() if site != "up" or "up" in layer_sites(i)]
         return cls({n: torch.ones(site_length(info[n], site), dtype=torch.bool) for n in layers}, fingerprint, site)
 
     def tower(self, layer: str) -> str:

@@ -38,7 +38,7 @@ from torch import nn
 from .adapters import fingerprint, forward_kwargs, patch_model
 from .io import load_tensors, save_tensors
 from .masks import Masks, row_key
-from .schema import OFFICIAL_LAYERS, StatsFileError, check_fingerprint
+from .schema import OFFICIAL_LAYERS, StatsFileError, check_fingerprint, data_key
 
 FORMAT = "manu_fast.official_stats/1"
 CLAMP = 1e3          # activations are clamped to [-CLAMP, CLAMP] before any statistic
@@ -250,7 +250,7 @@ def profile_official(model: nn.Module, data: Mapping[tuple[str, str], Iterable[d
                 handles.append(_linear_of(patch.layers[name], site).register_forward_hook(hook_for(tower, source, site)))
         with torch.no_grad():
             for (split, modality), items in data.items():
-                key = f"{split}/{modality}"
+                key = data_key(split, modality)
                 if key in batches:
                     raise ValueError(f"{key} is given twice")
                 mine = [(split, s, site) for s, info in sources.items() if TOWER_MODALITY[info["tower"]] == modality

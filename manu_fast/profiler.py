@@ -32,7 +32,7 @@ from .digests import BatchDigests, weights_digest
 from .io import parse_json
 from .layers import MLPPart
 from .ops import act_stats
-from .schema import NONFINITE_POLICIES, SITES, STATISTICS, TOKEN_KINDS
+from .schema import KIND_SITES, NONFINITE_POLICIES, SITES, STATISTICS, TOKEN_KINDS, data_key
 from .stats import DEFAULT_TAU, FIELD_INDEX, NeuronStats, StatsFileError, empty_stats, group_label
 
 CHECKPOINT_KEY = "checkpoint"  # safetensors metadata entry holding the resume position
@@ -126,10 +126,9 @@ class Profiler:
             dev = layer.execution_device
             accs = {}
             for site in sites:
-                if site == "up" and layer.kind not in ("gated", "gate_up"):
-                    continue
-                if site in ("pre", "up") and layer.kind == "gate_up":  # one Linear gives gate and up: no own site
-                    no_input_sites.append(name)
+                if site not in KIND_SITES[layer.kind]:
+                    if layer.kind == "gate_up" and site in ("pre", "up"):  # one Linear gives gate and up: no own site
+                        no_input_sites.append(name)
                     continue
                 width = layer.hidden_size if site == "out" else layer.num_neurons
                 accs[site] = self.stats.blocks[NeuronStats.key(name, site)] = empty_stats(len(groups), width, dev)
@@ -235,10 +234,6 @@ def _vision_kind(batch: dict) -> str:
         raise ValueError("a batch holds both image and video pixels: the vision tower's statistics could not be "
                          "labelled image or video; give images and videos in separate batches")
     return "video" if video else "image"
-
-
-def _data_key(split: str, modality: str) -> str:
-    return f"{split}/{modality}"
 
 
 def _block_sums(stats: NeuronStats, field: str, per_group: bool) -> dict[str, list[float] | float]:
@@ -416,7 +411,7 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
     saved = dict(position) if position else None  # what the checkpoint on disk holds (resumed from it)
     nonfinite_before = _block_sums(prof.stats, "nonfinite", per_group=False) if on_nonfinite == "error" else {}
     for (split, modality), batches in data.items():
-        key = _data_key(split, modality)
+        key = data_key(split, modality)
         done = position.get(key, 0)
         seen = 0
         for batch in tqdm(batches, desc=f"profile {key}", disable=not progress, leave=False):

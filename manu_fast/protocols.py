@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 from .datasets import (CLEAR_FACE_PROMPT, BenchmarkItem, ChoiceQuestion, ClearCaption, ClearChoice, DataError,
                          MllmuPerson, OpenQuestion, caption_question, chat_texts)
-from .schema import CLEAR_DS_SIZE, GENERATION_INPUTS, MODALITIES, PROTOCOLS  # noqa: F401  (PROTOCOLS: public here too)
+from .schema import CLEAR_DS_SIZE, GENERATION_INPUTS, MODALITIES, PROTOCOLS, data_key  # noqa: F401  (PROTOCOLS: public here too)
 from .evaluate import (answer_losses, cloze_hit, evaluate_mc_items, first_letter, generate_texts, harmonic_mean,
                        mllmu_reply, normalized_probability, rouge, truth_ratio)
 
@@ -100,7 +100,7 @@ def run_logit(model, processor, splits: dict[str, list[MllmuPerson]], *, seed: i
                      for p in people for q in p.classification[modality]]
             if not items:
                 raise DataError(f"{people[0].where}: the {split} file has no {modality} classification questions")
-            results[f"{split}/{modality}"] = {"classification": evaluate_mc_items(
+            results[data_key(split, modality)] = {"classification": evaluate_mc_items(
                 model, processor, items, batch_size, device, dtype, progress)}
     return results
 
@@ -199,7 +199,7 @@ def mllmu_requests(splits: dict[str, list[MllmuPerson]], full_set: list[MllmuPer
         ids = [p.person_id for p in people]
         few_shot[split] = {}
         for modality in MODALITIES:
-            skipped[f"{split}/{modality}"] = {}
+            skipped[data_key(split, modality)] = {}
         if "classification" in tasks:
             shots = _shot_people(draw_people(ids, MLLMU_CLASSIFICATION_SHOTS, seed, split, "classification"),
                                  full_set, split)
@@ -221,7 +221,7 @@ def mllmu_requests(splits: dict[str, list[MllmuPerson]], full_set: list[MllmuPer
                                                 classification_prompt(q, mm, examples),
                                                 example_images + [person.image(seed)] if mm else [], q.answer,
                                                 tuple(q.options)))
-                skipped[f"{split}/{modality}"]["classification"] = n_skipped
+                skipped[data_key(split, modality)]["classification"] = n_skipped
         if "cloze" in tasks:
             shots = _shot_people(draw_people(ids, MLLMU_CLOZE_SHOTS, seed, split, "cloze"), full_set, split)
             few_shot[split]["cloze"] = [p.person_id for p in shots]
@@ -239,7 +239,7 @@ def mllmu_requests(splits: dict[str, list[MllmuPerson]], full_set: list[MllmuPer
                                             cloze_prompt(q, examples), images + [person.image(seed)] if mm else [],
                                             q.answer))
             for modality in MODALITIES:
-                skipped[f"{split}/{modality}"]["cloze"] = n_skipped[modality]
+                skipped[data_key(split, modality)]["cloze"] = n_skipped[modality]
         if "generation" in tasks:
             for person in people:
                 for q in person.generation:
