@@ -83,10 +83,6 @@ def _towers(layers: dict) -> str:
     return ", ".join(f"{n} {t}" for t, n in counts.items()) + " MLPs" if counts else "no MLPs"
 
 
-def _shape(info: dict) -> str:
-    return ", ".join(f"{k} {info[k]}" for k in ("kind", "tower", "neurons", "hidden") if k in info)
-
-
 FINGERPRINT_FIX = "make it again from this model (manu-fast profile, then select)"
 
 
@@ -109,9 +105,11 @@ def check_fingerprint(expected: dict, found: dict, path=None) -> None:
                              f"{_towers(el)}; {'; '.join(x for x in sides if x)}: {FINGERPRINT_FIX}")
     differ = [n for n in el if el[n] != fl[n]]
     if differ:
-        name = differ[0]
-        more = f" (and {len(differ) - 1} more layers)" if len(differ) > 1 else ""
-        raise StatsFileError(f"{where}made for another {et!r} model: layer {name!r} has {_shape(fl[name])} in the file, "
-                             f"{_shape(el[name])} in this model{more}: {FINGERPRINT_FIX}")
+        name, more = differ[0], len(differ) - 1
+        keys = [k for k in dict.fromkeys([*fl[name], *el[name]]) if fl[name].get(k) != el[name].get(k)]
+        sides = "; ".join(f"{k} {fl[name].get(k)} in the file, {el[name].get(k)} in this model" for k in keys)
+        others = f" (and {more} more layer{'s' if more > 1 else ''})" if more else ""
+        raise StatsFileError(f"{where}made for another {et!r} model: layer {name!r} differs in {sides}{others}: "
+                             f"{FINGERPRINT_FIX}")
     raise StatsFileError(f"{where}made for another model: the fingerprints differ outside the layers "
                          f"(file {sorted(found)}, model {sorted(expected)}): {FINGERPRINT_FIX}")

@@ -76,9 +76,8 @@ def test_fingerprint_refusals_name_both_sides_and_the_fix():
              (fp("llava", 2), fp("llava", 3), "the file has 3 language MLPs, this model 2 language MLPs; only in the "
                                               "file: 'model.layers.2.mlp'"),
              (fp("llava", 3), fp("llava", 2), "only in the model: 'model.layers.2.mlp'"),
-             (fp("llava", 2, 48), fp("llava", 2), "layer 'model.layers.0.mlp' has kind gated, tower language, neurons "
-                                                  "40, hidden 16 in the file, kind gated, tower language, neurons 48, "
-                                                  "hidden 16 in this model (and 1 more layers)")]
+             (fp("llava", 2, 48), fp("llava", 2), "layer 'model.layers.0.mlp' differs in neurons 40 in the file, 48 "
+                                                  "in this model (and 1 more layer)")]
     for model, file, text in cases:
         with pytest.raises(StatsFileError) as e:
             check_fingerprint(model, file, "m.safetensors")
