@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-slow test-all bench install clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,15 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/manu-fast demo
 
+# The quick lane (the README's test command): everything but the end-to-end cases marked slow.
 test: $(VENV)/.installed
+	$(VENV)/bin/pytest tests/ -q -m "not slow"
+
+# The slow end-to-end cases only; test-all runs both lanes.
+test-slow: $(VENV)/.installed
+	$(VENV)/bin/pytest tests/ -q -m slow
+
+test-all: $(VENV)/.installed
 	$(VENV)/bin/pytest tests/ -q
 
 bench: $(VENV)/.installed

@@ -3,8 +3,9 @@
 # timing (fused vs unfused gated MLP at three widths, the elementwise kernel's launch-configuration sweep), and the
 # benchmark suite in full mode (op at G = 2 and 8, both LLaVA MLPs at G = 8, the whole LLaVA-7B-width model at full
 # depth through the public profile() with the streaming-hooks peer, memory, compact at 2/10/30/50 %, the
-# precision torture test). Logs and results.md go to $1, else $OUT, else ./gpu_check_out.
-# Every step has its own `timeout`; the steps' limits add up to 7.5 minutes.
+# precision torture test; the torch.compile peers hooks-compiled / hooks-compiled-masked at the op, layer and
+# model levels, their Inductor compile in the untimed first call). Logs and results.md go to $1, else $OUT, else
+# ./gpu_check_out. Every step has its own `timeout`; the steps' limits add up to 7.8 minutes.
 # Without CUDA the GPU steps are recorded as SKIPPED and the script exits 0; it exits 1 if a step failed.
 # GPU_CHECK_DRY_RUN=1 prints each step's command instead of running it (to check the script's logic).
 # PYTHON selects the interpreter (default: python3).
@@ -57,10 +58,10 @@ export MANU_FAST_BENCH_MODE=full MANU_FAST_BENCH_OUT="$OUT_DIR/bench"
 mkdir -p "$MANU_FAST_BENCH_OUT"
 run_step install 60 1 "$PY" -m pip install --no-deps --no-build-isolation -e .
 # the test files with CUDA cases (the rest is CPU-only and runs in CI)
-run_step tests 150 1 "$PY" -m pytest tests/test_triton.py tests/test_backend_contract.py tests/test_adapters.py -q \
+run_step tests 140 1 "$PY" -m pytest tests/test_triton.py tests/test_backend_contract.py tests/test_adapters.py -q \
     --durations=10
-run_step kernels 90 1 "$PY" benchmarks/gated_paths.py --out "$OUT_DIR/kernels.md"
-run_step benchmarks 150 1 "$PY" -m pytest benchmarks/ -q -s
+run_step kernels 80 1 "$PY" benchmarks/gated_paths.py --out "$OUT_DIR/kernels.md"
+run_step benchmarks 190 1 "$PY" -m pytest benchmarks/ -q -s
 
 {
     echo

@@ -10,6 +10,10 @@ against the fused result:
   cheaper than Welford/Chan and less accurate when |mean| >> std: the accuracy such code usually accepts.
 - ``welford`` (:class:`WelfordStats`): the ``welford-torch`` package (what taker and the MANU code import), one
   float64 ``Welford`` per group fed with ``add_all`` on that group's rows, plus float64 sums of |a|, a^2, [|a|>tau].
+- ``hooks-compiled`` (:class:`CompiledStreamStats`): the hooks-stream update under ``torch.compile`` (Inductor
+  generates C++/OpenMP on CPU, Triton on CUDA): the peer a torch 2.x user tries first. ``hooks-compiled-masked``
+  (:class:`CompiledMaskedStats`) is the formulation Inductor can fuse without a matmul: one masked
+  reduction per group and sum, all in one generated kernel.
 - ``hooks-store`` (:class:`StoreStats`): the MANU reference style: keep every activation as the model produced
   it, concatenate and reduce (two-pass, fp32) at the end. Memory O(tokens x neurons).
 
@@ -20,6 +24,7 @@ per batch, round robin) x {image, text} tokens, 8 groups with the default 4 keys
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass, field
 
@@ -59,14 +64,9 @@ class StreamStats:
         self.sums = torch.zeros(4, num_groups, num_neurons, dtype=torch.float64, device=device)  # a, a^2, |a|, active
 
     def update(self, a: torch.Tensor, gid: torch.Tensor) -> None:
-        a = a.reshape(-1, self.n).float()
-        onehot = one_hot_groups(gid, self.g)
-        absa = a.abs()
-        self.count += onehot.sum(1)
-        self.sums[0] += onehot @ a
-        self.sums[1] += onehot @ (a * a)
-        self.sums[2] += onehot @ absa
-        self.sums[3] += onehot @ (absa > self.tau).float()
+        count, sums = _stream_sums(a.reshape(-1, self.n), gid, self.g, self.tau)
+        self.count += count
+        self.sums += sums
 
     def block(self) -> torch.Tensor:
         out = empty_stats(self.g, self.n, self.count.device)
@@ -80,6 +80,47 @@ class StreamStats:
 
     def held_bytes(self) -> int:
         return self.count.nbytes + self.sums.nbytes
+
+
+def _stream_sums(a: torch.Tensor, gid: torch.Tensor, num_groups: int, tau: float):
+    """The per-batch update of StreamStats as one function of its inputs (what torch.compile traces)."""
+    a = a.float()
+    onehot = one_hot_groups(gid, num_groups)
+    absa = a.abs()
+    return onehot.sum(1), torch.stack([onehot @ a, onehot @ (a * a), onehot @ absa, onehot @ (absa > tau).float()])
+
+
+def _masked_sums(a: torch.Tensor, gid: torch.Tensor, num_groups: int, tau: float):
+    """The same sums as masked per-group reductions (no one-hot matmul): a form Inductor fuses into few kernels."""
+    a = a.float()
+    absa = a.abs()
+    fields = (a, a * a, absa, (absa > tau).float())
+    sums, counts = [], []
+    for k in range(num_groups):
+        m = (gid == k).unsqueeze(1)
+        counts.append(m.sum())
+        sums.append(torch.stack([torch.where(m, f, 0.0).sum(0) for f in fields]))
+    return torch.stack(counts).float(), torch.stack(sums, 1)
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+class CompiledStreamStats(StreamStats):
+    name = "hooks-compiled"
+    sums_fn = staticmethod(_stream_sums)
+
+    def update(self, a: torch.Tensor, gid: torch.Tensor) -> None:
+        count, sums = _compiled(self.sums_fn)(a.reshape(-1, self.n), gid, self.g, self.tau)
+        self.count += count
+        self.sums += sums
+
+
+class CompiledMaskedStats(CompiledStreamStats):
+    name = "hooks-compiled-masked"
+    sums_fn = staticmethod(_masked_sums)
 
 
 class WelfordStats:
@@ -155,7 +196,7 @@ class StoreStats:
 
 
 # welford-torch is a pip extra ("bench"); where it is missing (e.g. an offline GPU image) that peer is left out.
-STATS_PEERS = {cls.name: cls for cls in (StreamStats, WelfordStats, StoreStats)
+STATS_PEERS = {cls.name: cls for cls in (StreamStats, CompiledStreamStats, CompiledMaskedStats, WelfordStats, StoreStats)
                if cls is not WelfordStats or importlib.util.find_spec("welford_torch") is not None}
 
 

@@ -24,7 +24,7 @@ import torch
 from manu_fast import demo
 from manu_fast.synthetic import MODALITIES, PROFILE_TEMPLATES, PROFILE_VARIANT, num_image_tokens
 from manu_fast.profiler import profile
-from manu_fast.select import EPS, natural_key, scores
+from manu_fast.select import EPS, cross_modal_terms, natural_key, scores
 
 STRATEGIES = ("manu-code", "manu-paper", "power-ratio")
 TERMS = ("abs", "freq", "var", "rms")
@@ -55,18 +55,12 @@ def lm_scores(stats, strategy: str) -> torch.Tensor:
 
 
 def paper_terms(stats) -> dict:
-    """manu-paper's terms per split on the language model (the formulas of manu_fast.select._cross_modal_importance)."""
+    """manu-paper's terms per split on the language model (manu_fast.select.cross_modal_terms)."""
     out = {}
     for split in ("forget", "retain"):
-        parts = {t: [] for t in TERMS}
-        for n in language_layers(stats):
-            m, t = (stats.pooled(n, "hidden", stats.group_ids(split, mod)) for mod in MODALITIES)
-            parts["abs"].append((m["abs"] - t["abs"]).abs() / (m["abs"] + t["abs"] + EPS))
-            parts["freq"].append((m["freq"] - t["freq"]).abs() / (m["freq"] + t["freq"] + EPS))
-            parts["var"].append((m["var"] + t["var"]).sqrt())
-            z2m, z2t = m["rms"] ** 2, t["rms"] ** 2
-            parts["rms"].append(((z2m - z2t).abs() / (z2m + z2t + EPS)).sqrt())
-        out[split] = {k: torch.cat(v) for k, v in parts.items()}
+        parts = [cross_modal_terms(*(stats.pooled(n, "hidden", stats.group_ids(split, mod)) for mod in MODALITIES))
+                 for n in language_layers(stats)]
+        out[split] = {t: torch.cat([p[t] for p in parts]) for t in TERMS}
     return out
 
 

@@ -3,7 +3,7 @@
 Peers: ``plain`` act(g)*u (no statistics: the lower bound), ``fused`` manu_fast.act_stats through the dispatch
 (C++ on CPU, Triton on CUDA), ``fused-3-sites`` the same with statistics of pre and up too, ``reference``
 manu_fast's float64 PyTorch reference op (the fallback), and the statistics peers of benchmarks.peers fed with
-act(g)*u. Accumulators of G = 2 and 8 token groups; the tokens of one call belong to one data key (image, then
+act(g)*u (hooks-compiled and hooks-compiled-masked: under torch.compile; their first, untimed call compiles). Accumulators of G = 2 and 8 token groups; the tokens of one call belong to one data key (image, then
 text, then padding), as in a profiling batch. Targets: CPU fused >= 3x faster than the reference and <= 1.5x
 plain; GPU (bf16) fused <= 1.3x plain, fused-3-sites <= 1.6x (printed, not asserted: machines are noisy).
 """
@@ -46,7 +46,8 @@ def held_bytes(name: str, tokens: int, n: int, dtype: torch.dtype, num_groups: i
     """State each peer holds while the op runs: accumulators, or (hooks-store) the stored activation."""
     acc = empty_stats(num_groups, n, "meta").nbytes
     return {"plain": 0, "fused": acc, "fused-3-sites": 3 * acc, "reference": acc,
-            "hooks-stream": (4 * num_groups * n + num_groups) * 8, "welford": 7 * num_groups * n * 8,
+            "hooks-stream": (4 * num_groups * n + num_groups) * 8, "hooks-compiled": (4 * num_groups * n + num_groups) * 8,
+            "hooks-compiled-masked": (4 * num_groups * n + num_groups) * 8, "welford": 7 * num_groups * n * 8,
             "hooks-store": tokens * n * dtype.itemsize + tokens * 4}[name]
 
 

@@ -32,8 +32,7 @@ def _act_stats_kernel(
     if HAS_KEEP:
         keep = tl.load(keep_ptr + cols, mask=col_ok, other=0) != 0
     part_ptr = scratch_ptr + chunk * part_stride  # this program's partials: hidden here, pre/up at the offsets
-    (run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf,
-     uc, us1, us2, usa, una, unf) = start_statistics(ACC_ROWS, BLOCK_T, BLOCK_N)
+    run, sites = start_statistics(ACC_ROWS, BLOCK_T, BLOCK_N)
     t_begin, t_end = chunk_token_range(chunk, tiles_per_chunk, T, BLOCK_T)
     for t0 in range(t_begin, t_end, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
@@ -51,15 +50,12 @@ def _act_stats_kernel(
         h = store_hidden(h, keep, rows, row_ok, cols, col_ok, out_ptr, N, HAS_KEEP, WRITE_OUT, RTNE_BF16)
         if STATS_H or STATS_PRE or STATS_UP:
             gid, valid = load_groups(gid_ptr, rows, row_ok, num_groups, HAS_GID, BLOCK_T)
-            (run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf,
-             uc, us1, us2, usa, una, unf) = statistics_step(
-                h, p, u, gid, valid, run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna,
-                pnf, uc, us1, us2, usa, una, unf, part_ptr, pre_site_offset, up_site_offset, num_groups, N, cols,
-                col_ok, tau, STATS_H, STATS_PRE, STATS_UP, ACC_ROWS, BLOCK_N)
+            run, sites = statistics_step(h, p, u, gid, valid, run, sites, part_ptr, pre_site_offset, up_site_offset,
+                                         num_groups, N, cols, col_ok, tau, STATS_H, STATS_PRE, STATS_UP, ACC_ROWS,
+                                         BLOCK_N)
     if STATS_H or STATS_PRE or STATS_UP:
-        touched = flush_run(run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf,
-                            uc, us1, us2, usa, una, unf, part_ptr, pre_site_offset, up_site_offset, num_groups * N,
-                            N, cols, col_ok, STATS_H, STATS_PRE, STATS_UP)
+        touched = flush_run(run, sites, part_ptr, pre_site_offset, up_site_offset, num_groups * N, N, cols, col_ok,
+                            STATS_H, STATS_PRE, STATS_UP)
         tl.store(touched_ptr + chunk * tl.num_programs(0) + pid_n, touched)
 
 

@@ -100,7 +100,7 @@ def chunk_token_range(chunk, tiles_per_chunk, T, BLOCK_T: tl.constexpr):
 
 
 # ---- per-site run statistics ----
-# A site's run state: (c, s1, s2, sa, na, nf) = shift (BLOCK_N,), then sums of x - c, (x - c)^2, |x| (fp32) and
+# A site's run state, one tuple (c, s1, s2, sa, na, nf) = shift (BLOCK_N,), then sums of x - c, (x - c)^2, |x| (fp32) and
 # counts of |x| > tau and of non-finite x (int32), each (ACC_ROWS, BLOCK_N): ACC_ROWS == BLOCK_T keeps one
 # accumulator per tile position (no reduction per tile), ACC_ROWS == 1 reduces each tile (fewer registers).
 
@@ -121,8 +121,9 @@ def _fold(acc, x, ACC_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _site_add(x, take, c, s1, s2, sa, na, nf, tau, ACC_ROWS: tl.constexpr):
+def _site_add(x, take, state, tau, ACC_ROWS: tl.constexpr):
     """Add the rows ``take`` (BLOCK_T, 1) of tile ``x`` (BLOCK_T, BLOCK_N) to a site's run state."""
+    c, s1, s2, sa, na, nf = state
     fin = take & (tl.abs(x) < float("inf"))  # False for NaN and +-Inf
     x0 = tl.where(fin, x, 0.0)
     d = tl.where(fin, x - c[None, :], 0.0)
@@ -131,7 +132,7 @@ def _site_add(x, take, c, s1, s2, sa, na, nf, tau, ACC_ROWS: tl.constexpr):
     sa = _fold(sa, tl.abs(x0), ACC_ROWS)
     na = _fold(na, (tl.abs(x0) > tau).to(tl.int32), ACC_ROWS)
     nf = _fold(nf, (take & ~(tl.abs(x) < float("inf"))).to(tl.int32), ACC_ROWS)
-    return s1, s2, sa, na, nf
+    return c, s1, s2, sa, na, nf
 
 
 @triton.jit
@@ -159,9 +160,10 @@ def _site_shift(x, take, part_ptr, k, touched, field, N, cols, col_ok):
 
 
 @triton.jit
-def _site_flush(part_ptr, k, touched, rows, c, s1, s2, sa, na, nf, field, N, cols, col_ok):
+def _site_flush(part_ptr, k, touched, rows, state, field, N, cols, col_ok):
     """Reduce a site's run state and add it to the program's partial of group k (written fresh when the program
     has none yet: nothing is read from an untouched, unzeroed partial)."""
+    c, s1, s2, sa, na, nf = state
     nf_n = tl.sum(nf, axis=0).to(tl.float32)
     p = part_ptr + k * N + cols
     old = _and_scalar(col_ok, _group_bit(touched, k))
@@ -179,55 +181,61 @@ def _site_flush(part_ptr, k, touched, rows, c, s1, s2, sa, na, nf, field, N, col
 
 
 @triton.jit
-def flush_run(run_k, run_rows, touched,
-              hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf, uc, us1, us2, usa, una, unf,
-              part_ptr, pre_site_offset, up_site_offset, field, N, cols, col_ok,
+def flush_run(run, sites, part_ptr, pre_site_offset, up_site_offset, field, N, cols, col_ok,
               STATS_H: tl.constexpr, STATS_PRE: tl.constexpr, STATS_UP: tl.constexpr):
-    """Write the current run (group ``run_k``, if any) of every gathered site into the partials; returns the
-    updated mask of touched groups."""
+    """Write the current run (``run`` = (group or -1, rows per tile position, touched groups)) of every gathered
+    site (``sites`` = (hidden, pre, up) run states) into the partials; returns the updated mask of touched groups."""
+    run_k, run_rows, touched = run
+    h_state, pre_state, up_state = sites
     if run_k >= 0:
         if STATS_H:
-            _site_flush(part_ptr, run_k, touched, run_rows, hc, hs1, hs2, hsa, hna, hnf, field, N, cols, col_ok)
+            _site_flush(part_ptr, run_k, touched, run_rows, h_state, field, N, cols, col_ok)
         if STATS_PRE:
-            _site_flush(part_ptr + pre_site_offset, run_k, touched, run_rows, pc, ps1, ps2, psa, pna, pnf, field, N,
-                        cols, col_ok)
+            _site_flush(part_ptr + pre_site_offset, run_k, touched, run_rows, pre_state, field, N, cols, col_ok)
         if STATS_UP:
-            _site_flush(part_ptr + up_site_offset, run_k, touched, run_rows, uc, us1, us2, usa, una, unf, field, N,
-                        cols, col_ok)
+            _site_flush(part_ptr + up_site_offset, run_k, touched, run_rows, up_state, field, N, cols, col_ok)
         touched = touched | (tl.full([], 1, tl.int64) << run_k.to(tl.int64))
     return touched
 
 
 @triton.jit
-def _add_sites(h, pre, up, take, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf,
-               uc, us1, us2, usa, una, unf, tau,
+def _add_sites(h, pre, up, take, sites, tau,
                STATS_H: tl.constexpr, STATS_PRE: tl.constexpr, STATS_UP: tl.constexpr, ACC_ROWS: tl.constexpr):
+    h_state, pre_state, up_state = sites
     if STATS_H:
-        hs1, hs2, hsa, hna, hnf = _site_add(h, take, hc, hs1, hs2, hsa, hna, hnf, tau, ACC_ROWS)
+        h_state = _site_add(h, take, h_state, tau, ACC_ROWS)
     if STATS_PRE:
-        ps1, ps2, psa, pna, pnf = _site_add(pre, take, pc, ps1, ps2, psa, pna, pnf, tau, ACC_ROWS)
+        pre_state = _site_add(pre, take, pre_state, tau, ACC_ROWS)
     if STATS_UP:
-        us1, us2, usa, una, unf = _site_add(up, take, uc, us1, us2, usa, una, unf, tau, ACC_ROWS)
-    return hs1, hs2, hsa, hna, hnf, ps1, ps2, psa, pna, pnf, us1, us2, usa, una, unf
+        up_state = _site_add(up, take, up_state, tau, ACC_ROWS)
+    return h_state, pre_state, up_state
 
 
 @triton.jit
-def statistics_step(h, pre, up, gid, valid, run_k, run_rows, touched,
-                    hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf, uc, us1, us2, usa, una, unf,
-                    part_ptr, pre_site_offset, up_site_offset, num_groups, N, cols, col_ok, tau,
-                    STATS_H: tl.constexpr, STATS_PRE: tl.constexpr, STATS_UP: tl.constexpr,
-                    ACC_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Add one tile (rows ``valid`` with group ids ``gid``) of h, pre and up to the run statistics.
+def _new_run_state(x, take, part_ptr, k, touched, field, N, cols, col_ok, ACC_ROWS: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """A site's fresh run state for group k, shifted by ``_site_shift``."""
+    c, s1, s2, sa, na, nf = _empty_state(ACC_ROWS, BLOCK_N)
+    c = _site_shift(x, take, part_ptr, k, touched, field, N, cols, col_ok)
+    return c, s1, s2, sa, na, nf
 
-    ``run_rows`` (BLOCK_T,) counts the run's rows per tile position (reduced only when the run is flushed). A
-    tile whose rows all belong to the current run (the usual case) costs one scalar reduction, the test; else
-    the groups present in the tile are visited in increasing order, each new group flushing the current run
+
+@triton.jit
+def statistics_step(h, pre, up, gid, valid, run, sites, part_ptr, pre_site_offset, up_site_offset, num_groups, N,
+                    cols, col_ok, tau, STATS_H: tl.constexpr, STATS_PRE: tl.constexpr, STATS_UP: tl.constexpr,
+                    ACC_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add one tile (rows ``valid`` with group ids ``gid``) of h, pre and up to the run statistics; returns the
+    updated ``(run, sites)``.
+
+    ``run`` = (group of the current run or -1, ``run_rows``, touched groups mask): ``run_rows`` (BLOCK_T,) counts
+    the run's rows per tile position (reduced only when the run is flushed). ``sites`` = the (hidden, pre, up) run
+    states. A tile whose rows all belong to the current run (the usual case) costs one scalar reduction, the test;
+    else the groups present in the tile are visited in increasing order, each new group flushing the current run
     and starting its own."""
+    run_k, run_rows, touched = run
     if tl.max(tl.where(valid & (gid != run_k), 1, 0), axis=0) == 0:
         run_rows += valid.to(tl.int32)
-        (hs1, hs2, hsa, hna, hnf, ps1, ps2, psa, pna, pnf, us1, us2, usa, una, unf) = _add_sites(
-            h, pre, up, valid[:, None], hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf, uc, us1, us2,
-            usa, una, unf, tau, STATS_H, STATS_PRE, STATS_UP, ACC_ROWS)
+        sites = _add_sites(h, pre, up, valid[:, None], sites, tau, STATS_H, STATS_PRE, STATS_UP, ACC_ROWS)
     else:
         field = num_groups * N
         k = tl.min(tl.where(valid, gid, num_groups), axis=0)
@@ -235,27 +243,24 @@ def statistics_step(h, pre, up, gid, valid, run_k, run_rows, touched,
             in_k = valid & (gid == k)
             take = in_k[:, None]
             if k != run_k:
-                touched = flush_run(run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna,
-                                    pnf, uc, us1, us2, usa, una, unf, part_ptr, pre_site_offset, up_site_offset,
+                touched = flush_run((run_k, run_rows, touched), sites, part_ptr, pre_site_offset, up_site_offset,
                                     field, N, cols, col_ok, STATS_H, STATS_PRE, STATS_UP)
+                h_state, pre_state, up_state = sites
                 if STATS_H:  # (state of a site not gathered is never reassigned: the compiler drops it)
-                    hc, hs1, hs2, hsa, hna, hnf = _empty_state(ACC_ROWS, BLOCK_N)
-                    hc = _site_shift(h, take, part_ptr, k, touched, field, N, cols, col_ok)
+                    h_state = _new_run_state(h, take, part_ptr, k, touched, field, N, cols, col_ok, ACC_ROWS, BLOCK_N)
                 if STATS_PRE:
-                    pc, ps1, ps2, psa, pna, pnf = _empty_state(ACC_ROWS, BLOCK_N)
-                    pc = _site_shift(pre, take, part_ptr + pre_site_offset, k, touched, field, N, cols, col_ok)
+                    pre_state = _new_run_state(pre, take, part_ptr + pre_site_offset, k, touched, field, N, cols,
+                                               col_ok, ACC_ROWS, BLOCK_N)
                 if STATS_UP:
-                    uc, us1, us2, usa, una, unf = _empty_state(ACC_ROWS, BLOCK_N)
-                    uc = _site_shift(up, take, part_ptr + up_site_offset, k, touched, field, N, cols, col_ok)
+                    up_state = _new_run_state(up, take, part_ptr + up_site_offset, k, touched, field, N, cols,
+                                              col_ok, ACC_ROWS, BLOCK_N)
+                sites = (h_state, pre_state, up_state)
                 run_k = k
                 run_rows = tl.zeros_like(run_rows)
             run_rows += in_k.to(tl.int32)
-            (hs1, hs2, hsa, hna, hnf, ps1, ps2, psa, pna, pnf, us1, us2, usa, una, unf) = _add_sites(
-                h, pre, up, take, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf, uc, us1, us2, usa, una,
-                unf, tau, STATS_H, STATS_PRE, STATS_UP, ACC_ROWS)
+            sites = _add_sites(h, pre, up, take, sites, tau, STATS_H, STATS_PRE, STATS_UP, ACC_ROWS)
             k = tl.min(tl.where(valid & (gid > k), gid, num_groups), axis=0)
-    return (run_k, run_rows, touched,
-            hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf, uc, us1, us2, usa, una, unf)
+    return (run_k, run_rows, touched), sites
 
 
 @triton.jit
@@ -274,10 +279,10 @@ def store_hidden(h, keep, rows, row_ok, cols, col_ok, out_ptr, N,
 
 @triton.jit
 def start_statistics(ACC_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The initial (run_k, run_rows, touched) and per-site states of a program: no run, no group touched."""
-    hc, hs1, hs2, hsa, hna, hnf = _empty_state(ACC_ROWS, BLOCK_N)
-    return (tl.full([], -1, tl.int32), tl.zeros([BLOCK_T], dtype=tl.int32), tl.zeros([], dtype=tl.int64),
-            hc, hs1, hs2, hsa, hna, hnf, hc, hs1, hs2, hsa, hna, hnf, hc, hs1, hs2, hsa, hna, hnf)
+    """The initial ``(run, sites)`` of a program: no run, no group touched, empty (hidden, pre, up) states."""
+    state = _empty_state(ACC_ROWS, BLOCK_N)
+    return (tl.full([], -1, tl.int32), tl.zeros([BLOCK_T], dtype=tl.int32), tl.zeros([], dtype=tl.int64)), \
+        (state, state, state)
 
 
 @triton.jit

@@ -79,8 +79,7 @@ def _gated_gemm_act_stats_kernel(
     if HAS_BIAS_U:
         bias_u = tl.load(bu_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     part_ptr = scratch_ptr + chunk * part_stride
-    (run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf,
-     uc, us1, us2, usa, una, unf) = start_statistics(1, BLOCK_M, BLOCK_N)
+    run, sites = start_statistics(1, BLOCK_M, BLOCK_N)
     # Weight tiles are read transposed, (BLOCK_K, BLOCK_N), straight from the (N, D) nn.Linear layout.
     wg_tile = wg_ptr + cols[None, :].to(tl.int64) * stride_wgn + ks[:, None] * stride_wgd
     wu_tile = wu_ptr + cols[None, :].to(tl.int64) * stride_wun + ks[:, None] * stride_wud
@@ -113,15 +112,12 @@ def _gated_gemm_act_stats_kernel(
         h = store_hidden(h, keep, rows, row_ok, cols, col_ok, out_ptr, N, HAS_KEEP, True, RTNE_BF16)
         if STATS_H or STATS_PRE or STATS_UP:
             gid, valid = load_groups(gid_ptr, rows, row_ok, num_groups, HAS_GID, BLOCK_M)
-            (run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf,
-             uc, us1, us2, usa, una, unf) = statistics_step(
-                h, acc_g, acc_u, gid, valid, run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2,
-                psa, pna, pnf, uc, us1, us2, usa, una, unf, part_ptr, pre_site_offset, up_site_offset, num_groups,
-                N, cols, col_ok, tau, STATS_H, STATS_PRE, STATS_UP, 1, BLOCK_N)
+            run, sites = statistics_step(h, acc_g, acc_u, gid, valid, run, sites, part_ptr, pre_site_offset,
+                                         up_site_offset, num_groups, N, cols, col_ok, tau, STATS_H, STATS_PRE,
+                                         STATS_UP, 1, BLOCK_N)
     if STATS_H or STATS_PRE or STATS_UP:
-        touched = flush_run(run_k, run_rows, touched, hc, hs1, hs2, hsa, hna, hnf, pc, ps1, ps2, psa, pna, pnf,
-                            uc, us1, us2, usa, una, unf, part_ptr, pre_site_offset, up_site_offset, num_groups * N,
-                            N, cols, col_ok, STATS_H, STATS_PRE, STATS_UP)
+        touched = flush_run(run, sites, part_ptr, pre_site_offset, up_site_offset, num_groups * N, N, cols, col_ok,
+                            STATS_H, STATS_PRE, STATS_UP)
         tl.store(touched_ptr + chunk * (tl.num_programs(0) // num_chunks) + pid_n, touched)
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .activations import activation_name
-from .layers import FusedGatedMLP, FusedMLP, FusedPlainMLP, MLPPart
+from .layers import FusedGatedMLP, FusedMLP, FusedPlainMLP, MLPPart, compact_identity
 from .schema import MOE_POLICIES, TOKEN_KINDS, TOWERS  # noqa: F401  (TOWERS, TOKEN_KINDS: public names here too)
 
 
@@ -449,8 +449,8 @@ def fingerprint(model: nn.Module) -> dict:
     """What a statistics/mask file must match: model type and every MLP's name, kind, tower and sizes."""
     patch = get_patch(model)
     if patch is not None:
-        layers = {n: {"kind": l.kind, "tower": patch.towers[n], "neurons": l.num_neurons, "hidden": l.hidden_size}
-                  for n, l in patch.layers.items()}
+        layers = {n: {"kind": l.kind, "tower": patch.towers[n], "neurons": l.num_neurons, "hidden": l.hidden_size,
+                      **compact_identity(l)} for n, l in patch.layers.items()}
     else:
         layers = {i.name: {"kind": i.kind, "tower": i.tower, "neurons": i.neurons, "hidden": i.hidden}
                   for i in find_mlps(model)}
@@ -589,7 +589,9 @@ def _probe(original: nn.Module, fused: FusedMLP) -> bool | None:
     if not isinstance(a, torch.Tensor) or a.shape != b.shape:
         return False
     a, b = a.float(), b.float()
-    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max()) + 1e-6))
+    finite = a[torch.isfinite(a)]  # a weight of +-inf (or NaN) must not make the tolerance NaN
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * scale + 1e-6, equal_nan=True))
 
 
 def _moe_error(mt: str, moe: list[Skipped]) -> UnsupportedModelError:

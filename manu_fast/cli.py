@@ -13,7 +13,9 @@
 
 MODEL: a folder written by save_pretrained or a Hugging Face hub id (llava-hf/llava-1.5-7b-hf).
 `manu-fast --version`: the versions and which backend (C++, Triton, PyTorch reference) runs on each device.
-Errors (bad arguments, missing or refused files) print one line on stderr and exit with status 2.
+Errors (bad arguments, missing or refused files, a full disk, no CUDA) print one line on stderr and exit with
+status 2; an internal error prints its traceback and exits with status 1. No command writes over one of its inputs
+or into the model folder it reads (docs/ROBUSTNESS.md).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .paths import check_outputs
 from .schema import (BENCHMARKS, DEFAULT_TAU, DTYPE_NAMES, METRICS, MLLMU_TASKS, MODALITIES, MOE_POLICIES,
                      NONFINITE_POLICIES, PROFILE_MODES, PROTOCOLS, SITES, STRATEGIES, TOKEN_KINDS, TOWERS, StatsFileError)
 
@@ -59,6 +62,30 @@ def _auto_class(model):
         if type(config) in auto._model_mapping:
             return config, auto
     raise ValueError(f"{model}: no transformers auto class loads model type {config.model_type!r}")
+
+
+def check_device(device: str) -> None:
+    """Refuse, before any model is loaded, a --device that this machine does not have."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps ...)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UsageError(f"--device {device}: this machine (or this torch build) has no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: unsupported device type {dev.type!r} (cpu, cuda, mps)")
+
+
+def _inputs(args, *names) -> dict:
+    """{--option: path} of the given path options of ``args`` (for manu_fast.io.check_outputs)."""
+    return {f"--{n.replace('_', '-')}": getattr(args, n) for n in names}
 
 
 def load_model(model, dtype: str = "float32", device: str = "cpu"):
@@ -142,6 +169,14 @@ def _profile_items(args) -> dict:
                 hint = " (CLEAR's text-only rows are in its +tofu configs)" if args.benchmark == "clear" else ""
                 raise DataError(f"{path}: no {modality} items to profile{hint}")
         out[split] = items
+        if "test_set" in Path(path).name.lower():
+            print(f"manu-fast: warning: --{split} {path} looks like MLLMU-Bench's Test_Set, which holds the evaluation "
+                  "questions: profiling on it selects neurons on the test data", file=sys.stderr)
+    shared = sorted({i.person_id for i in out["forget"]} & {i.person_id for i in out["retain"]})
+    if shared and not args.allow_overlap:
+        raise UsageError(f"profile: {len(shared)} people are in both --forget and --retain (IDs {', '.join(shared[:5])}"
+                         f"{' ...' if len(shared) > 5 else ''}): their statistics would count on both sides; give "
+                         "disjoint sets, or pass --allow-overlap if this is intended")
     return out
 
 
@@ -152,10 +187,15 @@ def cmd_profile(args) -> None:
     if args.resume and not args.checkpoint:
         raise UsageError("profile: --resume needs --checkpoint PATH")
     _check_batch_size(args.batch_size)
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be a positive number of minutes, got {args.dist_timeout}")
+    check_outputs("profile", {"OUT": args.out, "--checkpoint": args.checkpoint},
+                  {"MODEL_DIR": args.model, **_inputs(args, "forget", "retain", "qa", "names")}, folders=("MODEL_DIR",))
+    check_device(args.device)
     device = args.device
     if args.distributed:
         from . import distributed as mdist
-        rank, _ = mdist.init()
+        rank, _ = mdist.init(timeout_s=60 * args.dist_timeout)
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     model_dir = args.model
@@ -200,6 +240,7 @@ def alpha_arg(text: str):
 def cmd_select(args) -> None:
     from .select import select_neurons
     from .stats import NeuronStats
+    check_outputs("select", {"OUT": args.out}, {"STATS": args.stats})
     stats = NeuronStats.load(args.stats)
     masks = select_neurons(stats, args.strategy, args.alpha, per_layer=args.per_layer, site=args.site,
                            metric=args.metric, modality=args.modality, token_kinds=args.token_kinds,
@@ -214,8 +255,9 @@ def cmd_prune(args) -> None:
     from .masks import Masks, prune_weights
     from .stats import check_fingerprint
     model_dir, out = Path(args.model), Path(args.out)
-    if out.resolve() == model_dir.resolve():
-        raise UsageError("prune: OUT_DIR must differ from MODEL_DIR (the original weights are kept)")
+    check_outputs("prune", {"OUT_DIR": out}, {"MODEL_DIR": model_dir, "MASKS": args.masks}, folders=("MODEL_DIR",),
+                  output_folders=("OUT_DIR",))
+    check_device(args.device)
     masks = Masks.load(args.masks)  # a damaged file is refused before the model is loaded
     _announce("prune", args.device, args.dtype)
     model = load_model(args.model, args.dtype, args.device)
@@ -305,6 +347,10 @@ def cmd_evaluate(args) -> None:
     from .masks import Masks, apply_masks
     _check_batch_size(args.batch_size)
     tasks = _evaluation_tasks(args)
+    check_outputs("evaluate", {"--json": args.json},
+                  {"MODEL_DIR": args.model, **_inputs(args, "forget", "retain", "few_shot", "test", "celebrity",
+                                                      "real_faces", "real_world", "masks")}, folders=("MODEL_DIR",))
+    check_device(args.device)
     data = _evaluation_data(args, tasks)
     model_dir = args.model
     masks = Masks.load(args.masks) if args.masks else None  # a damaged file is refused before the model is loaded
@@ -438,7 +484,10 @@ def cmd_demo(demo_args: list[str]) -> None:
                      epilog="Each seed trains its own world; the table is mean ± sd over seeds, report.json has every "
                             "seed's rows. The strategies and the calibrated budgets: docs/SELECTION.md.")
     demo.add_arguments(parser)
-    demo.main(parser.parse_args(demo_args))
+    args = parser.parse_args(demo_args)
+    check_outputs("demo", {"--out": args.out, "--cache-dir": args.cache_dir}, {},
+                  output_folders=("--out", "--cache-dir"))
+    demo.main(args)
 
 
 # ---------------------------------------------------------------------------------------------------- parser
@@ -527,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from --checkpoint if it exists (batches already in it are skipped, not re-counted)")
     s.add_argument("--on-nonfinite", default="count", choices=NONFINITE_POLICIES,
                    help="NaN/Inf activations: count and exclude them (default), or stop with an error naming the layer")
+    s.add_argument("--allow-overlap", action="store_true",
+                   help="profile even when the same people (IDs) are in both --forget and --retain (refused by default)")
+    s.add_argument("--dist-timeout", type=float, default=30.0,
+                   help="--distributed: minutes a collective waits for a stalled or dead rank before every rank stops "
+                        "with an error (default: %(default)s)")
     s.add_argument("--distributed", action="store_true",
                    help="data-parallel over torchrun's processes: each rank profiles every world-th batch, the "
                         "statistics are merged exactly and rank 0 writes OUT (see docs/ROBUSTNESS.md)")
@@ -628,6 +682,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_INTERNAL = 1
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user can cause or meet (bad input, a refused file, a full disk, a missing package, no GPU memory):
+    one line and exit status 2. The libraries' own types are added once they are imported."""
+    found = [UsageError, StatsFileError, FileNotFoundError, ValueError, OSError, ImportError]
+    for module, name in (("safetensors", "SafetensorError"), ("PIL.Image", "DecompressionBombError"),
+                         ("torch", "OutOfMemoryError"), ("torch.distributed", "DistError"),
+                         ("manu_fast.distributed", "DistributedError")):
+        if module in sys.modules and hasattr(sys.modules[module], name):
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -636,10 +705,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args = build_parser().parse_args(argv)
             args.func(args)
-    except (UsageError, StatsFileError, FileNotFoundError, ValueError, OSError, ImportError) as e:
-        message = " ".join(str(e).split())  # one line, whatever the library wrote
+    except Exception as e:  # noqa: BLE001 - sorted into expected (one line) and internal (traceback) below
+        if not isinstance(e, expected_errors()):
+            import traceback
+            traceback.print_exc()
+            print(f"manu-fast: internal error ({type(e).__name__}): this is a bug in manu_fast or a library it uses; "
+                  "please report it with the command line and the traceback above", file=sys.stderr)
+            return EXIT_INTERNAL
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the library wrote
         print(f"manu-fast: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("manu-fast: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -119,7 +119,7 @@ def _parsed(value, kind: type, where: str, field: str):
     if isinstance(value, (str, bytes)):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise DataError(f"{where}: {field} is not valid JSON ({e})") from None
     if not isinstance(value, kind):
         raise DataError(f"{where}: {field} is {_describe(value)}, not a {kind.__name__}")
@@ -159,7 +159,7 @@ class ImageRef:
             if isinstance(value, (bytes, bytearray)):
                 return Image.open(io.BytesIO(value)).convert("RGB")
             return Image.open(value).convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             raise DataError(f"{self.where}: cannot decode the image ({e})") from None
 
 

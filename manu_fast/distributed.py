@@ -11,6 +11,8 @@ No pickle crosses the process group: layouts are compared by hash and failures s
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -21,7 +23,24 @@ import torch
 
 from .stats import NeuronStats, merge_partials
 
+DEFAULT_TIMEOUT_S = 30 * 60  # a collective waiting longer than this for a rank fails on every rank
 GATHER_BUDGET_BYTES = 256 * 2**20  # per-rank bytes of statistics gathered at once (world x this in flight)
+
+
+class DistributedError(RuntimeError):
+    """A distributed run that cannot go on: not launched by torchrun, or another rank failed."""
+
+
+@contextlib.contextmanager
+def _collective(what: str):
+    """A collective whose failure (a rank that stalled past the timeout, or died) is a DistributedError saying so."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, DistributedError):
+            raise
+        raise DistributedError(f"{what} failed on this rank: another rank stalled past the timeout (init(timeout_s=...), "
+                               f"--dist-timeout) or died ({' '.join(str(e).split())[:300]})") from e
 
 
 def _dist():
@@ -31,19 +50,22 @@ def _dist():
     return dist
 
 
-def init(backend: str | None = None) -> tuple[int, int]:
+def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment if needed; return (rank, world size).
 
-    Backend: ``nccl`` when CUDA is available (each process on cuda:LOCAL_RANK), else ``gloo``."""
+    Backend: ``nccl`` when CUDA is available (each process on cuda:LOCAL_RANK), else ``gloo``. ``timeout_s``: how long
+    a collective waits for a stalled or dead rank before every rank fails with an error (instead of hanging)."""
+    if not 0 < timeout_s < float("inf"):
+        raise ValueError(f"the distributed timeout must be a positive number of seconds, got {timeout_s}")
     dist = _dist()
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise RuntimeError("distributed profiling needs torch.distributed: launch with torchrun (it sets RANK, "
+            raise DistributedError("distributed profiling needs torch.distributed: launch with torchrun (it sets RANK, "
                                "WORLD_SIZE, MASTER_ADDR...) or call torch.distributed.init_process_group first")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -93,12 +115,13 @@ def raise_if_any_rank_failed(error: BaseException | None, group=None) -> None:
     dist = _dist()
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=comm_device(group))
     flags = [torch.empty_like(flag) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(flags, flag, group=group)
+    with _collective("the exchange of failure flags"):
+        dist.all_gather(flags, flag, group=group)
     if error is not None:
         raise error
     failed = [r for r, f in enumerate(flags) if int(f.item())]
     if failed:
-        raise RuntimeError(f"profiling failed on rank(s) {failed}; see their error output")
+        raise DistributedError(f"profiling failed on rank(s) {failed}; see their error output")
 
 
 def sum_counts(counts: dict[str, int], group=None) -> dict[str, int]:
@@ -109,29 +132,36 @@ def sum_counts(counts: dict[str, int], group=None) -> dict[str, int]:
     dist = _dist()
     keys = sorted(counts)
     t = torch.tensor([counts[k] for k in keys], dtype=torch.int64, device=comm_device(group))
-    dist.all_reduce(t, group=group)
+    with _collective("summing the batch counts"):
+        dist.all_reduce(t, group=group)
     totals = dict(zip(keys, t.tolist()))
     return {k: totals[k] for k in counts}
 
 
-def _layout_digest(stats: NeuronStats) -> torch.Tensor:
+def _digest(value) -> list[int]:
+    return list(hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest())
+
+
+def check_same_layout(stats: NeuronStats, group=None, run: dict | None = None) -> None:
+    """Collective: raise ValueError on every rank unless all ranks hold statistics of the same layout
+    (model fingerprint, groups, tau, layers, sites) and, given ``run`` (``manu_fast.profiler.run_identity``), the
+    same weights and dtype; compared by SHA-256 digests."""
+    dist = _dist()
     layout = {"groups": stats.groups, "tau": repr(float(stats.tau)), "fingerprint": stats.fingerprint,
               "blocks": [[k, list(b.shape)] for k, b in stats.blocks.items()]}
-    digest = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).digest()
-    return torch.tensor(list(digest), dtype=torch.uint8)
-
-
-def check_same_layout(stats: NeuronStats, group=None) -> None:
-    """Collective: raise ValueError on every rank unless all ranks hold statistics of the same layout
-    (model fingerprint, groups, tau, layers, sites), compared by a SHA-256 digest."""
-    dist = _dist()
-    digest = _layout_digest(stats).to(comm_device(group))
+    digest = torch.tensor(_digest(layout) + _digest(run), dtype=torch.uint8, device=comm_device(group))
     digests = [torch.empty_like(digest) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(digests, digest, group=group)
-    differ = [r for r, d in enumerate(digests) if not torch.equal(d, digest)]
+    with _collective("the layout check"):
+        dist.all_gather(digests, digest, group=group)
+    rank = dist.get_rank(group)
+    differ = [r for r, d in enumerate(digests) if not torch.equal(d[:32], digest[:32])]
     if differ:
-        raise ValueError(f"rank {dist.get_rank(group)}: ranks {differ} profiled other groups, tau, layers or sites "
+        raise ValueError(f"rank {rank}: ranks {differ} profiled other groups, tau, layers or sites "
                          "than this one; every rank must call profile with the same model, data keys, sites, towers and tau")
+    differ = [r for r, d in enumerate(digests) if not torch.equal(d[32:], digest[32:])]
+    if differ:
+        raise ValueError(f"rank {rank}: ranks {differ} profiled a model with other weights or another dtype than "
+                         "this one (weights digest differs); every rank must load the same model files and --dtype")
 
 
 def _chunks(keys: list[str], sizes: list[int], budget: int) -> list[list[str]]:
@@ -161,7 +191,8 @@ def all_reduce_stats(stats: NeuronStats, group=None, budget_bytes: int | None = 
     for chunk in _chunks(keys, sizes, GATHER_BUDGET_BYTES if budget_bytes is None else budget_bytes):
         local = torch.cat([stats.blocks[k].to(dev) for k in chunk], dim=2).contiguous()
         parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local, group=group)
+        with _collective("the statistics merge"):
+            dist.all_gather(parts, local, group=group)
         merged = merge_partials(torch.stack(parts))
         widths = [stats.blocks[k].shape[2] for k in chunk]
         for key, part in zip(chunk, merged.split(widths, dim=2)):

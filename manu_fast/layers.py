@@ -7,6 +7,8 @@ the fused op (``manu_fast.ops``): activation, mask and statistics in one pass.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -27,6 +29,8 @@ class FusedMLP(nn.Module):
         self._enabled: set[str] = set()
         self.register_buffer("keep", None, persistent=False)
         self.recorder = None  # set by manu_fast.profiler.Profiler while profiling
+        self.origin: torch.Tensor | None = None  # a compact copy's map to the original numbering (compact_identity)
+        self.origin_neurons: int | None = None  # ... and the original layer's width
 
     @property
     def num_neurons(self) -> int:
@@ -203,11 +207,29 @@ def _compact(layer: FusedMLP) -> FusedMLP:
     width = compact_width(idx.numel(), layer.num_neurons)
     act_module = getattr(layer, layer.act_attr)
     if layer.kind == "gated":
-        return FusedGatedMLP(_compact_linear(layer.gate_proj, idx, 0, width),
-                             _compact_linear(layer.up_proj, idx, 0, width),
-                             _compact_linear(layer.down_proj, idx, 1, width), act_module, layer.act_attr)
-    return FusedPlainMLP(_compact_linear(layer.in_proj[0], idx, 0, width), _compact_linear(layer.out_proj, idx, 1, width),
-                         act_module, layer.fc1_name, layer.fc2_name, layer.act_attr)
+        new = FusedGatedMLP(_compact_linear(layer.gate_proj, idx, 0, width),
+                            _compact_linear(layer.up_proj, idx, 0, width),
+                            _compact_linear(layer.down_proj, idx, 1, width), act_module, layer.act_attr)
+    else:
+        new = FusedPlainMLP(_compact_linear(layer.in_proj[0], idx, 0, width),
+                            _compact_linear(layer.out_proj, idx, 1, width), act_module, layer.fc1_name,
+                            layer.fc2_name, layer.act_attr)
+    base = layer.origin if layer.origin is not None else torch.arange(layer.num_neurons)
+    new.origin = torch.full((width,), -1, dtype=torch.int64)
+    new.origin[: idx.numel()] = base[idx.cpu()]
+    new.origin_neurons = layer.origin_neurons or layer.num_neurons
+    return new
+
+
+def compact_identity(layer: FusedMLP) -> dict:
+    """The fingerprint entries that tell a compact copy from the layer it came from (empty for an original layer):
+    ``compacted`` = the original width and a SHA-256 of the kept neurons' original indices. Compaction always
+    changes it, even when the rounded width equals the original one (the neurons are renumbered), so that files in
+    the other numbering are refused (``manu_fast.masks.translate_masks`` converts masks)."""
+    if layer.origin is None:
+        return {}
+    digest = hashlib.sha256(layer.origin.numpy().tobytes()).hexdigest()
+    return {"compacted": {"of": int(layer.origin_neurons), "kept_sha256": digest}}
 
 
 class MLPPart(FusedMLP):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import fingerprint, get_patch, patch_model
-from .io import load_tensors, save_tensors
+from .io import check_fingerprint_fields, load_tensors, parse_json, save_tensors
 from .schema import SITES, StatsFileError, check_fingerprint, site_length  # noqa: F401
 
 FORMAT = "manu_fast.masks/1"
@@ -108,12 +108,13 @@ class Masks:
     def load(cls, path, expect_fingerprint: dict | None = None) -> "Masks":
         """Read a masks file; refuse (StatsFileError) a damaged file or one made for another model."""
         tensors, meta = load_tensors(path, FORMAT, "masks")
-        try:
-            fp = json.loads(meta["fingerprint"])
-            description = json.loads(meta.get("description", "{}"))
-            site = meta["site"]
-        except (KeyError, ValueError) as e:
-            raise StatsFileError(f"{path}: masks file metadata is damaged ({e})") from None
+        fp = check_fingerprint_fields(parse_json(meta.get("fingerprint"), path, "fingerprint"), path)
+        description = parse_json(meta.get("description", "{}"), path, "description")
+        if not isinstance(description, dict):
+            raise StatsFileError(f"{path}: metadata field 'description' must be an object")
+        site = meta.get("site")
+        if site not in SITES:
+            raise StatsFileError(f"{path}: metadata field 'site' must be one of {SITES}, got {str(site)[:40]}")
         if expect_fingerprint is not None:
             check_fingerprint(expect_fingerprint, fp, path)
         try:
@@ -190,6 +191,40 @@ def prune_weights(model, masks: Masks) -> None:
             patch.unpatch()
 
 
+def translate_masks(masks: Masks, model) -> Masks:
+    """Hidden-site ``masks`` moved across compaction with the map ``compact_model`` keeps on the compact layers of
+    ``model`` (a compacted model): masks of the full model into the compact numbering, or masks made on the compacted
+    model back into the original numbering (for the full model, after ``Patch.unpatch()``; the neurons compaction
+    dropped stay pruned there). Masks that fit neither side are refused (StatsFileError)."""
+    if masks.site != "hidden":
+        raise ValueError(f"only hidden-site masks can be translated across compaction, these are of site {masks.site!r}")
+    patch = get_patch(model)
+    compact = {n: l for n, l in (patch.layers.items() if patch is not None else ()) if l.origin is not None}
+    if not compact:
+        raise ValueError("the model has no compacted layers: there is nothing to translate masks across")
+    here = fingerprint(model)
+    full = {**here, "layers": {n: {**{k: v for k, v in i.items() if k != "compacted"}, "neurons": compact[n].origin_neurons}
+                               if n in compact else i for n, i in here["layers"].items()}}
+    to_compact = masks.fingerprint == full
+    if not to_compact:
+        check_fingerprint(here, masks.fingerprint, "masks (neither of the full model nor of this compacted one)")
+    keep = {}
+    for name, k in masks.keep.items():
+        if name not in compact:
+            keep[name] = k
+            continue
+        origin = compact[name].origin
+        used = origin >= 0
+        if to_compact:  # each compact neuron takes its original neuron's flag; padding neurons (zero) stay kept
+            new = torch.ones(origin.numel(), dtype=torch.bool)
+            new[used] = k[origin[used]]
+        else:  # each original neuron takes its compact copy's flag; dropped neurons stay pruned
+            new = torch.zeros(compact[name].origin_neurons, dtype=torch.bool)
+            new[origin[used]] = k[used]
+        keep[name] = new
+    return Masks(keep, here if to_compact else full, masks.site, {"translated": masks.description})
+
+
 def compact_model(model) -> int:
     """Drop the masked neurons of every fused layer from its weights (docs/OPS.md, section 5, "compact"), so that
     the MLPs do less work at inference; returns how many masked neurons were dropped.
@@ -198,7 +233,8 @@ def compact_model(model) -> int:
     with zero neurons (``manu_fast.layers.compact_width``), which keeps the GEMMs at GEMM-friendly widths. MLP parts
     (hooks inside a larger module, ``manu_fast.layers.MLPPart``) are not compacted (a warning names them); their
     masks stay applied. ``Patch.unpatch()`` still restores the full original model. Statistics and masks of the full
-    model no longer fit the compacted one (its fingerprint changes), so compact last, for serving.
+    model no longer fit the compacted one: its fingerprint always changes (``manu_fast.layers.compact_identity``), even
+    when the rounded width equals the original, and ``translate_masks`` converts masks between the two numberings.
     """
     patch = get_patch(model)
     if patch is None:

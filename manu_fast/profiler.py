@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -28,12 +29,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import default_token_kinds, fingerprint, patch_model, token_ids, video_span_ids
+from .digests import BatchDigests, weights_digest
+from .io import parse_json
 from .layers import MLPPart
 from .ops import act_stats
 from .schema import NONFINITE_POLICIES, SITES, TOKEN_KINDS
 from .stats import DEFAULT_TAU, FIELD_INDEX, NeuronStats, StatsFileError, empty_stats, group_label
 
 CHECKPOINT_KEY = "checkpoint"  # safetensors metadata entry holding the resume position
+_ACTIVE_LOCK = threading.Lock()  # guards Patch.active_profiler
 
 
 class NonFiniteActivationError(FloatingPointError):
@@ -136,6 +140,11 @@ class Profiler:
         self._cache: dict = {}
 
     def __enter__(self) -> "Profiler":
+        with _ACTIVE_LOCK:  # one profiler per model at a time: a second would share (and stop) the recorders
+            if getattr(self.patch, "active_profiler", None) is not None:
+                raise RuntimeError("this model is already being profiled (a Profiler or profile() is active on it, in "
+                                   "this or another thread): profile one model at a time, or use a copy of the model")
+            self.patch.active_profiler = self
         for name, rec in self._recorders.items():
             self.patch.layers[name].recorder = rec
         return self
@@ -144,6 +153,9 @@ class Profiler:
         for name in self._recorders:
             self.patch.layers[name].recorder = None
         self._cache.clear()
+        with _ACTIVE_LOCK:
+            if getattr(self.patch, "active_profiler", None) is self:
+                self.patch.active_profiler = None
 
     def _gid(self, split: str, modality: str, kind: str) -> int:
         if kind not in self.token_kinds:
@@ -250,36 +262,84 @@ def _block_sums(stats: NeuronStats, field: str, per_group: bool) -> dict[str, li
     return out
 
 
-def _checkpoint_state(stats: NeuronStats, position: dict[str, int], complete: bool, rank: int, world: int) -> dict:
-    return {"progress": position, "complete": complete, "rank": rank, "world_size": world,
-            "blocks": sorted(stats.blocks)}
+def run_identity(model: nn.Module) -> dict:
+    """What a checkpoint or a distributed merge must share beyond the layout: the weights (a sampled digest,
+    ``manu_fast.digests.weights_digest``) and their dtypes."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    return {"weights": weights_digest(model), "dtype": ",".join(dtypes)}
 
 
 def save_checkpoint(path, stats: NeuronStats, position: dict[str, int], *, complete: bool = False,
-                    rank: int = 0, world_size: int = 1) -> None:
+                    rank: int = 0, world_size: int = 1, run: dict | None = None) -> None:
     """Write ``stats`` and the resume position ({"split/modality": batches done}) atomically to ``path``.
 
-    The file is an ordinary statistics file (``NeuronStats.load`` reads it) with one more metadata entry."""
-    state = _checkpoint_state(stats, position, complete, rank, world_size)
+    The file is an ordinary statistics file (``NeuronStats.load`` reads it) with one more metadata entry; ``run``
+    (``run_identity`` plus ``batches``: {data key: digest of its batches so far}) is stored with it."""
+    state = {"progress": position, "complete": complete, "rank": rank, "world_size": world_size,
+             "blocks": sorted(stats.blocks), "run": run}
     stats.save(path, {CHECKPOINT_KEY: json.dumps(state, sort_keys=True)})
 
 
-def load_checkpoint(path, stats: NeuronStats, *, rank: int = 0, world_size: int = 1) -> dict[str, int]:
-    """Load the checkpoint at ``path`` into ``stats`` (in place, on each block's device); return its position.
-
-    Refuses (StatsFileError) a checkpoint of another model, other data keys, sites, towers, tau or launch."""
+def checkpoint_state(path) -> dict:
+    """The validated resume state of the checkpoint at ``path`` (its metadata entry; the file's checksum is checked
+    by ``NeuronStats.load``): StatsFileError naming the field when a field has the wrong type or range."""
     from safetensors import safe_open
-    saved = NeuronStats.load(path, expect_fingerprint=stats.fingerprint)
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(CHECKPOINT_KEY)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(CHECKPOINT_KEY)
+    except Exception as e:  # noqa: BLE001 - safetensors has its own error types for damaged headers
+        raise StatsFileError(f"{path}: not a readable checkpoint ({e})") from None
     if raw is None:
         raise StatsFileError(f"{path}: a statistics file but not a profiling checkpoint (no resume position)")
-    try:
-        state = json.loads(raw)
-        position = {str(k): int(v) for k, v in state["progress"].items()}
-        ckpt_rank, ckpt_world = int(state["rank"]), int(state["world_size"])
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise StatsFileError(f"{path}: checkpoint metadata is damaged ({e})") from None
+    state = parse_json(raw, path, CHECKPOINT_KEY)
+
+    def bad(field, what):
+        raise StatsFileError(f"{path}: checkpoint field {field!r} {what}")
+    if not isinstance(state, dict):
+        bad("checkpoint", "must be an object")
+    progress = state.get("progress")
+    if not isinstance(progress, dict) or not all(isinstance(k, str) and k.count("/") == 1 for k in progress):
+        bad("progress", "must be an object {split/modality: batches}")
+    for k, n in progress.items():
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**53:
+            bad(f"progress.{k}", f"must be a non-negative number of batches, got {str(n)[:40]}")
+    world = state.get("world_size")
+    if isinstance(world, bool) or not isinstance(world, int) or not 1 <= world <= 2**20:
+        bad("world_size", f"must be a number of processes, got {str(world)[:40]}")
+    rank = state.get("rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        bad("rank", f"must be in [0, {world}), got {str(rank)[:40]}")
+    if not isinstance(state.get("complete"), bool):
+        bad("complete", "must be true or false")
+    run = state.get("run")
+    if run is not None and not (isinstance(run, dict) and isinstance(run.get("weights"), str)
+                                and isinstance(run.get("dtype"), str) and isinstance(run.get("batches"), dict)
+                                and all(isinstance(v, str) for v in run["batches"].values())):
+        bad("run", "must be an object with 'weights', 'dtype' and 'batches' digests")
+    return state
+
+
+def load_checkpoint(path, stats: NeuronStats, *, rank: int = 0, world_size: int = 1,
+                    run: dict | None = None) -> dict[str, int]:
+    """Load the checkpoint at ``path`` into ``stats`` (in place, on each block's device); return its position.
+
+    Refuses (StatsFileError) a checkpoint of another model, other data keys, sites, towers, tau or launch, and, given
+    ``run`` (``run_identity`` of this run's model), one made with other weights or another dtype."""
+    saved = NeuronStats.load(path, expect_fingerprint=stats.fingerprint)
+    state = checkpoint_state(path)
+    position = dict(state["progress"])
+    ckpt_rank, ckpt_world = state["rank"], state["world_size"]
+    if run is not None:
+        held = state.get("run") or {}
+        if not held:
+            raise StatsFileError(f"{path}: the checkpoint records no weights digest (written by an older manu_fast): "
+                                 "profile afresh")
+        if held["dtype"] != run["dtype"]:
+            raise StatsFileError(f"{path}: checkpoint was made with weights in {held['dtype']}, this model's are in "
+                                 f"{run['dtype']}: resume with the same --dtype")
+        if held["weights"] != run["weights"]:
+            raise StatsFileError(f"{path}: checkpoint was made with other weights (weights digest differs): resume with "
+                                 "the same model files")
     if saved.groups != stats.groups:
         raise StatsFileError(f"{path}: checkpoint groups {saved.groups} differ from this run's {stats.groups}: "
                              "resume with the same data keys (split, modality), in the same order, and token kinds")
@@ -292,8 +352,6 @@ def load_checkpoint(path, stats: NeuronStats, *, rank: int = 0, world_size: int 
     if (ckpt_rank, ckpt_world) != (rank, world_size):
         raise StatsFileError(f"{path}: checkpoint of rank {ckpt_rank} of {ckpt_world}, this process is rank {rank} "
                              f"of {world_size}: resume with the same number of processes")
-    if any(n < 0 for n in position.values()):
-        raise StatsFileError(f"{path}: checkpoint metadata is damaged (negative position {position})")
     for key, block in stats.blocks.items():
         block.copy_(saved.blocks[key])
     return position
@@ -329,10 +387,33 @@ def _no_batch_error(key: str) -> ValueError:
     return ValueError(f"the {key} data yielded no batch: nothing to profile (an empty forget/retain set?)")
 
 
+def _check_batch(batch, key: str, number: int) -> None:
+    """Refuse, before its forward, a batch that is no dict of model inputs or holds empty or data-less tensors."""
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"batch {number} of {key} is a {type(batch).__name__}, not a dict of model inputs "
+                         "(input_ids=..., attention_mask=..., pixel_values=...)")
+    for name, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.device.type == "meta":
+            raise ValueError(f"batch {number} of {key}: input {name!r} is on the 'meta' device (it holds no data)")
+        if value.numel() == 0 and name != "profile_mask":
+            raise ValueError(f"batch {number} of {key}: input {name!r} is empty (shape {tuple(value.shape)})")
+
+
 def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], progress: bool, on_nonfinite: str,
-                     checkpoint, checkpoint_every: int, rank: int, world: int, require_batches: bool) -> dict[str, int]:
-    """Run every batch not yet in ``prof.stats`` (``position``: batches done per data key); return batches per key."""
+                     checkpoint, checkpoint_every: int, rank: int, world: int, require_batches: bool,
+                     run: dict | None = None, resumed_batches: dict[str, str] | None = None) -> dict[str, int]:
+    """Run every batch not yet in ``prof.stats`` (``position``: batches done per data key); return batches per key.
+
+    With a checkpoint, the token ids of every batch enter a digest stored with it (``run``); on resume, the digest
+    of the batches read again must equal the checkpoint's (``resumed_batches``)."""
     extra = _forward_kwargs(model)
+    digests = BatchDigests() if checkpoint is not None else None
+
+    def save(complete=False):
+        ident = None if run is None else {**run, "batches": digests.digests()}
+        save_checkpoint(checkpoint, prof.stats, position, complete=complete, rank=rank, world_size=world, run=ident)
     since_save = 0
     saved = dict(position) if position else None  # what the checkpoint on disk holds (resumed from it)
     nonfinite_before = _block_sums(prof.stats, "nonfinite", per_group=False) if on_nonfinite == "error" else {}
@@ -342,6 +423,14 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
         seen = 0
         for batch in tqdm(batches, desc=f"profile {key}", disable=not progress, leave=False):
             seen += 1
+            _check_batch(batch, key, seen)
+            if digests is not None:
+                digests.add(key, batch)
+                if seen == done and resumed_batches is not None and digests.digest(key) != resumed_batches.get(key):
+                    raise StatsFileError(
+                        f"{checkpoint}: the first {done} batches of {key} differ from those the checkpoint holds "
+                        "(other token ids or batch shapes: another data file, order or --batch-size): resume needs "
+                        "the same data, batched the same way, in the same order")
             if seen <= done:  # in the checkpoint already: read (the data must be the same) but not run
                 continue
             batch = dict(batch)
@@ -361,7 +450,7 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
                         f"{key}{where}. Check the inputs and the model dtype (fp16 overflow?), or pass "
                         "on_nonfinite='count' to exclude and count them")
             if checkpoint is not None and since_save >= checkpoint_every:
-                save_checkpoint(checkpoint, prof.stats, position, rank=rank, world_size=world)
+                save()
                 saved, since_save = dict(position), 0
         if seen < done:
             raise ValueError(f"the checkpoint holds {done} batches of {key} but the data now yields only {seen}: "
@@ -370,8 +459,25 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
         if require_batches and not seen:
             raise _no_batch_error(key)
     if checkpoint is not None:
-        save_checkpoint(checkpoint, prof.stats, position, complete=True, rank=rank, world_size=world)
+        save(complete=True)
     return position
+
+
+def _check_data(data) -> None:
+    """Refuse data that is no {(split, modality): batches} dict, before the model is touched."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"data must be a dict {{(split, modality): batches}}, got {type(data).__name__}")
+    if not data:
+        raise ValueError("no data to profile: give at least one (split, modality) -> batches entry")
+    for key, batches in data.items():
+        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) and k for k in key)):
+            raise ValueError(f"data key {key!r} must be a (split, modality) pair of non-empty strings")
+        if any("/" in k for k in key):
+            raise ValueError(f"data key {key!r}: split and modality names cannot contain '/' (it separates the parts "
+                             "of a group label split/modality/kind)")
+        if batches is None or isinstance(batches, (str, bytes, Mapping)) or not isinstance(batches, Iterable):
+            raise ValueError(f"data[{key!r}] must be an iterable of batches (a list, a DataLoader), got "
+                             f"{type(batches).__name__}")
 
 
 def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, sites=("hidden",),
@@ -401,8 +507,7 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
             rank runs the batches it is given (shard them with ``manu_fast.distributed.Shard``) and the
             statistics are merged exactly across ranks, so every rank returns the whole-data statistics.
     """
-    if not data:
-        raise ValueError("no data to profile: give at least one (split, modality) -> batches entry")
+    _check_data(data)
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
@@ -425,13 +530,15 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
     try:
         with Profiler(model, groups, sites=sites, tau=tau, towers=towers, token_kinds=token_kinds,
                       special_token_ids=special_token_ids) as prof, torch.no_grad():
-            position = {}
+            run = run_identity(model) if checkpoint is not None or distributed else None
+            position, resumed_batches = {}, None
             if resume and Path(checkpoint).is_file():
-                position = load_checkpoint(checkpoint, prof.stats, rank=rank, world_size=world)
+                position = load_checkpoint(checkpoint, prof.stats, rank=rank, world_size=world, run=run)
+                resumed_batches = checkpoint_state(checkpoint)["run"]["batches"]
             batches_per_key = _profile_batches(
                 model, data, prof, position=position, progress=progress, on_nonfinite=on_nonfinite,
                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, rank=rank, world=world,
-                require_batches=not distributed)
+                require_batches=not distributed, run=run, resumed_batches=resumed_batches)
     except Exception as e:
         if not distributed:
             raise
@@ -440,7 +547,7 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
         model.train(was_training)
     if distributed:
         dist_mod.raise_if_any_rank_failed(error)
-        dist_mod.check_same_layout(prof.stats)  # same groups, hence the same data keys, before summing per key
+        dist_mod.check_same_layout(prof.stats, run=run)  # same groups, hence the same data keys, before summing per key
         totals = dist_mod.sum_counts(batches_per_key)
         empty = [key for key, n in totals.items() if n == 0]
         if empty:

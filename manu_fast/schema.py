@@ -106,6 +106,15 @@ def check_fingerprint(expected: dict, found: dict, path=None) -> None:
     differ = [n for n in el if el[n] != fl[n]]
     if differ:
         name, more = differ[0], len(differ) - 1
+        if "compacted" in el[name] or "compacted" in fl[name]:
+            side = "the full model" if "compacted" not in fl[name] else "another compaction of this model"
+            if "compacted" not in el[name]:
+                side, this = "a compacted model", "this model is not compacted"
+            else:
+                this = "this model is compacted"
+            raise StatsFileError(f"{where}layer {name!r}: made for {side}, {this} (compaction renumbers the "
+                                 "neurons): convert masks with manu_fast.masks.translate_masks, or profile and "
+                                 "select on the model you apply them to")
         keys = [k for k in dict.fromkeys([*fl[name], *el[name]]) if fl[name].get(k) != el[name].get(k)]
         sides = "; ".join(f"{k} {fl[name].get(k)} in the file, {el[name].get(k)} in this model" for k in keys)
         others = f" (and {more} more layer{'s' if more > 1 else ''})" if more else ""

@@ -108,14 +108,18 @@ def _power_ratio(get, layer, modalities):
     return sum(get(layer, "forget", m)["rms"] ** 2 / (get(layer, "retain", m)["rms"] ** 2 + EPS) for m in modalities)
 
 
-def _cross_modal_importance(get, layer, split):
-    m, t = get(layer, split, "multimodal"), get(layer, split, "text")
-    i_abs = (m["abs"] - t["abs"]).abs() / (m["abs"] + t["abs"] + EPS)
-    i_freq = (m["freq"] - t["freq"]).abs() / (m["freq"] + t["freq"] + EPS)
-    i_var = (m["var"] + t["var"]).sqrt()
+def cross_modal_terms(m: dict, t: dict) -> dict[str, torch.Tensor]:
+    """manu-paper's four importance terms of one layer and split from its multimodal (``m``) and text (``t``)
+    metrics (``stats.metrics`` dicts): I_abs, I_freq, I_var, I_rms (docs/SELECTION.md)."""
     z2m, z2t = m["rms"] ** 2, t["rms"] ** 2  # mean a^2: a raw sum would grow with each modality's token count
-    i_rms = ((z2m - z2t).abs() / (z2m + z2t + EPS)).sqrt()
-    return i_abs + i_freq + i_var + i_rms
+    return {"abs": (m["abs"] - t["abs"]).abs() / (m["abs"] + t["abs"] + EPS),
+            "freq": (m["freq"] - t["freq"]).abs() / (m["freq"] + t["freq"] + EPS),
+            "var": (m["var"] + t["var"]).sqrt(),
+            "rms": ((z2m - z2t).abs() / (z2m + z2t + EPS)).sqrt()}
+
+
+def _cross_modal_importance(get, layer, split):
+    return sum(cross_modal_terms(get(layer, split, "multimodal"), get(layer, split, "text")).values())
 
 
 def _check_options(strategy, metric, modality, weights):

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .io import load_tensors, save_tensors
+from .io import check_fingerprint_fields, check_moments, load_tensors, parse_json, save_tensors
 from .schema import (DEFAULT_TAU, FIELDS, NUM_FIELDS, FIELD_INDEX, StatsFileError, check_fingerprint, group_label,  # noqa: F401
                      site_length)
 
 FORMAT = "manu_fast.stats/1"
+MAX_GROUPS = 4096  # group labels a statistics file may hold (the CLI makes at most 2 splits x 2 modalities x 5 kinds)
 
 
 def empty_stats(num_groups: int, num_neurons: int, device=None) -> torch.Tensor:
@@ -160,12 +161,18 @@ class NeuronStats:
     @classmethod
     def load(cls, path, expect_fingerprint: dict | None = None) -> "NeuronStats":
         tensors, meta = load_tensors(path, FORMAT, "statistics")
+        groups = parse_json(meta.get("groups"), path, "groups")
+        if not isinstance(groups, list) or not groups or len(groups) > MAX_GROUPS or len(set(map(str, groups))) != len(groups) \
+                or not all(isinstance(g, str) and len(g.split("/")) == 3 and all(g.split("/")) for g in groups):
+            raise StatsFileError(f"{path}: metadata field 'groups' must be a list of 1 to {MAX_GROUPS} distinct labels "
+                                 "split/modality/kind")
+        fp = check_fingerprint_fields(parse_json(meta.get("fingerprint"), path, "fingerprint"), path)
         try:
-            groups = json.loads(meta["groups"])
-            fp = json.loads(meta["fingerprint"])
             tau = float(meta["tau"])
         except (KeyError, ValueError) as e:
-            raise StatsFileError(f"{path}: statistics file metadata is damaged ({e})") from None
+            raise StatsFileError(f"{path}: metadata field 'tau' is missing or not a number ({e})") from None
+        if not 0 <= tau < float("inf"):
+            raise StatsFileError(f"{path}: metadata field 'tau' must be finite and non-negative, got {tau}")
         for k, v in tensors.items():
             layer, _, site = k.partition("::")
             try:
@@ -175,6 +182,7 @@ class NeuronStats:
             if v.dtype != torch.float64 or v.shape != (NUM_FIELDS, len(groups), width):
                 raise StatsFileError(f"{path}: block {k!r} has shape {tuple(v.shape)}/{v.dtype}, inconsistent with the "
                                      f"file's own header ({NUM_FIELDS}, {len(groups)}, {width})/torch.float64")
+            check_moments(v, path, k)
         if expect_fingerprint is not None:
             check_fingerprint(expect_fingerprint, fp, path)
         return cls(groups, fp, tau, tensors)

@@ -75,6 +75,7 @@ def test_reduced_demo_reproduces_pinned_figures_and_from_cache(tmp_path, capsys)
     assert calibrated["budget"]["alpha"] == PINNED_BUDGET
 
 
+@pytest.mark.slow
 def test_parallel_worlds_equal_serial(tmp_path):
     model = {"num_people": 6, "train_steps": 20}
     experiment = {"methods": ("manu-code", "power-ratio", "random"), "alphas": (30.0,), "default_alpha": 30.0,

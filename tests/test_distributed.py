@@ -56,9 +56,10 @@ def _worker(out: Path) -> None:
         bad_rank_data[("retain", "text")] = [batch]
     for case, kwargs in (("one rank fails", dict(data=bad_rank_data)),
                          ("layouts differ", dict(data=shards if rank == 0 else {("forget", "multimodal"): shards[("forget", "multimodal")]})),
-                         ("empty everywhere", dict(data={**shards, ("forget", "text"): []}))):
+                         ("empty everywhere", dict(data={**shards, ("forget", "text"): []})),
+                         ("weights differ", dict(data=shards, model=tm.build("llava", seed=rank)))):
         try:
-            profile(model, kwargs["data"], progress=False, distributed=True)
+            profile(kwargs.get("model", model), kwargs["data"], progress=False, distributed=True)
             messages.append(f"{case}: no error")
         except Exception as e:  # noqa: BLE001 - the message is what the test checks
             messages.append(f"{case}: {type(e).__name__}: {e}")
@@ -100,10 +101,48 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert single.block("model.language_model.layers.0.mlp")[FIELD_INDEX["count"], single.groups.index("forget/multimodal/image")].min() > 0
 
     errors = [(tmp_path / f"errors{r}.txt").read_text().splitlines() for r in (0, 1)]
-    assert "one rank fails: RuntimeError: profiling failed on rank(s) [1]" in errors[0][0]
+    assert "one rank fails: DistributedError: profiling failed on rank(s) [1]" in errors[0][0]
     assert "profile_mask has shape" in errors[1][0]
     assert all("profiled other groups" in e[1] for e in errors)
     assert all("forget/text data yielded no batch" in e[2] for e in errors)
+    assert "ranks [1] profiled a model with other weights" in errors[0][3]
+    assert "ranks [0] profiled a model with other weights" in errors[1][3]
+
+
+def _stalled_worker(out: Path) -> None:
+    """Rank 1 stalls (a data loader that hangs) longer than the timeout: rank 0 fails instead of waiting forever."""
+    import time
+    from manu_fast import distributed as mdist
+    model, data = _setup()
+    rank, _ = mdist.init("gloo", timeout_s=STALL_TIMEOUT_S)
+    shards = {key: mdist.Shard(batches) for key, batches in data.items()}
+    if rank == 1:
+        time.sleep(3 * STALL_TIMEOUT_S)
+    start = time.perf_counter()
+    try:
+        profile(model, shards, progress=False, distributed=True)
+        message = "no error"
+    except Exception as e:  # noqa: BLE001 - the message is what the test checks
+        message = f"{type(e).__name__} after {time.perf_counter() - start:.0f} s: {e}"
+    (out / f"stall{rank}.txt").write_text(message)
+
+
+STALL_TIMEOUT_S = 4
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_is_an_error_after_the_timeout_not_a_hang(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(Path(__file__).resolve()), str(tmp_path), "stall"], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the run hung")
+    message = (tmp_path / "stall0.txt").read_text()
+    assert message.startswith("DistributedError after ") and "another rank stalled past the timeout" in message, message
+    assert float(message.split(" after ")[1].split()[0]) < 3 * STALL_TIMEOUT_S, message
 
 
 def _llama_and_data():
@@ -154,4 +193,4 @@ def test_accelerate_hook_on_an_mlp_survives_patching():
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    (_stalled_worker if sys.argv[2:] == ["stall"] else _worker)(Path(sys.argv[1]))

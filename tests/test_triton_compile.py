@@ -2,7 +2,9 @@
 
 The interpreter tests (test_triton.py) check numerics but never run Triton's compiler; this catches code the
 interpreter accepts and the compiler rejects, before a GPU session is spent on it. Runs in a subprocess
-because tests/conftest.py switches the kernels to the interpreter in this process."""
+because tests/conftest.py switches the kernels to the interpreter in this process. The GPU image has another
+triton (3.6) than this machine (3.9): to check it too, install it aside (``pip install --no-deps --target DIR
+triton==3.6.0``) and run this file with ``PYTHONPATH=DIR``."""
 import os
 import subprocess
 import sys
