@@ -56,7 +56,7 @@ def test_save_load_and_refusals(tmp_path):
     assert back.site == m.site and back.description == m.description and back.fingerprint == m.fingerprint
     assert all(torch.equal(back.keep[n], m.keep[n]) for n in m.keep)
     other = build("llava")
-    with pytest.raises(StatsFileError, match="model type 'llama'"):
+    with pytest.raises(StatsFileError, match="made for a 'llama' model"):
         Masks.load(path, expect_fingerprint=fingerprint(other))
     # a file whose tensors disagree with its own fingerprint (wrong length)
     from manu_fast.io import save_tensors
