@@ -487,6 +487,7 @@ def cmd_demo(demo_args: list[str]) -> None:
     args = parser.parse_args(demo_args)
     check_outputs("demo", {"--out": args.out, "--cache-dir": args.cache_dir}, {},
                   output_folders=("--out", "--cache-dir"))
+    _announce("demo", "cpu", "float32")  # the tiny LLaVA trains and runs in float32 on CPU
     demo.main(args)
 
 
