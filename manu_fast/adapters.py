@@ -20,6 +20,7 @@ inference for a model type (``register_model``).
 """
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from contextlib import contextmanager
@@ -524,6 +525,17 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def forward_kwargs(model: nn.Module) -> dict:
+    """Cheap extras for a statistics-only forward: no KV cache, logits for the last position only."""
+    params = inspect.signature(model.forward).parameters
+    extra = {}
+    if "use_cache" in params:
+        extra["use_cache"] = False
+    if "logits_to_keep" in params:
+        extra["logits_to_keep"] = 1
+    return extra
 
 
 def get_patch(model: nn.Module) -> Patch | None:

@@ -27,8 +27,10 @@ import sys
 from pathlib import Path
 
 from .paths import check_outputs
-from .schema import (BENCHMARKS, DEFAULT_TAU, DTYPE_NAMES, METRICS, MLLMU_TASKS, MODALITIES, MOE_POLICIES,
-                     NONFINITE_POLICIES, PROFILE_MODES, PROTOCOLS, SITES, STRATEGIES, TOKEN_KINDS, TOWERS, StatsFileError)
+from .schema import (BENCHMARKS, CLEAR_DS_SIZE, DEFAULT_TAU, DTYPE_NAMES, GENERATION_INPUTS, METRICS, MLLMU_TASKS,
+                     MODALITIES, MOE_POLICIES, NONFINITE_POLICIES, OFFICIAL_LAYERS, PROFILE_MODES, PROTOCOLS, SITES,
+                     SPLITS, STRATEGIES,
+                     TOKEN_KINDS, TOWERS, StatsFileError)
 
 EXIT_USAGE = 2
 DEMO_CONFIG = "manu_fast_demo.json"  # written by manu_fast.demo next to the model it trained
@@ -180,8 +182,76 @@ def _profile_items(args) -> dict:
     return out
 
 
+class _OfficialBatches:
+    """Batches of benchmark items (lists of items, as ``manu_fast.official.official_batches`` draws them) encoded
+    with the official code's literal prompts (``official_prompt``), right-padded, when iterated."""
+
+    def __init__(self, processor, batches, device, dtype):
+        self.processor, self.batches, self.device, self.dtype = processor, batches, device, dtype
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        from .datasets import encode_texts
+        from .official import official_prompt
+        image_token = getattr(self.processor, "image_token", "<image>")
+        for items in self.batches:
+            mm = items[0].modality == "multimodal"
+            texts = [official_prompt(i.prompt, i.answer, mm).replace("<image>", image_token) for i in items]
+            yield encode_texts(self.processor, texts, [i.image for i in items] if mm else None, padding_side="right",
+                               device=self.device, dtype=self.dtype)
+
+
+def _official_data(processor, items: dict, args, device) -> dict:
+    """The official driver's data: every forget batch of a shuffled loader (reshuffled per chunk of 10 batches),
+    and as many retain batches, in each modality (``--seed`` draws the shuffles)."""
+    from .official import official_batches
+    data = {}
+    for modality in MODALITIES:
+        mine = {split: [i for i in items[split] if i.modality == modality] for split in SPLITS}
+        forget = official_batches(mine["forget"], args.batch_size, seed=args.seed)
+        retain = official_batches(mine["retain"], args.batch_size, limit=len(forget), seed=args.seed)
+        for split, batches in (("forget", forget), ("retain", retain)):
+            if args.official_layers == "per-layer" and any(len(b) == 1 for b in batches):
+                raise UsageError(f"profile --official-layers per-layer: a {split}/{modality} batch would hold one "
+                                 f"item ({len(mine[split])} items in batches of {args.batch_size}), which has no "
+                                 "std over samples (the official code gives NaN there); choose another --batch-size")
+            data[(split, modality)] = _OfficialBatches(processor, batches, device, _dtype(args.dtype))
+    return data
+
+
+def _profile_official(args) -> None:
+    from .profiler import profile
+    if args.synthetic or not (args.forget and args.retain):
+        raise UsageError("profile --official: give --forget and --retain (it profiles them with the official code's "
+                         "literal prompts; the synthetic benchmark's are the demo's)")
+    other = [flag for flag, given in (("--sites", args.sites != ["hidden"]), ("--tau", args.tau != DEFAULT_TAU),
+                                      ("--towers", args.towers), ("--checkpoint", args.checkpoint),
+                                      ("--resume", args.resume), ("--distributed", args.distributed),
+                                      ("--on-nonfinite", args.on_nonfinite != "count")) if given]
+    if other:
+        raise UsageError(f"profile --official fixes its sites, threshold and data handling: {', '.join(other)} "
+                         "apply to the exact statistics only")
+    _check_batch_size(args.batch_size)
+    items = _profile_items(args)
+    processor = load_processor(args.model)
+    model = load_model(Path(args.model), args.dtype, args.device)
+    data = _official_data(processor, items, args, args.device)
+    stats = profile(model, data, statistics="official", official_layers=args.official_layers,
+                    progress=not args.no_progress)
+    stats.save(args.out)
+    batches = ", ".join(f"{k} {n}" for k, n in stats.batches.items())
+    print(f"wrote {args.out}: official statistics ({args.official_layers}) of {len(stats.sources)} sources, "
+          f"batches {batches}")
+
+
 def cmd_profile(args) -> None:
     from .profiler import profile
+    if args.official:
+        return _profile_official(args)
+    if args.official_layers != "as-run":
+        raise UsageError("profile: --official-layers applies to --official only")
     if args.synthetic == bool(args.forget or args.retain) or bool(args.forget) != bool(args.retain):
         raise UsageError("profile: give either --synthetic or both --forget and --retain")
     if args.resume and not args.checkpoint:
@@ -241,10 +311,21 @@ def cmd_select(args) -> None:
     from .select import select_neurons
     from .stats import NeuronStats
     check_outputs("select", {"OUT": args.out}, {"STATS": args.stats})
-    stats = NeuronStats.load(args.stats)
-    masks = select_neurons(stats, args.strategy, args.alpha, per_layer=args.per_layer, site=args.site,
-                           metric=args.metric, modality=args.modality, token_kinds=args.token_kinds,
-                           towers=args.towers, seed=args.seed)
+    if args.strategy == "manu-official":
+        from .official import OfficialStats
+        stats = OfficialStats.load(args.stats)
+        other = [flag for flag, given in (("--per-layer", args.per_layer), ("--site", args.site != "hidden"),
+                                          ("--metric", args.metric), ("--modality", args.modality),
+                                          ("--token-kinds", args.token_kinds), ("--towers", args.towers)) if given]
+        if other:
+            raise UsageError(f"select --strategy manu-official: {', '.join(other)} do not apply (its sites, towers "
+                             "and weights are the official code's)")
+        masks = select_neurons(stats, "manu-official", args.alpha)
+    else:
+        stats = NeuronStats.load(args.stats)
+        masks = select_neurons(stats, args.strategy, args.alpha, per_layer=args.per_layer, site=args.site,
+                               metric=args.metric, modality=args.modality, token_kinds=args.token_kinds,
+                               towers=args.towers, seed=args.seed)
     masks.save(args.out)
     print(f"wrote {args.out}")
     print(format_masks(masks))
@@ -297,7 +378,7 @@ def _evaluation_data(args, tasks) -> dict:
 # the evaluate options each protocol reads (any other given is refused, not ignored)
 PROTOCOL_OPTIONS = {"few_shot": ("mllmu",), "test": ("logit", "mllmu"), "celebrity": ("logit", "mllmu"),
                     "tasks": ("mllmu",), "real_faces": ("clear",), "real_world": ("clear",),
-                    "max_new_tokens": ("mllmu", "clear")}
+                    "max_new_tokens": ("mllmu", "clear"), "ds_size": ("clear",), "generation_input": ("clear",)}
 
 
 def _evaluation_tasks(args) -> tuple:
@@ -313,6 +394,8 @@ def _evaluation_tasks(args) -> tuple:
         raise UsageError("evaluate: --protocol mllmu needs --few-shot (MLLMU-Bench's Full_Set file)")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.ds_size is not None and args.ds_size < 0:
+        raise UsageError(f"--ds-size must be >= 0 (0 = all rows), got {args.ds_size}")
     tasks = tuple(args.tasks or (MLLMU_TASKS if args.protocol == "mllmu" else ("classification",)))
     if args.protocol == "clear" or "generation" in tasks:
         require_rouge()
@@ -370,11 +453,23 @@ def cmd_evaluate(args) -> None:
                                              max_new_tokens=args.max_new_tokens or protocols.MLLMU_NEW_TOKENS, **run)
         report.update(extra)
     else:
-        results = protocols.run_clear(model, processor, data["splits"], data["choices"], seed=args.seed,
-                                      max_new_tokens=args.max_new_tokens or protocols.CLEAR_NEW_TOKENS, **run)
+        results, extra = protocols.run_clear(
+            model, processor, data["splits"], data["choices"], seed=args.seed,
+            max_new_tokens=args.max_new_tokens or protocols.CLEAR_NEW_TOKENS,
+            ds_size=CLEAR_DS_SIZE if args.ds_size is None else args.ds_size,
+            generation_input=args.generation_input or "text", **run)
+        report.update(extra)
     print(_table(["data", "task", "questions", "metrics"],
                  [[key, task, m["n"], _metrics_text(m)] for key, by_task in results.items()
                   for task, m in by_task.items()]))
+    if args.protocol == "clear":
+        utility = report["model_utility"]
+        which = f"the first {report['ds_size']}" if report["ds_size"] else "all"
+        print(f"rows scored ({which} of each task, --ds-size): "
+              + ", ".join(f"{k} {used} of {total}" for k, (used, total) in report["rows"].items()))
+        if utility["value"] is not None:
+            print(f"CLEAR Model Utility {utility['value']:.4f}: the harmonic mean of ROUGE, Prob. and Truth Ratio of "
+                  f"{', '.join(utility['tasks'])}")
     if args.json:
         Path(args.json).write_text(json.dumps({**report, "results": results}, indent=2))
         print(f"wrote {args.json}")
@@ -416,6 +511,18 @@ def format_stats(stats) -> str:
             + _table(["group (tokens profiled)"] + list(towers), rows))
 
 
+def format_official(stats) -> str:
+    """The sources of official statistics per tower, the layers they prune and the batches profiled."""
+    rows = []
+    for tower in dict.fromkeys(i["tower"] for i in stats.sources.values()):
+        mine = [i for i in stats.sources.values() if i["tower"] == tower]
+        rows.append([tower, len(mine), mine[0]["pooled"], ", ".join(mine[0]["sites"]),
+                     sum(len(i["targets"]) for i in mine)])
+    return (f"official MANU statistics ({stats.layers}) of model type {stats.fingerprint.get('model_type')!r}; batches "
+            + ", ".join(f"{k} {n}" for k, n in stats.batches.items()) + "\n"
+            + _table(["tower", "sources", "layers pooled", "sites", "layers pruned"], rows))
+
+
 def format_model(found) -> str:
     """Every MLP of a model per tower (``manu_fast.adapters.inspect_model``), and what is left out and why."""
     how = "inferred from the config" if found.source == "inferred" else "from MODEL_TABLE"
@@ -440,6 +547,8 @@ def format_model(found) -> str:
 def cmd_report(args) -> None:
     from .masks import FORMAT as MASKS_FORMAT
     from .masks import Masks
+    from .official import FORMAT as OFFICIAL_FORMAT
+    from .official import OfficialStats
     from .stats import FORMAT as STATS_FORMAT
     from .stats import NeuronStats
     from .sources import is_hub_id
@@ -470,6 +579,8 @@ def cmd_report(args) -> None:
         if args.plot:
             from .plots import plot_masks
             print(f"wrote {plot_masks(masks, args.plot, source=path.name)}")
+    elif fmt == OFFICIAL_FORMAT:
+        print(format_official(OfficialStats.load(path)))
     else:
         raise StatsFileError(f"{path}: neither a manu_fast statistics nor a masks file (format {fmt!r})")
 
@@ -582,6 +693,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dist-timeout", type=float, default=30.0,
                    help="--distributed: minutes a collective waits for a stalled or dead rank before every rank stops "
                         "with an error (default: %(default)s)")
+    s.add_argument("--official", action="store_true",
+                   help="gather the official MANU code's statistics instead (for `select --strategy manu-official`): "
+                        "its literal prompts 'USER: <image>\\n{q}\\nASSISTANT: {a}' / 'USER:{q}\\nASSISTANT: {a}', "
+                        "every forget batch and as many retain batches, shuffled with --seed; Linear outputs, "
+                        "padding included (docs/SELECTION.md, manu-official)")
+    s.add_argument("--official-layers", default="as-run", choices=OFFICIAL_LAYERS,
+                   help="with --official: as-run pools every layer of a tower and prunes its last three, as the code "
+                        "runs; per-layer scores and prunes every layer on its own (default: %(default)s)")
     s.add_argument("--distributed", action="store_true",
                    help="data-parallel over torchrun's processes: each rank profiles every world-th batch, the "
                         "statistics are merged exactly and rank 0 writes OUT (see docs/ROBUSTNESS.md)")
@@ -601,8 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("stats", help="statistics file written by `manu-fast profile`")
     s.add_argument("out", help="masks file to write (.safetensors)")
     s.add_argument("--strategy", default="manu-code", choices=STRATEGIES,
-                   help="manu-code: the official MANU code's score (image towers on multimodal, language model on "
-                        "text-only data), top alpha %% per tower; power-ratio: this project's, forget/retain mean a^2 "
+                   help="manu-code: the official score formula on exact token statistics, per layer (image towers on "
+                        "multimodal, language model on text-only data), top alpha %% per tower; manu-official: the "
+                        "official code's selection as it runs, from `profile --official` statistics (one alpha); "
+                        "power-ratio: this project's, forget/retain mean a^2 "
                         "summed over the modalities each layer sees (the language model: both), top alpha %% per "
                         "tower or per named layer; selective-pruning: one metric, forget/retain, one modality; "
                         "manu-paper: EXPERIMENTAL, our reading of the paper's cross-modal formula, selects neurons that "
@@ -660,6 +781,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "caption question (default: %(default)s)")
     s.add_argument("--max-new-tokens", type=int,
                    help="tokens generated per reply (default: 50 for mllmu as eval.py, 300 for clear as eval.yaml)")
+    s.add_argument("--ds-size", type=int, metavar="N",
+                   help=f"clear: score the first N rows of each task, 0 = all (default: {CLEAR_DS_SIZE}, eval.yaml's "
+                        f"ds_size)")
+    s.add_argument("--generation-input", choices=GENERATION_INPUTS,
+                   help="clear: replies generated from CLEAR's decoded text prompt, without the image (text, the "
+                        "default, as eval.py), or from the chat-template prompt with the image (image)")
     s.add_argument("--masks", help="masks file written by `manu-fast select`, applied (reversibly) before evaluating")
     s.add_argument("--names", help=argparse.SUPPRESS)  # profile's option, refused with the reason (see _evaluation_tasks)
     s.add_argument("--batch-size", type=int, default=16, help="questions per batch (default: %(default)s)")

@@ -204,22 +204,27 @@ def encode_texts(processor, texts: list[str], images: list | None, *, padding_si
     return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in enc.items()}
 
 
-def chat_texts(processor, items: list[BenchmarkItem], *, with_answer: bool) -> list[str]:
+def chat_texts(processor, items: list[BenchmarkItem], *, with_answer: bool, as_turn: bool = False) -> list[str]:
     """Each item's user turn (image + prompt) through the processor's chat template with the generation prompt,
-    followed by " answer" when ``with_answer``."""
+    followed by " answer" when ``with_answer``; with ``as_turn`` the answer is instead the assistant's turn as the
+    template renders it (CLEAR's ``convert_mm_data_to_model_format``: the turn's closing tokens included)."""
     if getattr(processor, "chat_template", None) is None:
         raise ValueError(f"{type(processor).__name__} has no chat template: save the model's processor with one")
     texts = []
     for item in items:
         image = [{"type": "image"}] if item.modality == "multimodal" else []
-        content = image + [{"type": "text", "text": item.prompt}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        conversation = [{"role": "user", "content": image + [{"type": "text", "text": item.prompt}]}]
+        if with_answer and as_turn:
+            conversation.append({"role": "assistant", "content": [{"type": "text", "text": item.answer}]})
+            texts.append(processor.apply_chat_template(conversation, add_generation_prompt=False))
+            continue
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
         texts.append(text + " " + item.answer if with_answer else text)
     return texts
 
 
-def encode_items(processor, items: list[BenchmarkItem], *, with_answer: bool, device=None, dtype=None,
-                 padding_side: str = "right"):
+def encode_items(processor, items: list[BenchmarkItem], *, with_answer: bool, as_turn: bool = False, device=None,
+                 dtype=None, padding_side: str = "right"):
     """One batch of ``items`` (all multimodal, or all text-only) encoded through the chat template (``chat_texts``).
 
     Right-padded by default, so every real token keeps the position it has in an unpadded run and the last real
@@ -235,7 +240,7 @@ def encode_items(processor, items: list[BenchmarkItem], *, with_answer: bool, de
         if missing:
             raise ValueError(f"multimodal questions about person(s) {missing[:3]} have no image")
         images = [i.image for i in items]
-    return encode_texts(processor, chat_texts(processor, items, with_answer=with_answer), images,
+    return encode_texts(processor, chat_texts(processor, items, with_answer=with_answer, as_turn=as_turn), images,
                         padding_side=padding_side, device=device, dtype=dtype)
 
 
@@ -338,11 +343,11 @@ def _choice_questions(row: Row) -> dict[str, list[ChoiceQuestion]]:
             if not options:
                 raise DataError(f"{row.where}: {field}.Options is empty")
             options = {str(k2): text_field(v, row.where, f"{field}.Options.{k2}") for k2, v in options.items()}
-            answer = text_field(_member(q, "Correct_Answer", row.where, field), row.where,
-                                f"{field}.Correct_Answer").strip()
+            # eval.py compares the reply's letter with Correct_Answer as written: " B" or "b" would never be right
+            answer = text_field(_member(q, "Correct_Answer", row.where, field), row.where, f"{field}.Correct_Answer")
             if answer not in options:
                 raise DataError(f"{row.where}: {field}.Correct_Answer {answer!r} is not one of the options "
-                                f"{list(options)}")
+                                f"{list(options)} (eval.py compares it as written)")
             question = text_field(_member(q, "Question", row.where, field), row.where, f"{field}.Question")
             out[modality].append(ChoiceQuestion(question, options, answer))
     return out
@@ -544,6 +549,7 @@ class ClearCaption:
     perturbed_captions: list[str]
     name: str
     perturbed_names: list[str]
+    modality = "multimodal"
 
 
 def load_clear_perturbed(path) -> list[ClearCaption]:

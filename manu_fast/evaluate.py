@@ -1,11 +1,11 @@
 """Unlearning metrics, and the model calls behind them.
 
 Pure functions: multiple-choice accuracy, the probability of the right answer, MLLMU-Bench's reply rules (first
-letter, cloze hit), ROUGE, CLEAR's truth ratio and normalised probability. Model calls: ``evaluate`` (the synthetic
-benchmark's ``data.Batch`` lists), ``evaluate_mc_items`` (option-letter logits after a chat-template prompt: our
-logit protocol), ``generate_texts`` (greedy continuations of raw prompts), ``answer_losses`` (mean negative
-log-likelihood of each answer token after its prompt). The benchmark protocols built on them are in
-``manu_fast.protocols``.
+letter, cloze hit), ROUGE, CLEAR's truth ratio, normalised probability and Model Utility (harmonic mean). Model
+calls: ``evaluate`` (the synthetic benchmark's ``data.Batch`` lists), ``evaluate_mc_items`` (option-letter logits
+after a chat-template prompt: our logit protocol), ``generate_texts`` (greedy continuations of raw prompts),
+``answer_losses`` (mean negative log-likelihood per token of each answer turn, as CLEAR scores it). The benchmark
+protocols built on them are in ``manu_fast.protocols``.
 """
 from __future__ import annotations
 
@@ -77,23 +77,29 @@ def rouge(predictions, references, measure: str = "fmeasure") -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- CLEAR / TOFU rules
-def truth_ratio(paraphrased_loss: float, perturbed_losses) -> float:
-    """TOFU's truth ratio of one item from mean per-token losses: exp(mean(perturbed) - paraphrased), i.e. how much
-    more likely (per token, geometric mean) the model finds the right answer than the wrong ones; 1 = no preference."""
-    perturbed = list(perturbed_losses)
-    if not perturbed:
-        raise ValueError("truth_ratio needs at least one perturbed loss")
-    return math.exp(sum(perturbed) / len(perturbed) - paraphrased_loss)
-
-
-def truth_ratio_score(ratios, forget: bool) -> float:
-    """CLEAR's aggregate (``mm/calculate_metrics.py``): on forget data mean(min(r, 1/r)), 1 when the model no longer
-    prefers the truth; elsewhere mean(max(0, 1 - 1/r)), high when it does."""
-    ratios = list(ratios)
-    if not ratios:
-        raise ValueError("truth_ratio_score needs at least one ratio")
+def truth_ratio(paraphrased_losses, perturbed_losses, forget: bool) -> float:
+    """CLEAR's truth-ratio score of one task (``mm/calculate_metrics.py``), from mean per-token losses:
+    ``paraphrased_losses`` one per item, ``perturbed_losses`` a list per item. Each item's ratio is
+    r = exp(mean of all the task's perturbed losses - its paraphrased loss) (CLEAR averages the perturbed losses over
+    the whole task, not per item); the score is mean(min(r, 1/r)) on forget data (1 when the model no longer prefers
+    the truth) and mean(max(0, 1 - 1/r)) elsewhere (high when it does)."""
+    paraphrased = list(paraphrased_losses)
+    perturbed = [loss for losses in perturbed_losses for loss in losses]
+    if not paraphrased or not perturbed:
+        raise ValueError(f"truth_ratio needs paraphrased and perturbed losses, got {len(paraphrased)} "
+                         f"and {len(perturbed)}")
+    mean_perturbed = sum(perturbed) / len(perturbed)
+    ratios = [math.exp(mean_perturbed - p) for p in paraphrased]
     values = [min(r, 1 / r) if forget else max(0.0, 1 - 1 / r) for r in ratios]
     return sum(values) / len(values)
+
+
+def harmonic_mean(values) -> float:
+    """The harmonic mean of non-negative ``values`` (0 if one is 0, as scipy's ``hmean``): CLEAR's Model Utility."""
+    values = list(values)
+    if not values or any(v < 0 for v in values):
+        raise ValueError(f"harmonic_mean needs non-negative values, got {values}")
+    return 0.0 if min(values) == 0 else len(values) / sum(1 / v for v in values)
 
 
 def normalized_probability(true_loss: float, wrong_losses) -> float:
@@ -218,13 +224,14 @@ def generate_texts(model, processor, requests, max_new_tokens: int, batch_size: 
 @torch.inference_mode()
 def answer_losses(model, processor, items, batch_size: int, device=None, dtype=None, progress: bool = False,
                   desc: str = "answer loss") -> list[float]:
-    """Mean negative log-likelihood per answer token of each item's ``answer`` after its chat-template prompt
-    (``datasets.encode_items``; the answer tokens are those past the prompt's own encoding). Items of one
-    modality per call."""
+    """Mean negative log-likelihood per token of each item's answer turn, scored as CLEAR scores it: the user turn
+    and the answer as the assistant's turn through the chat template (``datasets.chat_texts`` with ``as_turn``), every
+    token past the generation prompt's own encoding counted, the template's closing tokens (end-of-turn, end of
+    sequence, a trailing space token) included. Items of one modality per call."""
     from .datasets import encode_items
     out = []
     for _, chunk in _batches(items, batch_size, desc, progress):
-        full = encode_items(processor, chunk, with_answer=True, device=device, dtype=dtype)
+        full = encode_items(processor, chunk, with_answer=True, as_turn=True, device=device, dtype=dtype)
         prompt = encode_items(processor, chunk, with_answer=False)
         logits = model(**full, use_cache=False).logits
         ends = full["attention_mask"].sum(1).tolist()

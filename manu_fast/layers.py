@@ -26,8 +26,10 @@ class FusedMLP(nn.Module):
         self.act_attr = act_attr
         self.add_module(act_attr, act_module)
         self._masks: dict[str, torch.Tensor] = {}
+        self._out_masks: dict[str, torch.Tensor] = {}  # masks of the MLP's output channels (down_proj/fc2 rows)
         self._enabled: set[str] = set()
         self.register_buffer("keep", None, persistent=False)
+        self.register_buffer("out_keep", None, persistent=False)
         self.recorder = None  # set by manu_fast.profiler.Profiler while profiling
         self.origin: torch.Tensor | None = None  # a compact copy's map to the original numbering (compact_identity)
         self.origin_neurons: int | None = None  # ... and the original layer's width
@@ -55,21 +57,32 @@ class FusedMLP(nn.Module):
                          "model's weights (or dispatch it with accelerate) before profiling or masking")
 
     # ---- reversible masks (O(N), no weight copy) ----
-    def set_mask(self, name: str, keep: torch.Tensor, enabled: bool = True) -> None:
-        keep = torch.as_tensor(keep)
-        if keep.shape != (self.num_neurons,):
-            raise ValueError(f"mask {name!r} has shape {tuple(keep.shape)}, this layer has {self.num_neurons} neurons")
-        self._masks[name] = keep.to(device=self.execution_device, dtype=torch.bool)
+    def set_mask(self, name: str, keep: torch.Tensor | None, enabled: bool = True, *,
+                 out_keep: torch.Tensor | None = None) -> None:
+        """Mask ``name``: ``keep`` (num_neurons,) over the neurons h and/or ``out_keep`` (hidden_size,) over the
+        output channels (zeroed after out_proj, as if its rows were zero); True = kept."""
+        if keep is None and out_keep is None:
+            raise ValueError(f"mask {name!r} needs keep and/or out_keep")
+        for what, vec, n in (("neurons", keep, self.num_neurons), ("output channels", out_keep, self.hidden_size)):
+            if vec is not None and torch.as_tensor(vec).shape != (n,):
+                raise ValueError(f"mask {name!r} has shape {tuple(torch.as_tensor(vec).shape)}, this layer has {n} {what}")
+        self._masks.pop(name, None)
+        self._out_masks.pop(name, None)
+        if keep is not None:
+            self._masks[name] = torch.as_tensor(keep).to(device=self.execution_device, dtype=torch.bool)
+        if out_keep is not None:
+            self._out_masks[name] = torch.as_tensor(out_keep).to(device=self.execution_device, dtype=torch.bool)
         self.enable_mask(name, enabled)
 
     def remove_mask(self, name: str) -> None:
         self._masks.pop(name, None)
+        self._out_masks.pop(name, None)
         self._enabled.discard(name)
         self._refresh_keep()
 
     def enable_mask(self, name: str, enabled: bool = True) -> None:
-        if name not in self._masks:
-            raise KeyError(f"no mask named {name!r} on this layer (have: {sorted(self._masks)})")
+        if name not in self._masks and name not in self._out_masks:
+            raise KeyError(f"no mask named {name!r} on this layer (have: {self.mask_names()})")
         (self._enabled.add if enabled else self._enabled.discard)(name)
         self._refresh_keep()
 
@@ -79,13 +92,15 @@ class FusedMLP(nn.Module):
         return _compact(self)
 
     def mask_names(self) -> list[str]:
-        return sorted(self._masks)
+        return sorted({*self._masks, *self._out_masks})
 
     def _refresh_keep(self) -> None:
-        keep = None
+        self.keep = self.out_keep = None
         for name in sorted(self._enabled):
-            keep = self._masks[name] if keep is None else keep & self._masks[name]
-        self.keep = keep
+            if name in self._masks:
+                self.keep = self._masks[name] if self.keep is None else self.keep & self._masks[name]
+            if name in self._out_masks:
+                self.out_keep = self._out_masks[name] if self.out_keep is None else self.out_keep & self._out_masks[name]
 
     # ---- forward ----
     def _op_kwargs(self, x: torch.Tensor) -> dict | None:
@@ -98,6 +113,8 @@ class FusedMLP(nn.Module):
         return {"act": self.act_name, "keep": keep, **kw}
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
+        if self.out_keep is not None:
+            y = torch.where(self.out_keep, y, 0)
         rec = self.recorder
         if rec is not None:
             rec.record_output(self, y)
@@ -214,6 +231,8 @@ def _compact(layer: FusedMLP) -> FusedMLP:
         new = FusedPlainMLP(_compact_linear(layer.in_proj[0], idx, 0, width),
                             _compact_linear(layer.out_proj, idx, 1, width), act_module, layer.fc1_name,
                             layer.fc2_name, layer.act_attr)
+    if layer.out_keep is not None:  # output channels are not dropped: their mask stays
+        new.set_mask("output", None, out_keep=layer.out_keep)
     base = layer.origin if layer.origin is not None else torch.arange(layer.num_neurons)
     new.origin = torch.full((width,), -1, dtype=torch.int64)
     new.origin[: idx.numel()] = base[idx.cpu()]
@@ -270,7 +289,7 @@ class MLPPart(FusedMLP):
         return None if kw is None else (act_stats(args[0], None, **kw), *args[1:])
 
     def _on_output(self, linear, args, y):
-        self._output(y)
+        return self._output(y)
 
     def _on_input(self, site: str, y: torch.Tensor) -> None:
         if self.recorder is not None:

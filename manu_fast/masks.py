@@ -9,7 +9,11 @@ A ``Masks`` holds, for each MLP layer, a ``keep`` vector (True = neuron kept) fo
   bias). Since every supported activation has act(0) = 0, this also zeroes h_j, so these masks can be
   applied reversibly as hidden masks.
 - ``"out"``: the MLP output (outputs of down_proj/fc2, length = hidden size). Pruning zeroes output row
-  j of down_proj/fc2 (weight row and bias); there is no reversible form (the fused layers mask h only).
+  j of down_proj/fc2 (weight row and bias); reversibly, the fused layer zeroes output channel j.
+- ``"linear"``: output rows of several Linears of a layer at once, ``keep["layer::pre" | "layer::up" |
+  "layer::out"]`` (``row_key``): what ``manu-official`` prunes (fc1 and fc2 rows, gate, up and down rows).
+  Pruning zeroes each row (weight row and bias); reversibly, pre/up rows become a mask of h and out rows a mask
+  of the output channels.
 """
 from __future__ import annotations
 
@@ -21,14 +25,34 @@ import torch
 
 from .adapters import fingerprint, get_patch, patch_model
 from .io import check_fingerprint_fields, load_tensors, parse_json, save_tensors
-from .schema import SITES, StatsFileError, check_fingerprint, site_length  # noqa: F401
+from .schema import LINEAR_ROW_SITES, MASK_SITES, SITES, StatsFileError, check_fingerprint, site_length  # noqa: F401
 
 FORMAT = "manu_fast.masks/1"
 
 
+def row_key(layer: str, site: str) -> str:
+    """The key of one Linear's output rows in masks of site ``"linear"``."""
+    return f"{layer}::{site}"
+
+
+def _entry(layers: dict, key: str, site: str) -> tuple[str, str, int]:
+    """(layer, site, length) of one keep entry of masks at ``site``."""
+    if site not in MASK_SITES:
+        raise ValueError(f"unknown mask site {site!r}; expected one of {MASK_SITES}")
+    layer, sub = key, site
+    if site == "linear":
+        layer, _, sub = key.partition("::")
+        if sub not in LINEAR_ROW_SITES:
+            raise ValueError(f"a 'linear' mask entry is named 'layer::site' with site in {LINEAR_ROW_SITES}, got {key!r}")
+    if layer not in layers:
+        raise ValueError(f"mask for layer {layer!r}, which the model fingerprint does not have")
+    return layer, sub, site_length(layers[layer], sub)
+
+
 @dataclass
 class Masks:
-    """``keep[layer]`` is a bool (N,) tensor on the CPU (True = kept) for the layers of one model at one site.
+    """``keep[layer]`` is a bool (N,) tensor on the CPU (True = kept) for the layers of one model at one site
+    (site ``"linear"``: ``keep[row_key(layer, site)]``, see the module docstring).
 
     Layers absent from ``keep`` are left untouched. ``fingerprint`` is the model's
     (``manu_fast.adapters.fingerprint``); ``description`` records how the masks were made (strategy, alpha...).
@@ -43,10 +67,8 @@ class Masks:
         layers = self.fingerprint.get("layers", {})
         checked = {}
         for name, k in self.keep.items():
-            if name not in layers:
-                raise ValueError(f"mask for layer {name!r}, which the model fingerprint does not have")
             k = torch.as_tensor(k)
-            n = site_length(layers[name], self.site)
+            n = _entry(layers, name, self.site)[2]
             if k.dtype != torch.bool or k.shape != (n,):
                 raise ValueError(f"mask of layer {name!r} must be bool of shape ({n},), got {k.dtype} {tuple(k.shape)}")
             checked[name] = k.detach().cpu()
@@ -61,7 +83,8 @@ class Masks:
         return cls({n: torch.ones(site_length(info[n], site), dtype=torch.bool) for n in layers}, fingerprint, site)
 
     def tower(self, layer: str) -> str:
-        return self.fingerprint["layers"][layer].get("tower", "unknown")
+        """The tower of a keep entry (a layer, or ``layer::site`` of a "linear" mask)."""
+        return self.fingerprint["layers"][layer.partition("::")[0]].get("tower", "unknown")
 
     def _layers(self, tower):
         return [n for n in self.keep if tower is None or self.tower(n) == tower]
@@ -130,11 +153,18 @@ def apply_masks(model, masks: Masks, name: str = "forget"):
     names compose (a neuron is active only if every enabled mask keeps it); ``remove_masks`` undoes one.
     """
     check_fingerprint(fingerprint(model), masks.fingerprint, "masks")
-    if masks.site == "out":
-        raise ValueError("masks of site 'out' (down_proj/fc2 output rows) have no reversible form; use prune_weights")
     patch = patch_model(model, moe="skip")  # masks never hold experts (they are never profiled)
-    for layer, keep in masks.keep.items():  # a 'pre' mask zeroes h too: act(0) == 0 for every supported activation
-        patch.layers[layer].set_mask(name, keep)
+    layers = masks.fingerprint["layers"]
+    hidden: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, keep in masks.keep.items():  # a 'pre'/'up' row zeroes h too: act(0) == 0 for every supported activation
+        layer, site, _ = _entry(layers, key, masks.site)
+        if site == "out":
+            out[layer] = keep
+        else:
+            hidden[layer] = hidden[layer] & keep if layer in hidden else keep
+    for layer in dict.fromkeys([*hidden, *out]):
+        patch.layers[layer].set_mask(name, hidden.get(layer), out_keep=out.get(layer))
     return patch
 
 
@@ -174,18 +204,19 @@ def prune_weights(model, masks: Masks) -> None:
     owned = get_patch(model) is None
     patch = patch_model(model, moe="skip")  # fused layers and parts use the HF Linears: zeroing them zeroes the model's
     try:
-        for layer, keep in masks.keep.items():
+        for key, keep in masks.keep.items():
+            layer, site, _ = _entry(masks.fingerprint["layers"], key, masks.site)
             fused = patch.layers[layer]
             idx = (~keep).nonzero().flatten()
-            if masks.site == "hidden":
+            if site == "hidden":
                 for lin in fused.in_proj:
                     _zero_rows(lin, idx)
                 _check_materialised(fused.out_proj)
                 fused.out_proj.weight[:, idx.to(fused.out_proj.weight.device)] = 0
-            elif masks.site == "out":
+            elif site == "out":
                 _zero_rows(fused.out_proj, idx)
             else:
-                _zero_rows(fused.in_proj[0 if masks.site == "pre" else 1], idx)
+                _zero_rows(fused.in_proj[0 if site == "pre" else 1], idx)
     finally:
         if owned:
             patch.unpatch()

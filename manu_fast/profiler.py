@@ -17,7 +17,6 @@ activations, and run data-parallel on ``torch.distributed`` (see ``manu_fast.dis
 """
 from __future__ import annotations
 
-import inspect
 import json
 import threading
 import warnings
@@ -28,12 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import default_token_kinds, fingerprint, patch_model, token_ids, video_span_ids
+from .adapters import default_token_kinds, fingerprint, forward_kwargs, patch_model, token_ids, video_span_ids
 from .digests import BatchDigests, weights_digest
 from .io import parse_json
 from .layers import MLPPart
 from .ops import act_stats
-from .schema import NONFINITE_POLICIES, SITES, TOKEN_KINDS
+from .schema import NONFINITE_POLICIES, SITES, STATISTICS, TOKEN_KINDS
 from .stats import DEFAULT_TAU, FIELD_INDEX, NeuronStats, StatsFileError, empty_stats, group_label
 
 CHECKPOINT_KEY = "checkpoint"  # safetensors metadata entry holding the resume position
@@ -224,17 +223,6 @@ class Profiler:
         return gid
 
 
-def _forward_kwargs(model: nn.Module) -> dict:
-    """Cheap extras for a statistics-only forward: no KV cache, logits for the last position only."""
-    params = inspect.signature(model.forward).parameters
-    extra = {}
-    if "use_cache" in params:
-        extra["use_cache"] = False
-    if "logits_to_keep" in params:
-        extra["logits_to_keep"] = 1
-    return extra
-
-
 def _vision_kind(batch: dict) -> str:
     """``video`` for a batch whose only pixels are video frames, else ``image``."""
     video = any(k.startswith("pixel_values_video") for k in batch)
@@ -408,7 +396,7 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
 
     With a checkpoint, the token ids of every batch enter a digest stored with it (``run``); on resume, the digest
     of the batches read again must equal the checkpoint's (``resumed_batches``)."""
-    extra = _forward_kwargs(model)
+    extra = forward_kwargs(model)
     digests = BatchDigests() if checkpoint is not None else None
 
     def save(complete=False):
@@ -483,8 +471,14 @@ def _check_data(data) -> None:
 def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, sites=("hidden",),
             tau: float = DEFAULT_TAU, towers=None, token_kinds=None, special_token_ids=(), progress: bool = True,
             checkpoint=None, checkpoint_every: int = 50, resume: bool = False, on_nonfinite: str = "count",
-            distributed: bool = False) -> NeuronStats:
+            distributed: bool = False, statistics: str = "exact", official_layers: str = "as-run"):
     """Profile ``model`` over ``data`` ({(split, modality): batches}) and return its NeuronStats.
+
+    ``statistics="official"`` gathers the official MANU code's statistics instead (``manu_fast.official``: the
+    Linear outputs, per-position statistics averaged per chunk of 10 batches, padding included) and returns an
+    OfficialStats for ``select_neurons(..., "manu-official")``; ``official_layers`` is ``"as-run"`` (every layer of
+    a tower pooled, the last three pruned, as the code runs) or ``"per-layer"`` (one name per layer). The sites,
+    tau, towers, token kinds, checkpoints and distributed options are those of the exact statistics only.
 
     A batch is a dict of model kwargs on the model's device, with an optional ``profile_mask`` (B, L) bool
     selecting the language-model positions to profile. Groups: every (split, modality) x token kind
@@ -508,6 +502,20 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
             statistics are merged exactly across ranks, so every rank returns the whole-data statistics.
     """
     _check_data(data)
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
+    if statistics == "official":
+        given = [n for n, v, default in (("sites", tuple(sites), ("hidden",)), ("tau", tau, DEFAULT_TAU),
+                                         ("towers", towers, None), ("token_kinds", token_kinds, None),
+                                         ("special_token_ids", tuple(special_token_ids), ()),
+                                         ("checkpoint", checkpoint, None), ("resume", resume, False),
+                                         ("on_nonfinite", on_nonfinite, "count"), ("distributed", distributed, False))
+                 if v != default]
+        if given:
+            raise ValueError(f"statistics='official' fixes its sites, threshold and data handling; "
+                             f"{', '.join(given)} apply to the exact statistics only")
+        from .official import profile_official
+        return profile_official(model, data, official_layers=official_layers, progress=progress)
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:

@@ -25,23 +25,34 @@ Where eval.py is random (the few-shot people, Test_Set's rendering), the choice 
 to the report. eval.py generates 50 tokens for a classification reply and reads its first character; here the
 reply is cut at ``MLLMU_LETTER_TOKENS`` tokens (a reply blank for that long counts as no letter).
 
-``clear``: CLEAR (``mm/eval.py``, ``config/mm/eval.yaml`` and ``mm/calculate_metrics.py`` of
-github.com/somvy/multimodal_unlearning) on ``*_perturbed`` files, ``real_faces`` and ``real_world``:
+``clear``: CLEAR (``mm/eval.py``, ``mm/dataset.py``, ``config/mm/eval.yaml`` and ``mm/calculate_metrics.py`` of
+github.com/somvy/multimodal_unlearning) on ``*_perturbed`` files, ``real_faces`` and ``real_world``, each task on
+its first ``ds_size`` rows (eval.yaml: 300; 0 = all):
 
+- losses: the mean per-token loss of an answer is taken over the whole assistant turn as the chat template renders
+  it (``evaluate.answer_losses``: CLEAR's label mask, the template's closing tokens included);
 - captions: the image and one of the nine caption questions; ``rougeL_recall`` of the greedy caption against the
-  caption; ``prob`` = mean exp(-mean token loss) of the caption; ``truth_ratio`` from the paraphrased caption
-  against the perturbed captions (``evaluate.truth_ratio``, aggregated by ``evaluate.truth_ratio_score``:
-  mean(min(r, 1/r)) on forget, mean(max(0, 1 - 1/r)) elsewhere);
+  caption; ``prob`` = mean exp(-loss) of the caption; ``truth_ratio`` from the paraphrased caption against the
+  perturbed captions (``evaluate.truth_ratio``: the perturbed losses averaged over the whole task, as
+  ``calculate_metrics.py``; mean(min(r, 1/r)) on forget, mean(max(0, 1 - 1/r)) elsewhere);
 - face_recognition: "The name of the person on the image is " with the image, against the name and
   ``perturbed_names``; ``prob`` = p(name) / (p(name) + sum p(wrong names)) (``evaluate.normalized_probability``);
-- multiple_choice (``real_faces``, ``real_world``): the answer against the ``options``: ``accuracy`` = the answer
-  has a lower mean token loss than every option that differs from it; ``prob``, ``truth_ratio``, ``rougeL_recall``
-  as for names.
+- multiple_choice (``real_faces``, ``real_world``, its rows with and without image scored as one task, keyed
+  ``real_world/mixed`` when both occur): the answer against the ``options``: ``accuracy`` (ours) = the answer has
+  a lower mean token loss than every option that differs from it; ``prob``, ``truth_ratio``, ``rougeL_recall`` as
+  for names;
+- replies: greedy, from CLEAR's text prompt (``clear_text_prompt``: the encoded prompt and answer decoded without
+  special tokens, so without the image, cut before the answer), or with ``generation_input="image"`` (ours) from
+  the chat-template prompt with the image;
+- Model Utility: the harmonic mean (``evaluate.harmonic_mean``) of ROUGE, Prob. and Truth Ratio of the non-forget
+  tasks (Retain, Retain FaceRec, Real Faces, Real World: those run), as ``calculate_metrics.py``.
 
 Differences from CLEAR's code: one caption question per row, fixed by ``seed`` (CLEAR draws anew each time a row
-is read, also between the answer and the perturbed passes); generation with the image (CLEAR's ``eval.py`` decodes
-the prompt back to text and generates without the image); the perturbed loss is averaged per item, as TOFU does
-(``calculate_metrics.py`` averages it over the whole split); an option equal to the answer is not a wrong option.
+is read, also between the answer and the perturbed passes); an option equal to the answer is not a wrong option.
+Where CLEAR's code does not run on current transformers (the LLaVA processor now expands ``<image>`` into the
+image's tokens): the label mask counts the prompt's image tokens as expanded (CLEAR counts ``<image>`` as one
+token, so its labels would start inside the prompt), and the perturbed pass keeps each answer's pixel values whole
+(CLEAR flattens them to one row per answer).
 """
 from __future__ import annotations
 
@@ -51,9 +62,9 @@ from dataclasses import dataclass
 
 from .datasets import (CLEAR_FACE_PROMPT, BenchmarkItem, ChoiceQuestion, ClearCaption, ClearChoice, DataError,
                          MllmuPerson, OpenQuestion, caption_question, chat_texts)
-from .schema import MODALITIES, PROTOCOLS  # noqa: F401  (PROTOCOLS: a public name here too)
-from .evaluate import (answer_losses, cloze_hit, evaluate_mc_items, first_letter, generate_texts, mllmu_reply,
-                       normalized_probability, rouge, truth_ratio, truth_ratio_score)
+from .schema import CLEAR_DS_SIZE, GENERATION_INPUTS, MODALITIES, PROTOCOLS  # noqa: F401  (PROTOCOLS: public here too)
+from .evaluate import (answer_losses, cloze_hit, evaluate_mc_items, first_letter, generate_texts, harmonic_mean,
+                       mllmu_reply, normalized_probability, rouge, truth_ratio)
 
 MLLMU_SPLITS = ("forget", "retain", "test", "celebrity")
 MLLMU_CLASSIFICATION_SHOTS = 1  # eval.py: random.sample(id_list, 1) people for LLaVA's classification prompts
@@ -62,6 +73,10 @@ CLASSIFICATION_FEW_SHOT_SPLITS = ("forget", "retain", "test")  # eval.py modes f
 MLLMU_LETTER_TOKENS = 8
 MLLMU_NEW_TOKENS = 50  # eval.py's max_new_tokens
 CLEAR_NEW_TOKENS = 300  # config/mm/eval.yaml generation.max_new_tokens
+# calculate_metrics.py's names of the tasks (FILE_TO_TASK) and metrics in CLEAR's Model Utility: the non-forget ones
+CLEAR_UTILITY_TASKS = {("retain", "captions"): "Retain", ("retain", "face_recognition"): "Retain FaceRec",
+                       ("real_faces", "multiple_choice"): "Real Faces", ("real_world", "multiple_choice"): "Real World"}
+CLEAR_UTILITY_METRICS = (("ROUGE", "rougeL_recall"), ("Prob.", "prob"), ("Truth Ratio", "truth_ratio"))
 IMAGE = "<image>"  # eval.py's image placeholder, replaced by the processor's own image token
 LETTER_INSTRUCTION = "Just give ONE letter representing the answer directly."
 CLOZE_INSTRUCTION = "Please **ONLY** provide the correct answer that should replace the [Blank]."
@@ -291,59 +306,107 @@ def run_mllmu(model, processor, splits: dict[str, list[MllmuPerson]], full_set: 
 
 
 # ---------------------------------------------------------------------------------------------------- CLEAR
+def clear_text_prompt(processor, full_text: str, answer: str) -> str:
+    """CLEAR's generation input (``mm/eval.py``): the encoded full text (user turn and answer turn) decoded without
+    special tokens (the image placeholder, BOS and end-of-turn tokens dropped), cut before the last occurrence of the
+    answer decoded the same way; generated from as text alone."""
+    tok = processor.tokenizer
+    decoded = tok.decode(tok(full_text)["input_ids"], skip_special_tokens=True)
+    cut = decoded.rfind(tok.decode(tok(answer)["input_ids"], skip_special_tokens=True))
+    if cut < 0:
+        raise ValueError(f"the answer {answer!r} is not in its decoded text {decoded!r}: no CLEAR text prompt")
+    return decoded[:cut]
+
+
+def _by_modality(modalities: list[str], payloads: list, call) -> list:
+    """``call(payloads of one modality, modality)`` for each modality present, the results put back in ``payloads``'
+    order (a batch is encoded with images or without)."""
+    out = [None] * len(payloads)
+    for modality in MODALITIES:
+        chosen = [i for i, m in enumerate(modalities) if m == modality]
+        if chosen:
+            for i, value in zip(chosen, call([payloads[i] for i in chosen], modality), strict=True):
+                out[i] = value
+    return out
+
+
+def _modality_label(rows) -> str:
+    kinds = {r.modality for r in rows}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 def run_clear(model, processor, splits: dict[str, list[ClearCaption]], choices: dict[str, list[ClearChoice]], *,
-              seed: int, batch_size: int, max_new_tokens: int = CLEAR_NEW_TOKENS, device=None, dtype=None,
-              progress: bool = False) -> dict:
+              seed: int, batch_size: int, max_new_tokens: int = CLEAR_NEW_TOKENS, ds_size: int = CLEAR_DS_SIZE,
+              generation_input: str = "text", device=None, dtype=None, progress: bool = False) -> tuple[dict, dict]:
     """The clear protocol: captions and face recognition on ``splits`` ({"forget"/"retain": rows}), multiple choice
-    on ``choices`` ({"real_faces"/"real_world": rows}). See the module docstring."""
-    def task(rows, questions, truths, paraphrases, wrongs, modality, *, forget=False, prob="normalized",
-             choice=False, desc=""):
+    on ``choices`` ({"real_faces"/"real_world": rows}), each on its first ``ds_size`` rows (0: all). Returns
+    (results, {"ds_size", "generation_input", "rows": {task data: [scored, in file]}, "model_utility"}). See the
+    module docstring."""
+    if ds_size < 0:
+        raise ValueError(f"ds_size must be >= 0 (0 = all rows), got {ds_size}")
+    if generation_input not in GENERATION_INPUTS:
+        raise ValueError(f"generation_input must be one of {GENERATION_INPUTS}, got {generation_input!r}")
+    run = {"batch_size": batch_size, "device": device, "dtype": dtype, "progress": progress}
+
+    def task(rows, questions, truths, paraphrases, wrongs, *, forget=False, prob="normalized", choice=False, desc=""):
         """One task's metrics: ``rows`` asked ``questions``; right answers ``truths``, truth-ratio bases
         ``paraphrases``, wrong answers ``wrongs`` (a list per row)."""
         def items(answers):
-            return [BenchmarkItem(r.where, None, modality, q, a, r.image) for r, q, a in zip(rows, questions, answers)]
+            return [BenchmarkItem(r.where, None, r.modality, q, a, r.image) for r, q, a in zip(rows, questions, answers)]
         asked = items(truths)
-        flat = asked + items(paraphrases) + [BenchmarkItem(r.where, None, modality, q, w, r.image)
+        flat = asked + items(paraphrases) + [BenchmarkItem(r.where, None, r.modality, q, w, r.image)
                                              for r, q, ws in zip(rows, questions, wrongs) for w in ws]
-        values = answer_losses(model, processor, flat, batch_size, device, dtype, progress, f"clear {desc} losses")
+        values = _by_modality([i.modality for i in flat], flat, lambda chunk, modality: answer_losses(
+            model, processor, chunk, desc=f"clear {desc} {modality} losses", **run))
         n = len(rows)
         true, para, rest, wrong = values[:n], values[n:2 * n], values[2 * n:], []
         for ws in wrongs:
             wrong.append(rest[:len(ws)])
             rest = rest[len(ws):]
-        prompts = chat_texts(processor, asked, with_answer=False)
-        replies = [t.strip() for t in generate_texts(
-            model, processor, [(t, [i.image] if i.image is not None else []) for t, i in zip(prompts, asked)],
-            max_new_tokens, batch_size, device, dtype, progress, f"clear {desc} generation")]
+        if generation_input == "text":
+            inputs = [(clear_text_prompt(processor, text, i.answer), []) for text, i in
+                      zip(chat_texts(processor, asked, with_answer=True, as_turn=True), asked)]
+        else:
+            inputs = [(text, [i.image] if i.image is not None else []) for text, i in
+                      zip(chat_texts(processor, asked, with_answer=False), asked)]
+        replies = [t.strip() for t in _by_modality([i.modality for i in asked], inputs, lambda chunk, modality:
+                                                   generate_texts(model, processor, chunk, max_new_tokens,
+                                                                  desc=f"clear {desc} generation", **run))]
         metrics = {"n": n, "rougeL_recall": rouge(replies, truths, "recall")["rougeL"],
                    "prob": _mean(math.exp(-t) for t in true) if prob == "exp"
                    else _mean(normalized_probability(t, w) for t, w in zip(true, wrong)),
-                   "truth_ratio": truth_ratio_score([truth_ratio(p, w) for p, w in zip(para, wrong)], forget)}
+                   "truth_ratio": truth_ratio(para, wrong, forget)}
         if choice:
             metrics["accuracy"] = _mean(t < min(w) for t, w in zip(true, wrong))
         metrics["predictions"] = [{"where": r.where, "answer": t, "reply": g} for r, t, g in zip(rows, truths, replies)]
         return metrics
 
-    results = {}
-    for split, rows in splits.items():
+    results, rows_scored, utility = {}, {}, {}
+    for split, all_rows in splits.items():
+        rows = all_rows[:ds_size or None]
+        rows_scored[split] = [len(rows), len(all_rows)]
         forget = split == "forget"
-        results[f"{split}/multimodal"] = {
+        results[f"{split}/multimodal"] = by_task = {
             "captions": task(rows, [caption_question(seed, r.caption) for r in rows], [r.caption for r in rows],
                              [r.paraphrased_caption for r in rows], [r.perturbed_captions for r in rows],
-                             "multimodal", forget=forget, prob="exp", desc=f"{split} captions"),
+                             forget=forget, prob="exp", desc=f"{split} captions"),
             "face_recognition": task(rows, [CLEAR_FACE_PROMPT] * len(rows), [r.name for r in rows],
-                                     [r.name for r in rows], [r.perturbed_names for r in rows], "multimodal",
-                                     forget=forget, desc=f"{split} names")}
-    for kind, rows in choices.items():
-        for modality in MODALITIES:
-            chosen = [r for r in rows if r.modality == modality]
-            if not chosen:
-                continue
-            wrongs = [[o for o in dict.fromkeys(r.options) if o != r.answer] for r in chosen]
-            empty = [r.where for r, w in zip(chosen, wrongs) if not w]
-            if empty:
-                raise DataError(f"{empty[0]}: options hold no answer other than the right one")
-            answers = [r.answer for r in chosen]
-            results[f"{kind}/{modality}"] = {"multiple_choice": task(
-                chosen, [r.question for r in chosen], answers, answers, wrongs, modality, choice=True, desc=kind)}
-    return results
+                                     [r.name for r in rows], [r.perturbed_names for r in rows], forget=forget,
+                                     desc=f"{split} names")}
+        if not forget:
+            utility.update({CLEAR_UTILITY_TASKS[split, name]: m for name, m in by_task.items()})
+    for kind, all_rows in choices.items():
+        rows = all_rows[:ds_size or None]
+        rows_scored[kind] = [len(rows), len(all_rows)]
+        wrongs = [[o for o in dict.fromkeys(r.options) if o != r.answer] for r in rows]
+        empty = [r.where for r, w in zip(rows, wrongs) if not w]
+        if empty:
+            raise DataError(f"{empty[0]}: options hold no answer other than the right one")
+        answers = [r.answer for r in rows]
+        metrics = task(rows, [r.question for r in rows], answers, answers, wrongs, choice=True, desc=kind)
+        results[f"{kind}/{_modality_label(rows)}"] = {"multiple_choice": metrics}
+        utility[CLEAR_UTILITY_TASKS[kind, "multiple_choice"]] = metrics
+    values = {f"{name} {label}": m[field] for label, m in utility.items() for name, field in CLEAR_UTILITY_METRICS}
+    return results, {"ds_size": ds_size, "generation_input": generation_input, "rows": rows_scored,
+                     "model_utility": {"value": harmonic_mean(values.values()) if values else None,
+                                       "tasks": list(utility), "of": values}}

@@ -22,6 +22,10 @@ SITES = ("hidden", "pre", "up", "out")
 # The sites of each MLP layer kind: "gated" act(gate) * up, "plain" act(fc1), "gate_up" one Linear giving gate and
 # up (no own pre/up output). "out" is the MLP's output (the residual-stream width), the rest have one per neuron.
 KIND_SITES = {"gated": ("hidden", "pre", "up", "out"), "plain": ("hidden", "pre", "out"), "gate_up": ("hidden", "out")}
+# Mask sites: one of SITES, or "linear": output rows of several Linears at once, keyed "layer::site" (site pre/up/out),
+# what manu-official prunes (fc1 + fc2, gate + up + down rows)
+LINEAR_ROW_SITES = ("pre", "up", "out")
+MASK_SITES = SITES + ("linear",)
 
 TOWERS = ("vision", "projector", "language")
 IMAGE_TOWERS = ("vision", "projector")
@@ -32,11 +36,15 @@ PROFILE_MODES = ("answer", "question", "all")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 MOE_POLICIES = ("refuse", "skip")
 NONFINITE_POLICIES = ("count", "error")
-STRATEGIES = ("manu-code", "manu-paper", "selective-pruning", "power-ratio", "random")
+STRATEGIES = ("manu-code", "manu-official", "manu-paper", "selective-pruning", "power-ratio", "random")
+STATISTICS = ("exact", "official")  # profile(statistics=...): manu_fast's token statistics, or the official code's
+OFFICIAL_LAYERS = ("as-run", "per-layer")  # manu-official: layers pooled as the code runs, or one name per layer
 METRICS = ("abs", "freq", "std", "rms")
 BENCHMARKS = ("mllmu", "clear")
 PROTOCOLS = ("logit", "mllmu", "clear")
 MLLMU_TASKS = ("classification", "generation", "cloze")
+CLEAR_DS_SIZE = 300  # config/mm/eval.yaml ds_size: the first rows of each CLEAR task scored (0 = all)
+GENERATION_INPUTS = ("text", "image")  # CLEAR's replies: from its decoded text prompt, or (ours) with the image
 
 
 class StatsFileError(ValueError):

@@ -3,9 +3,11 @@
 Every strategy's formula, its source and status, and the top-k rules are in docs/SELECTION.md; in short
 (metrics of a (split, modality) are pooled over the chosen token kinds; F = forget, R = retain, eps = 1e-5):
 
-- ``manu-code`` (the official MANU code, without its bugs): per modality ``S_m = sum_k w_k (F_k / (R_k + eps) - 1)``,
-  ``w = {abs: 2, freq: 0, std: 2, rms: 2}``; image towers scored on multimodal data, the language model on
-  text-only data; top alpha % per tower.
+- ``manu-code`` (the official score formula on exact token statistics, per layer): per modality
+  ``S_m = sum_k w_k (F_k / (R_k + eps) - 1)``, ``w = {abs: 2, freq: 0, std: 2, rms: 2}``; image towers scored on
+  multimodal data, the language model on text-only data; top alpha % per tower.
+- ``manu-official`` (the official code's selection as it runs, ``manu_fast.official``): the same formula on the
+  official statistics of ``profile(..., statistics="official")``, one top-k per tower over Linear rows.
 - ``manu-paper`` (experimental: our reading of the paper's summary formulas; on the demo it selects neurons that
   carry nothing, see docs/SELECTION.md): ``S = I(F) / (I(R) + eps)`` with the cross-modal importance
   ``I = I_abs + I_freq + I_var + I_rms`` of each split; language model only by default; global top alpha %.
@@ -48,6 +50,9 @@ def natural_key(name: str):
 def _check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if strategy == "manu-official":
+        raise ValueError("manu-official scores the official statistics: select_neurons(official_stats, "
+                         "'manu-official', alpha) (manu_fast.official)")
 
 
 def _tower(stats: NeuronStats, layer: str) -> str:
@@ -252,7 +257,22 @@ def select_neurons(stats: NeuronStats, strategy: str = "manu-code", alpha: float
 
     With ``alive`` (iterative rounds), only neurons it keeps are candidates and the result is cumulative:
     it prunes what ``alive`` prunes plus the new selection.
+
+    ``"manu-official"`` takes the OfficialStats of ``profile(..., statistics="official")`` and one percentage, and
+    returns masks of site ``"linear"`` (``manu_fast.official.select_official``); the other options do not apply.
     """
+    from .official import OfficialStats, select_official
+    if strategy == "manu-official" or isinstance(stats, OfficialStats):
+        if strategy != "manu-official" or not isinstance(stats, OfficialStats):
+            raise ValueError("manu-official selects from the official statistics (profile(..., statistics='official'), "
+                             "`manu-fast profile --official`) and those statistics serve manu-official only; got "
+                             f"strategy {strategy!r} on {type(stats).__name__}")
+        given = [n for n, v in (("per_layer", per_layer), ("site", site != "hidden"), ("metric", metric),
+                                ("modality", modality), ("token_kinds", token_kinds), ("towers", towers),
+                                ("alive", alive), ("weights", weights)) if v]
+        if given:
+            raise ValueError(f"manu-official fixes its sites, towers and weights; {', '.join(given)} do not apply")
+        return select_official(stats, alpha)
     alpha = check_alpha(alpha)
     sc = scores(stats, strategy, site=site, metric=metric, modality=modality, token_kinds=token_kinds,
                 towers=towers, seed=seed, weights=weights)

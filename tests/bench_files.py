@@ -3,9 +3,11 @@ therem/CLEAR: nested structs, string IDs, image structs, Test_Set's ``images`` l
 ``real_faces`` and ``real_world`` configs), and a tiny LLaVA saved with a real LlavaProcessor (a WordLevel tokenizer
 built in memory, a CLIP image processor, a chat template). No download anywhere.
 
-``rigged_model`` answers "B" after a ":" token and "A" after padding, so replies and losses are known by hand."""
+``rigged_model`` answers "B" after a ":" token and "A" after padding, so replies and losses are known by hand
+(``rigged_loss``)."""
 import io
 import json
+import math
 import re
 
 import pyarrow as pa
@@ -21,8 +23,9 @@ from manu_fast.datasets import CLEAR_CAPTION_QUESTIONS, CLEAR_FACE_PROMPT
 WORD = re.compile(r"\w+|[^\w\s]+")  # what the Whitespace pre-tokenizer splits: one WordLevel token each
 SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
-            "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
-            "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+            "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+            "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}ASSISTANT:{% endif %}")  # an assistant turn ends with </s>, a token
 IMAGE, PATCH = 16, 4
 PATCHES = (IMAGE // PATCH) ** 2  # image tokens per image ("default" strategy drops CLIP's CLS token)
 
@@ -240,6 +243,14 @@ def model(proc):
 
 
 RIGGED_Z = (32 / (1 + 32e-6)) ** 0.5  # RMSNorm (eps 1e-6) of a one-hot embedding in 32 dimensions
+
+
+def rigged_loss(answer: str, vocab: int) -> float:
+    """The rigged model's mean loss per token of an answer turn: its first word costs -log p after ":" (p_b for "B",
+    else p_o), every later word and the turn's closing </s> cost log V (uniform logits)."""
+    p_b, p_o = math.exp(RIGGED_Z) / (math.exp(RIGGED_Z) + vocab - 1), 1 / (math.exp(RIGGED_Z) + vocab - 1)
+    words = WORD.findall(answer)
+    return (-math.log(p_b if words[0] == "B" else p_o) + len(words) * math.log(vocab)) / (len(words) + 1)
 
 
 def rigged_model(proc):

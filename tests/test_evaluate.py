@@ -9,8 +9,8 @@ import bench_files as bf
 from manu_fast.datasets import BenchmarkItem, ImageRef
 from manu_fast.synthetic import SyntheticProfiles
 from manu_fast.evaluate import (answer_losses, answer_probability, cloze_hit, evaluate, first_letter, generate_texts,
-                                mc_accuracy, mllmu_reply, normalized_probability, rouge, truth_ratio,
-                                truth_ratio_score)
+                                harmonic_mean, mc_accuracy, mllmu_reply, normalized_probability, rouge,
+                                truth_ratio)
 
 
 def test_mc_accuracy_hand_computed_ties_go_to_first():
@@ -53,16 +53,20 @@ def test_rouge_hand_computed():
         rouge(["a"], ["a"], "f1")
 
 
-def test_truth_ratio_and_probability_hand_computed():
-    # per-token losses: truth 1.0, wrong 2.0 and 4.0 -> ratio e^(3 - 1) = e^2
-    assert truth_ratio(1.0, [2.0, 4.0]) == pytest.approx(math.exp(2))
-    assert truth_ratio_score([math.exp(2), math.exp(-1)], forget=True) == pytest.approx(
+def test_truth_ratio_probability_and_utility_hand_computed():
+    # CLEAR: the perturbed losses averaged over the task (2, 4, 3 -> 3), then r_i = e^(3 - paraphrased_i)
+    assert truth_ratio([1.0, 4.0], [[2.0, 4.0], [3.0]], forget=True) == pytest.approx(
         (math.exp(-2) + math.exp(-1)) / 2)
-    assert truth_ratio_score([2.0, 0.5], forget=False) == pytest.approx((0.5 + 0.0) / 2)
+    assert truth_ratio([3 - math.log(2), 3 - math.log(0.5)], [[2.0, 4.0], [3.0]], forget=False) == pytest.approx(
+        (0.5 + 0.0) / 2)
     assert normalized_probability(1.0, [2.0, 4.0]) == pytest.approx(
         math.exp(-1) / (math.exp(-1) + math.exp(-2) + math.exp(-4)))
-    with pytest.raises(ValueError, match="at least one"):
-        truth_ratio(1.0, [])
+    assert harmonic_mean([0.5, 0.25, 1.0]) == pytest.approx(3 / (2 + 4 + 1))
+    assert harmonic_mean([0.5, 0.0]) == 0.0
+    with pytest.raises(ValueError, match="paraphrased and perturbed"):
+        truth_ratio([1.0], [[]], forget=True)
+    with pytest.raises(ValueError, match="non-negative"):
+        harmonic_mean([0.5, -1.0])
 
 
 class _OracleModel(torch.nn.Module):
@@ -108,17 +112,11 @@ def _items(modality):
 
 @pytest.mark.parametrize("modality", ["multimodal", "text"])
 def test_answer_losses_by_hand_and_batched(rigged, modality):
-    """Rigged model: after ":" the first answer token costs -log p (p_b for "B", else p_o), every later token log V.
+    """Rigged model: the answer turn's tokens, its closing </s> included, cost what ``bf.rigged_loss`` says.
     The random model: batched (right-padded) losses equal the losses of one item at a time."""
     processor, model, random_model = rigged
     items = _items(modality)
-    vocab = len(processor.tokenizer)
-    z = bf.RIGGED_Z
-    p_b, p_o = math.exp(z) / (math.exp(z) + vocab - 1), 1 / (math.exp(z) + vocab - 1)
-    want = []
-    for item in items:
-        words = bf.WORD.findall(item.answer)
-        want.append((-math.log(p_b if words[0] == "B" else p_o) + (len(words) - 1) * math.log(vocab)) / len(words))
+    want = [bf.rigged_loss(item.answer, len(processor.tokenizer)) for item in items]
     assert answer_losses(model, processor, items, batch_size=3) == pytest.approx(want, rel=1e-6)
     batched = answer_losses(random_model, processor, items, batch_size=4)
     alone = [answer_losses(random_model, processor, [i], batch_size=1)[0] for i in items]

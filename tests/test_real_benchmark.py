@@ -206,52 +206,83 @@ def test_clear_profile_select_prune_evaluate(bench, tmp_path, capsys):
                 "--real-faces", files["real_faces"], "--real-world", files["real_world"], "--batch-size", 3,
                 "--max-new-tokens", 4, "--no-progress"]
     results = _masked_equals_pruned(capsys, bench, tmp_path, stats, evaluate)
-    assert list(results) == ["forget/multimodal", "retain/multimodal", "real_faces/multimodal",
-                             "real_world/multimodal", "real_world/text"]
+    assert list(results) == ["forget/multimodal", "retain/multimodal", "real_faces/multimodal", "real_world/mixed"]
+
+
+def _utility_values(label, metrics) -> dict:
+    return {"ROUGE " + label: metrics["rougeL_recall"], "Prob. " + label: metrics["prob"],
+            "Truth Ratio " + label: metrics["truth_ratio"]}
 
 
 def test_clear_protocol_on_a_rigged_model(bench, tmp_path, capsys):
-    """Rigged model: an answer's first token costs -log p after ":" (p = p_b for "B", p_o otherwise), every later
-    token log V (uniform); the reply is "B"."""
+    """Rigged model: every answer turn costs ``bf.rigged_loss``; the reply is "B" (CLEAR's text prompt, or ours with
+    the image, both end with ":"). Truth ratio, probability, ROUGE and Model Utility as calculate_metrics.py."""
     rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer", reason="ROUGE needs rouge-score (the 'eval' extra)")
     files, results = bench["clear"], tmp_path / "results.json"
-    cli(capsys, "evaluate", bench["rigged"], "--protocol", "clear", "--forget", files["forget10_perturbed"],
-        "--retain", files["retain_perturbed"], "--real-faces", files["real_faces"], "--real-world",
-        files["real_world"], "--batch-size", 2, "--max-new-tokens", 3, "--no-progress", "--json", results)
-    got = json.loads(results.read_text())["results"]
-    z, vocab = bf.RIGGED_Z, len(bench["processor"].tokenizer)
-    p_b, p_o = math.exp(z) / (math.exp(z) + vocab - 1), 1 / (math.exp(z) + vocab - 1)
+    argv = ["evaluate", bench["rigged"], "--protocol", "clear", "--forget", files["forget10_perturbed"], "--retain",
+            files["retain_perturbed"], "--real-faces", files["real_faces"], "--real-world", files["real_world"],
+            "--batch-size", 2, "--max-new-tokens", 3, "--no-progress", "--json", results]
+    out = cli(capsys, *argv)
+    report = json.loads(results.read_text())
+    got = report["results"]
 
     def loss(answer):
-        words = bf.WORD.findall(answer)
-        return (-math.log(p_b if words[0] == "B" else p_o) + (len(words) - 1) * math.log(vocab)) / len(words)
+        return bf.rigged_loss(answer, len(bench["processor"].tokenizer))
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def expected(rows, forget, prob):
+        """calculate_metrics.py's metrics of (truth, paraphrase, wrong answers) rows."""
+        wrong = [loss(w) for _, _, ws in rows for w in ws]
+        ratios = [math.exp(sum(wrong) / len(wrong) - loss(p)) for _, p, _ in rows]
+        probs = [math.exp(-loss(t)) if prob == "exp" else
+                 math.exp(-loss(t)) / (math.exp(-loss(t)) + sum(math.exp(-loss(w)) for w in ws)) for t, _, ws in rows]
+        return {"rougeL_recall": sum(scorer.score(t, "B")["rougeL"].recall for t, _, _ in rows) / len(rows),
+                "prob": sum(probs) / len(rows),
+                "truth_ratio": sum(min(r, 1 / r) if forget else max(0, 1 - 1 / r) for r in ratios) / len(rows)}
+
+    utility = {}  # calculate_metrics.py's names of the non-forget values
     for split, people in (("forget", bf.CLEAR_FORGET), ("retain", bf.CLEAR_RETAIN)):
         rows = [bf.perturbed_row(k, n, c) for k, (n, c) in enumerate(people.items())]
+        assert report["rows"][split] == [len(rows), len(rows)]
         for task, truth, para, wrong, prob in (
                 ("captions", "caption", "paraphrased_caption", "perturbed_captions", "exp"),
                 ("face_recognition", "name", "name", "perturbed_names", "normalized")):
-            ratios = [math.exp(sum(map(loss, r[wrong])) / len(r[wrong]) - loss(r[para])) for r in rows]
-            score = [min(t, 1 / t) if split == "forget" else max(0, 1 - 1 / t) for t in ratios]
-            probs = [math.exp(-loss(r[truth])) if prob == "exp" else
-                     math.exp(-loss(r[truth])) / (math.exp(-loss(r[truth])) + sum(math.exp(-loss(w)) for w in r[wrong]))
-                     for r in rows]
-            recall = [scorer.score(r[truth], "B")["rougeL"].recall for r in rows]
+            want = expected([(r[truth], r[para], r[wrong]) for r in rows], split == "forget", prob)
             m = got[f"{split}/multimodal"][task]
             assert m["n"] == len(rows)
-            assert m["truth_ratio"] == pytest.approx(sum(score) / len(rows), rel=1e-6), (split, task)
-            assert m["prob"] == pytest.approx(sum(probs) / len(rows), rel=1e-6), (split, task)
-            assert m["rougeL_recall"] == pytest.approx(sum(recall) / len(rows)), (split, task)
+            for metric, value in want.items():
+                assert m[metric] == pytest.approx(value, rel=1e-6), (split, task, metric)
+            if split == "retain":
+                utility.update(_utility_values("Retain" + (" FaceRec" if task == "face_recognition" else ""), want))
     # multiple choice: the answer must cost less than each distinct wrong option; "B" is the cheapest answer
     faces = got["real_faces/multimodal"]["multiple_choice"]
     assert (faces["n"], faces["accuracy"]) == (2, 0.5)
-    want = [math.exp(-loss(a)) / (math.exp(-loss(a)) + sum(math.exp(-loss(o)) for o in dict.fromkeys(opts) if o != a))
-            for a, opts in bf.REAL_FACES]
-    assert faces["prob"] == pytest.approx(sum(want) / 2, rel=1e-6)
-    assert got["real_world/multimodal"]["multiple_choice"]["accuracy"] == 0.5  # "the Seine" loses to "B"
-    text = got["real_world/text"]["multiple_choice"]
-    assert (text["n"], text["accuracy"]) == (1, 1.0)
+    world = got["real_world/mixed"]["multiple_choice"]  # "the Seine" loses to "B"; the text-only row is in the task
+    assert (world["n"], world["accuracy"]) == (3, pytest.approx(2 / 3))
+    for label, m, rows in (
+            ("Real Faces", faces, [(a, a, [o for o in dict.fromkeys(opts) if o != a]) for a, opts in bf.REAL_FACES]),
+            ("Real World", world, [(a, a, [o for o in dict.fromkeys(opts) if o != a])
+                                   for _, a, _, opts in bf.REAL_WORLD])):
+        want = expected(rows, False, "normalized")
+        for metric, value in want.items():
+            assert m[metric] == pytest.approx(value, rel=1e-6), metric
+        utility.update(_utility_values(label, want))
+    # Model Utility: the harmonic mean of the 12 non-forget values; the reply "B" recalls nothing of the retain
+    # captions, so it is 0, as scipy's hmean makes it
+    assert report["model_utility"]["of"] == pytest.approx(utility, rel=1e-6) and len(utility) == 12
+    assert report["model_utility"]["tasks"] == ["Retain", "Retain FaceRec", "Real Faces", "Real World"]
+    assert utility["ROUGE Retain"] == 0 and report["model_utility"]["value"] == 0.0
+    assert report["ds_size"] == 300 and report["generation_input"] == "text"
+    assert "CLEAR Model Utility 0.0000" in out and "rows scored (the first 300 of each task" in out
+    # the first row of each task only; replies with the image (ours) are "B" too
+    cli(capsys, *argv, "--ds-size", 1, "--generation-input", "image")
+    small = json.loads(results.read_text())
+    assert small["rows"] == {"forget": [1, 2], "retain": [1, 2], "real_faces": [1, 2], "real_world": [1, 3]}
+    assert small["generation_input"] == "image"
+    assert {m["n"] for by_task in small["results"].values() for m in by_task.values()} == {1}
+    assert small["results"]["forget/multimodal"]["captions"]["predictions"][0]["reply"] == "B"
+    assert list(small["results"])[-1] == "real_world/multimodal"
 
 
 def test_missing_rouge_is_one_line_error_before_the_model_loads(bench, tmp_path, capsys, monkeypatch):
