@@ -247,7 +247,8 @@ def _profile_official(args) -> None:
     _check_batch_size(args.batch_size)
     items = _profile_items(args)
     processor = load_processor(args.model)
-    model = load_model(Path(args.model), args.dtype, args.device)
+    _announce("profile --official", args.device, args.dtype)
+    model = load_model(args.model, args.dtype, args.device)
     data = _official_data(processor, items, args, args.device)
     stats = profile(model, data, statistics="official", official_layers=args.official_layers,
                     progress=not args.no_progress)
@@ -611,6 +612,7 @@ def cmd_demo(demo_args: list[str]) -> None:
     args = parser.parse_args(demo_args)
     check_outputs("demo", {"--out": args.out, "--cache-dir": args.cache_dir}, {},
                   output_folders=("--out", "--cache-dir"))
+    _announce("demo", "cpu", "float32")  # the tiny LLaVA trains and runs in float32 on CPU
     demo.main(args)
 
 

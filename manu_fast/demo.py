@@ -14,8 +14,9 @@ Each seed is an independent world: its own fictitious people, forget split and m
    *evaluation* questions, each method next to a random control of the same neuron counts.
 
 Over the seeds every row is reported as mean +- sd (sample standard deviation): a terminal table,
-``report.json`` (with every seed's rows) and ``plot.png`` (error bars). Seeds run as parallel one-thread
-processes (``--jobs``), so the numbers do not depend on the number of cores or the machine's load.
+``report.json`` (with every seed's rows) and ``plot.png`` (drops per method and modality, target shaded). Seeds
+run as parallel one-thread processes (``--jobs``), so the numbers do not depend on the number of cores or the
+machine's load.
 
 Methods: ``manu-code`` (the official MANU code's score), ``manu-paper`` (experimental, see docs/SELECTION.md),
 ``selective-pruning`` (text-only data, the text-only ancestor), ``multimodal-only`` (the same ratio on multimodal
@@ -560,50 +561,9 @@ def format_table(summary: dict) -> str:
 
 
 def plot_report(summary: dict, path: Path) -> None:
-    """Forget vs retain accuracy (mean of the two modalities) per method, mean ± sd over seeds as error bars; one
-    point per alpha, calibrated budgets as stars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def mean_acc(acc, split):
-        return [sum(acc[f"{split}/{m}"][i] for m in MODALITIES) / len(MODALITIES) for i in (0, 1)]
-
-    schedules = list(dict.fromkeys(r["schedule"] for r in summary["rows"] if r["alpha"] != "calibrated"))
-    fig, axes = plt.subplots(1, len(schedules), figsize=(8 * len(schedules), 6), sharey=True, squeeze=False)
-    colours = {}
-    for ax, schedule in zip(axes[0], schedules):
-        (x, dx), (y, dy) = mean_acc(summary["baseline"]["accuracy"], "retain"), mean_acc(summary["baseline"]["accuracy"], "forget")
-        ax.errorbar([x], [y], xerr=[dx], yerr=[dy], fmt="*", ms=14, c="k", label="unpruned", zorder=3)
-        for label in dict.fromkeys(_label(r) for r in summary["rows"]):
-            rows = [r for r in summary["rows"] if _label(r) == label]
-            fixed = sorted((r for r in rows if r["schedule"] == schedule and r["alpha"] != "calibrated"),
-                           key=lambda r: r["alpha"])
-            cal = [r for r in rows if r["alpha"] == "calibrated"]
-            colour = colours.setdefault(label, f"C{len(colours)}")
-            for group, style in ((fixed, "-o"), (cal, "*")):
-                if not group:
-                    continue
-                xs, ys = zip(*((mean_acc(r["accuracy"], "retain"), mean_acc(r["accuracy"], "forget")) for r in group))
-                ax.errorbar([v[0] for v in xs], [v[0] for v in ys], xerr=[v[1] for v in xs], yerr=[v[1] for v in ys],
-                            fmt=style, ms=12 if style == "*" else 5, c=colour, capsize=3, alpha=0.85,
-                            label=label + (" (calibrated)" if style == "*" else ""))
-                if style == "-o":
-                    for r, xv, yv in zip(group, xs, ys):
-                        ax.annotate(f"{r['alpha']:g}%", (xv[0], yv[0]), fontsize=7, xytext=(3, 3),
-                                    textcoords="offset points")
-        ax.set_title(f"{schedule} pruning at fixed alpha (lines); calibrated budgets, single-shot (stars)", fontsize=9)
-        ax.set_xlabel("retain accuracy (%, mean of both modalities)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("forget accuracy (%, mean of both modalities)")
-    axes[0][-1].legend(fontsize=7)
-    n = len(summary["seeds"])
-    fig.suptitle(f"Neuron unlearning on the tiny LLaVA, mean ± sd over {n} seed{'s' if n > 1 else ''}\n"
-                 "lower right is better: forgets the forget set, keeps the rest")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """The demo's picture (``manu_fast.plots.plot_demo``): drops per method and modality, the targets shaded."""
+    from .plots import plot_demo
+    plot_demo(summary, path, TARGETS, EXPERIMENTAL)
 
 
 # ---------------------------------------------------------------------------------------------------- command line

@@ -1,5 +1,7 @@
-"""Pictures of where the neurons are (``manu-fast report FILE --plot OUT.png``), drawn with matplotlib (the
-``eval`` extra):
+"""Pictures, drawn with matplotlib (the ``eval`` extra): where the neurons are (``manu-fast report FILE --plot
+OUT.png``), and the demo's results (``plot_demo``).
+
+``report --plot``:
 
 - a masks file: the share of each layer's neurons that the masks prune, one panel per tower (vision, projector,
   language model), layers in model order, the count written over each bar;
@@ -14,7 +16,7 @@ import re
 from pathlib import Path
 
 from .install import require
-from .schema import TOWERS
+from .schema import MODALITIES, SPLITS, TOWERS
 
 MODALITY_COLOURS = {"multimodal": "tab:blue", "text": "tab:orange"}
 TOWER_COLOURS = {"vision": "tab:green", "projector": "tab:purple", "language": "tab:red"}
@@ -29,8 +31,8 @@ def layer_label(name: str) -> str:
     return parts[-1] if parts else name
 
 
-def _pyplot():
-    matplotlib = require("matplotlib", "--plot")
+def _pyplot(purpose: str = "--plot"):
+    matplotlib = require("matplotlib", purpose)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -138,3 +140,95 @@ def plot_stats(stats, path, source: str = "statistics", site: str = "hidden") ->
     out = _save(fig, path, bottom=0.06)
     plt.close(fig)
     return out
+
+
+def plot_demo(summary: dict, path, targets: dict, experimental=()) -> None:
+    """The demo's ``plot.png`` from its summary (rows with ``method, like, alpha, schedule`` and ``drop``: mean and
+    sd over seeds per ``split/modality``): forget drop against retain drop per method and modality, one panel each,
+    the region of ``targets`` (``forget_mean``, ``retain_mean``) shaded; each method's fixed fractions as a line
+    labelled with alpha, its calibrated budgets as a star, and beside them, in grey, the random control of the same
+    neuron counts; unpruned is the origin. Methods in ``experimental`` get a star in their title."""
+    plt = _pyplot("the demo's plot")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    rows = summary["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "random"))
+    schedules = list(dict.fromkeys(r["schedule"] for r in rows if r["alpha"] != "calibrated"))
+    styles = {"single-shot": "-", "iterative": ":"}
+    drops = [r["drop"][f"{s}/{m}"][0] for r in rows for s in SPLITS for m in MODALITIES]
+    top = max([targets["forget_mean"] + 10] + drops) + 8
+    right = max([targets["retain_mean"] + 3] + [r["drop"][f"retain/{m}"][0] for r in rows for m in MODALITIES]) + 2
+    fig, axes = plt.subplots(len(MODALITIES), len(methods), figsize=(max(2.9 * len(methods) + 1, 9.5), 6.6), sharex=True,
+                             sharey=True, squeeze=False)
+
+    palette = [c for c in (f"C{i}" for i in range(10)) if c not in ("C2", "C7")]  # not the target's green, not grey
+    colour_of = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+    placed = {}  # per panel: the pixel boxes of the alpha labels already drawn
+
+    def label(ax, text, xy, colour):
+        """An alpha label next to its point, at the first offset whose box overlaps no earlier label of the panel."""
+        px, py = ax.transData.transform(xy)
+        boxes = placed.setdefault(id(ax), [])
+        for dx, dy in ((6, -4), (6, 7), (-30, 5), (-30, -9), (6, -15), (6, 17)):
+            box = (px + dx, py + dy, px + dx + 26, py + dy + 10)
+            if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in boxes):
+                break
+        boxes.append(box)
+        ax.annotate(text, xy, xytext=(dx, dy), textcoords="offset points", fontsize=7, color=colour,
+                    bbox={"boxstyle": "square,pad=0.05", "fc": "white", "ec": "none", "alpha": 0.8}, zorder=5)
+
+    def draw(ax, group, modality, colour, marker, label_alpha):
+        group = sorted(group, key=lambda r: -1 if r["alpha"] == "calibrated" else r["alpha"])
+        xs = [r["drop"][f"retain/{modality}"] for r in group]
+        ys = [r["drop"][f"forget/{modality}"] for r in group]
+        ax.errorbar([x[0] for x in xs], [y[0] for y in ys], xerr=[x[1] for x in xs], yerr=[y[1] for y in ys],
+                    fmt=marker, color=colour, ms=11 if marker == "*" else 4, capsize=2, elinewidth=0.8, alpha=0.9,
+                    zorder=3 if colour != "0.55" else 2)
+        if label_alpha:
+            for r, x, y in zip(group, xs, ys):
+                label(ax, f"{r['alpha']:g}%", (x[0], y[0]), colour)
+
+    for col, method in enumerate(methods):
+        for row_i, modality in enumerate(MODALITIES):
+            ax = axes[row_i][col]
+            ax.set_xlim(-2, right)
+            ax.set_ylim(-5, top)
+            ax.add_patch(plt.Rectangle((-100, targets["forget_mean"]), 100 + targets["retain_mean"], 200,
+                                       color="tab:green", alpha=0.12, lw=0, zorder=0))
+            ax.plot([0], [0], "k+", ms=9, zorder=4)
+            for schedule in schedules:
+                own = [r for r in rows if r["method"] == method and r["schedule"] == schedule
+                       and r["alpha"] != "calibrated"]
+                ctrl = [r for r in rows if r["method"] == "random" and r["like"] == method
+                        and r["schedule"] == schedule and r["alpha"] != "calibrated"]
+                for group, colour, label_alpha in ((own, colour_of[method], True), (ctrl, "0.55", False)):
+                    if group:
+                        draw(ax, group, modality, colour, styles.get(schedule, "-") + "o", label_alpha)
+            for like, colour in ((None, colour_of[method]), (method, "0.55")):
+                cal = [r for r in rows if r["alpha"] == "calibrated" and r["like"] == like
+                       and r["method"] == (method if like is None else "random")]
+                if cal:
+                    draw(ax, cal, modality, colour, "*", False)
+            ax.grid(alpha=0.25)
+            if row_i == 0:
+                ax.set_title(method + ("*" if method in experimental else ""), fontsize=10)
+            if col == 0:
+                ax.set_ylabel(f"{modality}: forget drop (points)")
+            if row_i == len(MODALITIES) - 1:
+                ax.set_xlabel("retain drop (points)")
+    handles = [Patch(color="tab:green", alpha=0.3, label=f"target: forget drop >= {targets['forget_mean']:g}, "
+                                                         f"retain drop <= {targets['retain_mean']:g}"),
+               Line2D([], [], color="C0", marker="o", ms=4, label="fixed alpha (% of the language model)"),
+               Line2D([], [], color="C0", marker="*", ms=10, ls="", label="calibrated per-layer budgets"),
+               Line2D([], [], color="0.55", marker="o", ms=4, label="random control (same counts per layer)"),
+               Line2D([], [], color="k", marker="+", ms=9, ls="", label="unpruned")]
+    if len(schedules) > 1:
+        handles.append(Line2D([], [], color="C0", ls=":", marker="o", ms=4, label="iterative schedule"))
+    n = len(summary["seeds"])
+    fig.suptitle(f"Neuron unlearning on the tiny LLaVA: accuracy drops, mean ± sd over {n} seed{'s' if n > 1 else ''}\n"
+                 "upper left is better: forgets the forget set, keeps the rest; * experimental", fontsize=10)
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -91,10 +91,6 @@ def _towers(layers: dict) -> str:
     return ", ".join(f"{n} {t}" for t, n in counts.items()) + " MLPs" if counts else "no MLPs"
 
 
-def _shape(info: dict) -> str:
-    return ", ".join(f"{k} {info[k]}" for k in ("kind", "tower", "neurons", "hidden") if k in info)
-
-
 FINGERPRINT_FIX = "make it again from this model (manu-fast profile, then select)"
 
 
@@ -117,7 +113,7 @@ def check_fingerprint(expected: dict, found: dict, path=None) -> None:
                              f"{_towers(el)}; {'; '.join(x for x in sides if x)}: {FINGERPRINT_FIX}")
     differ = [n for n in el if el[n] != fl[n]]
     if differ:
-        name = differ[0]
+        name, more = differ[0], len(differ) - 1
         if "compacted" in el[name] or "compacted" in fl[name]:
             side = "the full model" if "compacted" not in fl[name] else "another compaction of this model"
             if "compacted" not in el[name]:
@@ -127,8 +123,10 @@ def check_fingerprint(expected: dict, found: dict, path=None) -> None:
             raise StatsFileError(f"{where}layer {name!r}: made for {side}, {this} (compaction renumbers the "
                                  "neurons): convert masks with manu_fast.masks.translate_masks, or profile and "
                                  "select on the model you apply them to")
-        more = f" (and {len(differ) - 1} more layers)" if len(differ) > 1 else ""
-        raise StatsFileError(f"{where}made for another {et!r} model: layer {name!r} has {_shape(fl[name])} in the file, "
-                             f"{_shape(el[name])} in this model{more}: {FINGERPRINT_FIX}")
+        keys = [k for k in dict.fromkeys([*fl[name], *el[name]]) if fl[name].get(k) != el[name].get(k)]
+        sides = "; ".join(f"{k} {fl[name].get(k)} in the file, {el[name].get(k)} in this model" for k in keys)
+        others = f" (and {more} more layer{'s' if more > 1 else ''})" if more else ""
+        raise StatsFileError(f"{where}made for another {et!r} model: layer {name!r} differs in {sides}{others}: "
+                             f"{FINGERPRINT_FIX}")
     raise StatsFileError(f"{where}made for another model: the fingerprints differ outside the layers "
                          f"(file {sorted(found)}, model {sorted(expected)}): {FINGERPRINT_FIX}")

@@ -71,7 +71,8 @@ def load_processor(model):
     """The processor (tokenizer, image processor, chat template) saved with ``model``; a refusal names the missing
     files and how to save them."""
     from transformers import AutoProcessor
-    load_config(model)  # a MODEL that is nowhere is refused as such, not as a missing processor
+    if not is_hub_id(model) and not Path(str(model)).is_dir():
+        raise _not_found(model)  # a MODEL that is nowhere is refused as such, not as a missing processor
     try:
         return AutoProcessor.from_pretrained(str(model))
     except (OSError, ValueError, TypeError) as e:

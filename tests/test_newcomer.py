@@ -76,9 +76,8 @@ def test_fingerprint_refusals_name_both_sides_and_the_fix():
              (fp("llava", 2), fp("llava", 3), "the file has 3 language MLPs, this model 2 language MLPs; only in the "
                                               "file: 'model.layers.2.mlp'"),
              (fp("llava", 3), fp("llava", 2), "only in the model: 'model.layers.2.mlp'"),
-             (fp("llava", 2, 48), fp("llava", 2), "layer 'model.layers.0.mlp' has kind gated, tower language, neurons "
-                                                  "40, hidden 16 in the file, kind gated, tower language, neurons 48, "
-                                                  "hidden 16 in this model (and 1 more layers)")]
+             (fp("llava", 2, 48), fp("llava", 2), "layer 'model.layers.0.mlp' differs in neurons 40 in the file, 48 "
+                                                  "in this model (and 1 more layer)")]
     for model, file, text in cases:
         with pytest.raises(StatsFileError) as e:
             check_fingerprint(model, file, "m.safetensors")
@@ -209,3 +208,19 @@ def test_model_may_be_a_hub_id_read_offline_from_the_cache(bench, tmp_path, caps
     assert r.stderr.rstrip().splitlines()[-1] == (
         f"manu-fast: error: model 'someone/not-cached': no such local folder, and as a hub model id not in the local "
         f"hub cache {cache} (HF_HUB_OFFLINE is set)")
+
+
+def test_demo_plot_draws_every_method_beside_its_control(tmp_path):
+    from manu_fast import demo
+
+    def row(method, like, alpha, schedule, forget, retain):
+        drop = {f"{s}/{m}": [d, 1.0] for s, d in (("forget", forget), ("retain", retain)) for m in ("multimodal", "text")}
+        return {"method": method, "like": like, "alpha": alpha, "schedule": schedule, "drop": drop}
+    rows = [row("manu-code", None, a, sch, a, a / 10) for a in (15.0, 30.0, 45.0) for sch in ("single-shot", "iterative")]
+    rows += [row("random", "manu-code", a, "single-shot", 1.0, 1.0) for a in (15.0, 30.0, 45.0)]
+    rows += [row("power-ratio", None, "calibrated", "single-shot", 40.0, 3.0),
+             row("random", "power-ratio", "calibrated", "single-shot", 0.5, 1.0),
+             row("manu-paper", None, 15.0, "single-shot", 0.0, 0.0)]
+    path = tmp_path / "plot.png"
+    demo.plot_report({"seeds": [0, 1], "rows": rows}, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000

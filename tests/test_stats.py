@@ -83,7 +83,7 @@ def test_save_load_roundtrip_and_refusals(tmp_path):
     other = {"model_type": "llama", "layers": {"model.layers.0.mlp": {"kind": "gated", "tower": "language", "neurons": 6, "hidden": 8}}}
     with pytest.raises(StatsFileError, match="made for another"):
         NeuronStats.load(p, expect_fingerprint=other)
-    with pytest.raises(StatsFileError, match="made for a .llama. model"):
+    with pytest.raises(StatsFileError, match="made for a .llama. model .*, this model is a .llava."):
         NeuronStats.load(p, expect_fingerprint={**FP, "model_type": "llava"})
     raw = p.read_bytes()
     bad = tmp_path / "bad.safetensors"
