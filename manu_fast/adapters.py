@@ -20,6 +20,7 @@ inference for a model type (``register_model``).
 """
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from contextlib import contextmanager
@@ -219,12 +220,52 @@ def _linear_count(child: nn.Module) -> int:
     return 0
 
 
+# a functional activation in a forward's source: F.gelu(...), nn.functional.silu(...), torch.tanh(...), ACT2FN[...](...)
+_FUNCTIONAL_ACT = re.compile(r"(?:\b(?:F|functional|torch)\.(?:gelu|silu|relu6?|leaky_relu|elu|selu|celu|mish|hardswish|"
+                             r"softplus|tanh|sigmoid|quick_gelu)\s*\(|\bACT2FN\s*\[)")
+_FORWARD_SOURCES: dict[type, str] = {}
+
+
+def _forward_source(module: nn.Module) -> str:
+    """The source of ``type(module).forward`` ('' when it cannot be read), read once per class."""
+    cls = type(module)
+    if cls not in _FORWARD_SOURCES:
+        try:
+            _FORWARD_SOURCES[cls] = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            _FORWARD_SOURCES[cls] = ""
+    return _FORWARD_SOURCES[cls]
+
+
+def _functional_layouts(module: nn.Module) -> list[tuple[MLPLayout, str]]:
+    """MLPs written with a functional activation: two Linear children A, B (A gives the N features B takes) that
+    the module's forward calls as ``self.A(...)``, then a functional activation, then ``self.B(...)``
+    (Phi-4-multimodal's ``img_projection_up -> F.gelu -> img_projection_down``). They are patched as MLP parts."""
+    source = _forward_source(module)
+    if not source or not _FUNCTIONAL_ACT.search(source):
+        return []
+    lins = {n: c for n, c in module.named_children() if isinstance(c, nn.Linear)}
+    calls = {n: m.start() for n in lins if (m := re.search(rf"self\.{re.escape(n)}\s*\(", source))}
+    found, used = [], set()
+    for a, b in ((a, b) for a in calls for b in calls if a != b):
+        if {a, b} & used or lins[a].out_features != lins[b].in_features or calls[a] >= calls[b]:
+            continue
+        between = source[calls[a]:calls[b]]
+        if _FUNCTIONAL_ACT.search(between) and not any(calls[a] < calls[c] < calls[b] for c in calls if c not in (a, b)):
+            used |= {a, b}
+            found.append((MLPLayout((a, b), ()), "plain"))
+    return found
+
+
 def _unrecognised(module: nn.Module) -> str | None:
-    """Why ``module`` looks like an MLP that no layout matched (an activation next to Linear layers), else None."""
+    """Why ``module`` looks like an MLP that no layout matched (an activation -- a module or a functional call in
+    its forward -- next to two or more Linear layers, counting those in a ModuleList), else None."""
     children = dict(module.named_children())
     linears = {n: _linear_count(c) for n, c in children.items()}
     lins = [n for n, k in linears.items() if k]
     acts = [n for n, c in children.items() if _is_activation(c)]
+    if not acts and (m := _FUNCTIONAL_ACT.search(_forward_source(module))):
+        acts = [f"{m.group(0).rstrip('([ ')} in its forward"]
     if not acts or sum(linears.values()) < 2:
         return None  # one Linear and an activation (a pooler, an LM-head transform) is not an MLP
     return (f"holds Linear layers ({', '.join(lins)}) and an activation ({', '.join(acts)}) but matches no MLP layout "
@@ -299,16 +340,32 @@ def _register_call(mt: str) -> str:
             "('projector', '<projector path>'), ('language', '<language path>'))))")
 
 
-def _resolver(roots: list[tuple[str, str | None, str]], rest: str | None, rest_reason: str = ""):
+_AUDIO_WORDS = ("audio", "speech", "sound")
+_IMAGE_WORDS = ("image", "img", "vision", "visual", "video")
+
+
+def _rest_tower(path: str, rest: str) -> tuple[str | None, str]:
+    """Tower of a module no root covers: by the words of its path (an audio embedding is left out with the audio
+    tower; an image embedding or projector is the projector, even where the rest is the language model), else
+    ``rest``."""
+    parts = path.lower().split(".")
+    if any(w in part for part in parts for w in _AUDIO_WORDS):
+        return None, f"audio tower's projector ({path}): manu_fast profiles vision, projector and language towers"
+    if rest == "language" and any(w in part for part in parts for w in _IMAGE_WORDS + _PROJECTOR_WORDS):
+        return "projector", ""
+    return rest, ""
+
+
+def _resolver(roots: list[tuple[str, str | None, str]], rest: str | None):
     """Tower of a module path: (tower or None, reason when None, the root's path or None); the longest matching root
-    wins and what no root covers goes to ``rest``."""
+    wins and what no root covers goes to ``rest`` (``_rest_tower``)."""
     roots = sorted(roots, key=lambda r: -len(r[0]))  # (path, tower or None, reason when None)
 
     def tower_of(path: str) -> tuple[str | None, str, str | None]:
         for root, tower, reason in roots:
             if root == "" or path == root or path.startswith(root + "."):
                 return tower, reason, root
-        return rest, rest_reason, None
+        return (*_rest_tower(path, rest), None)
     return tower_of
 
 
@@ -382,7 +439,7 @@ def inspect_model(model: nn.Module) -> ModelMLPs:
         if why:
             skipped.append(Skipped(path, why, moe=True))
             continue
-        layouts = _match_layouts(m)
+        layouts = _match_layouts(m) or _functional_layouts(m)
         if layouts:
             candidates.append((path, m, layouts))
         elif (why := _unrecognised(m)) is not None:
@@ -457,24 +514,63 @@ def fingerprint(model: nn.Module) -> dict:
     return {"model_type": model_type(model), "layers": layers}
 
 
-_PLACEHOLDER = re.compile(r"^(image|video|audio)_token_(id|index)$")
+_PLACEHOLDER = re.compile(r"^(image|video|audio)_(token|patch)_(id|index)$")
+_TOKEN_KEY = re.compile(r"_(token|patch)_(id|index|ids)$")
 _SPECIAL_WORDS = ("vision", "image", "video", "img", "boi", "eoi", "frame", "visual", "audio", "boa", "eoa")
 
 
-def token_ids(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Language-model token ids of each non-text kind the config names: the ``image``/``video``/``audio``
-    placeholders (``image_token_id`` ...) and ``special`` boundary tokens (``vision_start_token_id``,
-    ``boi_token_index``, ``image_end_token_id`` ...). Every other token is ``text``."""
+def _config_token_entries(config, seen: set[int]):
+    """(attribute, value) of every token-id attribute of ``config``, its ``attribute_map`` aliases (Molmo2's
+    ``image_token_id`` -> ``image_patch_id``) and its sub-configs (Phi-4-multimodal's ``vision_config.image_token_id``)."""
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    for key, value in vars(config).items():
+        if not key.startswith("_") and _TOKEN_KEY.search(key):
+            yield key, value
+    for alias, target in getattr(config, "attribute_map", {}).items():
+        if _TOKEN_KEY.search(alias):
+            yield alias, getattr(config, target, None)
+    for _, sub in _sub_configs(config):
+        yield from _config_token_entries(sub, seen)
+
+
+def _processor_token_entries(processor):
+    """(attribute, id) of a processor's token attributes: ``image_token_id`` ..., and token strings
+    (``image_token = "<image>"``) looked up in its tokenizer."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for key, value in vars(processor).items():
+        if key.startswith("_") or not re.search(r"_token(_id|_ids|_index)?$", key):
+            continue
+        if isinstance(value, str) and hasattr(tokenizer, "convert_tokens_to_ids"):
+            value = tokenizer.convert_tokens_to_ids(value)
+            if not isinstance(value, int) or value == unk:
+                continue
+        yield (key if _TOKEN_KEY.search(key) else f"{key}_id"), value
+
+
+def token_ids(model: nn.Module, processor=None) -> dict[str, tuple[int, ...]]:
+    """Language-model token ids of each non-text kind the config (and its sub-configs, and ``processor`` when given)
+    names: the ``image``/``video``/``audio`` placeholders (``image_token_id``, ``image_token_index``,
+    ``image_patch_id`` ...) and ``special`` boundary tokens (``vision_start_token_id``, ``boi_token_index``,
+    ``image_end_token_id`` ...). Every other token is ``text``. A placeholder is never also ``special``; image and
+    video may share one (Molmo2): the profiler labels it by the batch's pixels."""
+    entries = list(_config_token_entries(model.config, set()))
+    if processor is not None:
+        entries += list(_processor_token_entries(processor))
     out: dict[str, set[int]] = {}
-    for key, value in vars(model.config).items():
-        if key.startswith("_") or not re.search(r"_token_(id|index|ids)$", key) or value is None:
+    for key, value in entries:
+        if value is None:
             continue
         m = _PLACEHOLDER.match(key)
         kind = m.group(1) if m else "special" if any(w in key for w in _SPECIAL_WORDS) else None
         if kind is None:
             continue
         values = value if isinstance(value, (list, tuple)) else [value]
-        out.setdefault(kind, set()).update(int(v) for v in values if isinstance(v, int))
+        out.setdefault(kind, set()).update(int(v) for v in values if isinstance(v, int) and not isinstance(v, bool))
+    placeholders = set().union(*(out.get(k, set()) for k in ("image", "video", "audio")))
+    out["special"] = out.get("special", set()) - placeholders
     return {k: tuple(sorted(v)) for k, v in out.items() if v}
 
 

@@ -4,9 +4,12 @@ Each batch is homogeneous in (split, modality); within it, language-model tokens
 ``image`` / ``video`` / ``audio`` at the placeholder tokens the model's config names (``image_token_id`` ...;
 image placeholders between ``video_start_token_id`` and ``video_end_token_id`` are ``video``),
 ``special`` at the boundary tokens it names (``vision_start_token_id``, ``boi_token_index`` ...), ``text``
-elsewhere, padding ignored (``manu_fast.adapters.token_ids``). Vision-tower and projector tokens are ``image``, or
-``video`` in a batch that has video pixels only. A token whose kind is not profiled is ignored, never counted as
-another kind. Group labels are ``f"{split}/{modality}/{kind}"``. Statistics live in
+elsewhere, padding ignored (``manu_fast.adapters.token_ids``; ``token_kinds={"image": [ids], ...}`` states them).
+The labels follow the sequence each language-model stack really runs (``Profiler._stack_input``): the input ids (image
+features merged at their placeholders), the input ids after image features put in front (GIT), or the ids the
+stack is given itself (an encoder-decoder's decoder runs ``decoder_input_ids``); any other sequence is refused.
+Vision-tower and projector tokens are ``image``, or ``video`` in a batch that has video pixels only. A token whose
+kind is not profiled is ignored, never counted as another kind. Group labels are ``f"{split}/{modality}/{kind}"``. Statistics live in
 float64 accumulators of O(neurons) per layer on that layer's (execution) device, so memory does not grow
 with tokens and a model split over devices (accelerate ``device_map``, CPU/disk offload) keeps every
 layer's statistics next to it until they are saved.
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import default_token_kinds, fingerprint, patch_model, token_ids, video_span_ids
+from .adapters import default_token_kinds, fingerprint, get_patch, patch_model, token_ids, video_span_ids
 from .layers import MLPPart
 from .ops import act_stats
 from .schema import NONFINITE_POLICIES, SITES, TOKEN_KINDS
@@ -43,13 +46,14 @@ class NonFiniteActivationError(FloatingPointError):
 class _LayerRecorder:
     """Attached to one FusedMLP while profiling: hands the op its group ids and accumulators."""
 
-    def __init__(self, profiler: "Profiler", tower: str, accs: dict[str, torch.Tensor], device: torch.device):
-        self.profiler, self.tower, self.accs, self.device = profiler, tower, accs, device
+    def __init__(self, profiler: "Profiler", tower: str, accs: dict[str, torch.Tensor], device: torch.device,
+                 stack: str | None = None):
+        self.profiler, self.tower, self.accs, self.device, self.stack = profiler, tower, accs, device, stack
 
     def op_kwargs(self, layer, num_tokens: int) -> dict:
         # the accumulators' device, not out_proj.weight.device: under accelerate offload that weight is on
         # "meta" until down_proj's own pre-forward hook loads it, which is after this call
-        gid = self.profiler.group_ids(self.tower, num_tokens, self.device)
+        gid = self.profiler.group_ids(self.tower, num_tokens, self.device, self.stack)
         if gid is None:
             return {}
         if isinstance(layer, MLPPart):  # its pre/up sites come from hooks on its input Linears (record_input)
@@ -68,17 +72,63 @@ class _LayerRecorder:
         acc = self.accs.get(site)
         if acc is None:
             return
-        gid = self.profiler.group_ids(self.tower, a.shape[:-1].numel(), a.device)
+        gid = self.profiler.group_ids(self.tower, a.shape[:-1].numel(), a.device, self.stack)
         if gid is not None:
             act_stats(a.detach(), act="identity", group_ids=gid, stats=acc, tau=self.profiler.tau, write_out=False)
+
+
+def resolve_token_kinds(model: nn.Module, token_kinds=None, special_token_ids=(), processor=None):
+    """(kinds profiled, {kind: token ids}) from the model's config (``token_ids``), the user's choices and ids.
+
+    ``token_kinds``: None (``default_token_kinds``), kind names, or ``{kind: [token ids]}``: those kinds are
+    profiled as well as the default ones and their ids replace the config's (``{"image": [151938]}``);
+    ``special_token_ids`` add ``special`` ids."""
+    ids = token_ids(model, processor)
+    if isinstance(token_kinds, dict):
+        stated = {k: tuple(sorted({int(i) for i in ([v] if isinstance(v, int) else v)})) for k, v in token_kinds.items()}
+        bad = [k for k in stated if k not in TOKEN_KINDS or k == "text"]
+        if bad:
+            raise ValueError(f"token_kinds states ids of {bad}; state ids of {[k for k in TOKEN_KINDS if k != 'text']} "
+                             "(every other token is text)")
+        if any(not v for v in stated.values()):
+            raise ValueError(f"token_kinds states no id for {[k for k, v in stated.items() if not v]}")
+        for kind, values in stated.items():
+            for other in list(ids):
+                ids[other] = tuple(i for i in ids[other] if i not in values)
+            ids[kind] = values
+        ids = {k: v for k, v in ids.items() if v}
+        kinds = tuple(k for k in TOKEN_KINDS if k in ("image", "text") or k in ids)
+    else:
+        kinds = default_token_kinds(model) if token_kinds is None else tuple(token_kinds)
+    bad = [k for k in kinds if k not in TOKEN_KINDS]
+    if bad:
+        raise ValueError(f"unknown token kinds {bad}; choose from {TOKEN_KINDS}")
+    if special_token_ids:
+        ids["special"] = tuple(sorted({*ids.get("special", ()), *map(int, special_token_ids)}))
+    return kinds, ids
+
+
+def language_stacks(model: nn.Module, names) -> dict[str, str]:
+    """{MLP name: its stack}: the module holding the ModuleList of layers the MLP is in (``model.language_model``,
+    an encoder-decoder's ``...encoder`` and ``...decoder``); the sequence that stack runs is what the MLP sees."""
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            if parts[i].isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
+                out[name] = ".".join(parts[:i - 1])
+                break
+    return out
 
 
 class Profiler:
     """Attach statistics recorders to every fused MLP of ``model`` (patching it if needed).
 
     ``token_kinds``: the language-model token kinds to profile (default: ``default_token_kinds(model)``, image
-    and text plus every kind the config names tokens of); ``special_token_ids``: more ids to label ``special``
-    (boundary tokens the config does not name, e.g. Idefics3's ``<fake_token_around_image>``).
+    and text plus every kind the config names tokens of), or ``{kind: [token ids]}`` stating the ids of kinds
+    (``resolve_token_kinds``); ``special_token_ids``: more ids to label ``special`` (boundary tokens the config
+    does not name, e.g. Idefics3's ``<fake_token_around_image>``); ``processor``: its token attributes
+    (``image_token_id``, ``image_token``) name ids too.
 
     Use as a context manager around your own forward passes, calling ``set_batch`` before each::
 
@@ -89,7 +139,7 @@ class Profiler:
     """
 
     def __init__(self, model: nn.Module, groups: list[str], *, sites=("hidden",), tau: float = DEFAULT_TAU,
-                 towers=None, token_kinds=None, special_token_ids=()):
+                 towers=None, token_kinds=None, special_token_ids=(), processor=None):
         bad = [s for s in sites if s not in SITES]
         if bad or not sites:
             raise ValueError(f"unknown sites {bad}; choose from {SITES}")
@@ -98,19 +148,18 @@ class Profiler:
         if len(set(groups)) != len(groups) or not groups:
             raise ValueError("groups must be a non-empty list of distinct labels")
         self.patch = patch_model(model)
-        self.token_kinds = default_token_kinds(model) if token_kinds is None else tuple(token_kinds)
-        bad = [k for k in self.token_kinds if k not in TOKEN_KINDS]
-        if bad:
-            raise ValueError(f"unknown token kinds {bad}; choose from {TOKEN_KINDS}")
+        self.token_kinds, ids = resolve_token_kinds(model, token_kinds, special_token_ids, processor)
         self.model, self.tau = model, float(tau)
-        ids = token_ids(model)
-        if special_token_ids:
-            ids["special"] = tuple(sorted({*ids.get("special", ()), *map(int, special_token_ids)}))
         self._kind_ids = {k: torch.tensor(v) for k, v in ids.items()}
         self._kind_ids_on: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._video_span = video_span_ids(model) if "image" in ids else None
         self.stats = NeuronStats(list(groups), fingerprint(model), self.tau)
         self._recorders = {}
+        stacks = language_stacks(model, [n for n, t in self.patch.towers.items() if t == "language"
+                                          and (towers is None or t in towers)])
+        self._stacks = sorted(set(stacks.values()))
+        self._has_vision = any(t == "vision" for t in self.patch.towers.values())
+        self._hooks = []
         no_input_sites = []
         for name, layer in self.patch.layers.items():
             tower = self.patch.towers[name]
@@ -126,23 +175,33 @@ class Profiler:
                     continue
                 width = layer.hidden_size if site == "out" else layer.num_neurons
                 accs[site] = self.stats.blocks[NeuronStats.key(name, site)] = empty_stats(len(groups), width, dev)
-            self._recorders[name] = _LayerRecorder(self, tower, accs, dev)
+            self._recorders[name] = _LayerRecorder(self, tower, accs, dev, stacks.get(name))
         if no_input_sites:
             warnings.warn(f"manu_fast.Profiler: {len(set(no_input_sites))} MLPs compute gate and up in one Linear "
                           f"({no_input_sites[0]} ...): their 'pre'/'up' sites are not profiled (their 'hidden' and "
                           "'out' sites are)", stacklevel=2)
         self._lm = None
         self._vision = None
+        self._batch = None  # (split, modality, input_ids, attention_mask, profile_mask, vision_kind) of set_batch
+        self._seen: dict[str, torch.Tensor | int] = {}  # stack -> labels of the sequence it ran in this batch
+        self._lm_vision: list = []  # counts of language-model positions of this batch that are image/video
+        self._warned_no_image = False
         self._cache: dict = {}
 
     def __enter__(self) -> "Profiler":
         for name, rec in self._recorders.items():
             self.patch.layers[name].recorder = rec
+        for stack in self._stacks:
+            self._hooks.append(self.model.get_submodule(stack).register_forward_pre_hook(
+                lambda mod, args, kwargs, stack=stack: self._stack_input(stack, args, kwargs), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
         for name in self._recorders:
             self.patch.layers[name].recorder = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
         self._cache.clear()
 
     def _gid(self, split: str, modality: str, kind: str) -> int:
@@ -161,6 +220,28 @@ class Profiler:
             self._kind_ids_on[device] = {k: v.to(device) for k, v in self._kind_ids.items()}
         return self._kind_ids_on[device]
 
+    def _labels(self, split: str, modality: str, ids: torch.Tensor, vision_kind: str) -> torch.Tensor:
+        """Group id of every position of the token ids ``ids`` (padding not yet applied)."""
+        lm = torch.full(ids.shape, self._gid(split, modality, "text"), dtype=torch.int32, device=ids.device)
+        kind_ids = self._kind_ids_here(ids.device)
+        # a placeholder that image and video share (Molmo2) is labelled by the batch's pixels: later kinds win
+        order = [k for k in ("special", "audio", "video", "image") if k in kind_ids]
+        if vision_kind == "video" and "video" in order:
+            order.remove("video")
+            order.append("video")
+        for kind in order:
+            lm[torch.isin(ids, kind_ids[kind])] = self._gid(split, modality, kind)
+        if self._video_span is not None:  # image placeholders inside a video_start ... video_end span
+            start, end = self._video_span
+            depth = (ids == start).cumsum(-1) - (ids == end).cumsum(-1)
+            frames = (depth > 0) & torch.isin(ids, kind_ids["image"])
+            lm[frames] = self._gid(split, modality, "video")
+        return lm
+
+    def _vision_positions(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Image/video placeholders in ``ids`` (counted only when ``end_batch`` needs them: no sync per batch)."""
+        return [torch.isin(ids, v).sum() for k, v in self._kind_ids_here(ids.device).items() if k in ("image", "video")]
+
     def set_batch(self, split: str, modality: str, input_ids: torch.Tensor | None = None,
                   attention_mask: torch.Tensor | None = None, profile_mask: torch.Tensor | None = None,
                   vision_kind: str = "image") -> None:
@@ -173,37 +254,97 @@ class Profiler:
         if ref is None:
             self._lm = text
         else:
-            lm = torch.full(ref.shape, text, dtype=torch.int32, device=ref.device)
-            if input_ids is not None:
-                kind_ids = self._kind_ids_here(input_ids.device)
-                for kind, ids in kind_ids.items():
-                    lm[torch.isin(input_ids, ids)] = self._gid(split, modality, kind)
-                if self._video_span is not None:  # image placeholders inside a video_start ... video_end span
-                    start, end = self._video_span
-                    depth = (input_ids == start).cumsum(-1) - (input_ids == end).cumsum(-1)
-                    frames = (depth > 0) & torch.isin(input_ids, kind_ids["image"])
-                    lm[frames] = self._gid(split, modality, "video")
+            lm = (self._labels(split, modality, input_ids, vision_kind) if input_ids is not None
+                  else torch.full(ref.shape, text, dtype=torch.int32, device=ref.device))
             if attention_mask is not None:
                 lm[attention_mask == 0] = -1
             if profile_mask is not None:
                 if profile_mask.shape != ref.shape:
                     raise ValueError(f"profile_mask has shape {tuple(profile_mask.shape)}, input_ids {tuple(ref.shape)}")
                 lm[~profile_mask.to(device=ref.device, dtype=torch.bool)] = -1
-            self._lm = lm.reshape(-1)
+            self._lm = lm
+        self._batch = (split, modality, input_ids, attention_mask, profile_mask, vision_kind)
+        self._lm_vision = self._vision_positions(input_ids) if input_ids is not None else []
         self._vision = self._gid(split, modality, vision_kind)
+        self._seen.clear()
         self._cache.clear()
 
-    def group_ids(self, tower: str, num_tokens: int, device) -> torch.Tensor | None:
-        """Group id per token for an MLP call of ``tower`` with ``num_tokens`` tokens; None: nothing to record."""
-        key = (tower, num_tokens, str(device))
+    def _stack_input(self, stack: str, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of a language-model stack: label the sequence it is about to run: the batch's
+        labels when it runs the input ids' positions, image features then the input ids (GIT), the labels of the ids
+        it is given itself (decoder inputs); anything else is refused."""
+        if self._batch is None:
+            return
+        split, modality, input_ids, attention_mask, profile_mask, vision_kind = self._batch
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        x = ids
+        for key in ("inputs_embeds", "hidden_states"):
+            if x is None and isinstance(kwargs.get(key), torch.Tensor):
+                x = kwargs[key]
+        if x is None and args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+        if x is None or isinstance(self._lm, int) or x.dim() < 2:
+            return  # nothing to compare with: the batch's labels (or none) apply
+        batch_ids = self._lm
+        if ids is not None and x is ids and (input_ids is None or ids.shape != input_ids.shape
+                                             or not torch.equal(ids, input_ids)):
+            # the stack runs ids of its own (an encoder-decoder's decoder_input_ids): label them
+            if profile_mask is not None:
+                raise RuntimeError(
+                    f"the language-model stack {stack} runs token ids other than input_ids (e.g. decoder_input_ids): "
+                    "profile_mask selects input_ids positions only; profile without it, or with "
+                    "towers=('vision', 'projector')")
+            lm = self._labels(split, modality, ids, vision_kind)
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+                lm[mask == 0] = -1
+            self._seen[stack] = lm
+            self._lm_vision += self._vision_positions(ids)
+            return
+        b, length = x.shape[0], x.shape[1]
+        rows, cols = batch_ids.shape
+        if (b, length) == (rows, cols):
+            return
+        if b == rows and length > cols and self._has_vision:
+            # image features put in front of the text (GIT): those positions are the vision tower's tokens
+            front = torch.full((rows, length - cols), self._vision, dtype=batch_ids.dtype, device=batch_ids.device)
+            self._seen[stack] = torch.cat([front, batch_ids], 1)
+            self._lm_vision.append(front.numel())
+            return
+        raise RuntimeError(
+            f"the language-model stack {stack} runs {b} x {length} positions but input_ids has {rows} x {cols}: "
+            "manu_fast labels the positions it runs only when they are the input ids (image features merged at their "
+            "placeholders), image features in front of the input ids, or token ids the stack is given (decoder "
+            "inputs). Pass the input_ids of the sequence the model runs, or profile without the language model: "
+            "towers=('vision', 'projector') (CLI: --towers vision projector)")
+
+    def end_batch(self, has_pixels: bool) -> None:
+        """After a forward: warn (once) when a batch with pixels reached the language model without any position
+        labelled image or video although the model has a vision tower (image token ids unknown?)."""
+        if (has_pixels and self._has_vision and self._stacks and not self._warned_no_image
+                and not any(int(n) for n in self._lm_vision)):
+            self._warned_no_image = True
+            named = {k: list(v.tolist()) for k, v in self._kind_ids.items() if k in ("image", "video")}
+            warnings.warn(f"manu_fast.Profiler: a batch with pixels reached the language model but none of its "
+                          f"positions is an image or video token (ids known: {named or 'none'}); its image "
+                          "positions are profiled as text. State the ids: profile(..., token_kinds={'image': [...]}) "
+                          "(CLI: --image-token-ids)", stacklevel=3)
+
+    def group_ids(self, tower: str, num_tokens: int, device, stack: str | None = None) -> torch.Tensor | None:
+        """Group id per token for an MLP call of ``tower`` (in the language-model ``stack``) with ``num_tokens``
+        tokens; None: nothing to record."""
+        key = (tower, stack, num_tokens, str(device))
         if key in self._cache:
             return self._cache[key]
-        src = self._lm if tower == "language" else self._vision
+        src = self._seen.get(stack, self._lm) if tower == "language" else self._vision
         if src is None:
             raise RuntimeError("Profiler.set_batch(...) must be called before each forward pass")
         if isinstance(src, int):
             gid = None if src < 0 else torch.full((num_tokens,), src, dtype=torch.int32, device=device)
         else:
+            src = src.reshape(-1)
             if src.numel() != num_tokens:
                 raise RuntimeError(f"a language-model MLP saw {num_tokens} tokens but the batch has {src.numel()} "
                                    "positions; pass input_ids/attention_mask of the sequence the model really runs")
@@ -349,6 +490,7 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
             prof.set_batch(split, modality, batch.get("input_ids"), batch.get("attention_mask"), pm,
                            vision_kind=_vision_kind(batch))
             model(**batch, **extra)
+            prof.end_batch(has_pixels=any("pixel_values" in k for k in batch))
             position[key] = seen
             since_save += 1
             if on_nonfinite == "error":
@@ -375,15 +517,16 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
 
 
 def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, sites=("hidden",),
-            tau: float = DEFAULT_TAU, towers=None, token_kinds=None, special_token_ids=(), progress: bool = True,
+            tau: float = DEFAULT_TAU, towers=None, token_kinds=None, special_token_ids=(), processor=None,
+            progress: bool = True,
             checkpoint=None, checkpoint_every: int = 50, resume: bool = False, on_nonfinite: str = "count",
             distributed: bool = False) -> NeuronStats:
     """Profile ``model`` over ``data`` ({(split, modality): batches}) and return its NeuronStats.
 
     A batch is a dict of model kwargs on the model's device, with an optional ``profile_mask`` (B, L) bool
     selecting the language-model positions to profile. Groups: every (split, modality) x token kind
-    (``token_kinds``, default ``manu_fast.adapters.default_token_kinds(model)``; ``special_token_ids`` as in
-    ``Profiler``). A batch with video pixels (``pixel_values_videos``) and no image pixels labels its vision-tower
+    (``token_kinds``, default ``manu_fast.adapters.default_token_kinds(model)``, or ``{kind: [token ids]}``;
+    ``special_token_ids`` and ``processor`` as in ``Profiler``). A batch with video pixels (``pixel_values_videos``) and no image pixels labels its vision-tower
     tokens ``video``; give images and videos in separate batches.
 
     Args:
@@ -415,16 +558,16 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
         rank, world = dist_mod.init()
         if checkpoint is not None:
             checkpoint = dist_mod.rank_path(checkpoint, rank, world)
-    if token_kinds is None:
+    if get_patch(model) is None:
         patch_model(model)  # refuses an unsupported model before anything else
-        token_kinds = default_token_kinds(model)
-    groups = [group_label(s, m, k) for (s, m) in data for k in token_kinds]
+    kinds, _ = resolve_token_kinds(model, token_kinds, special_token_ids, processor)
+    groups = [group_label(s, m, k) for (s, m) in data for k in kinds]
     was_training = model.training
     model.eval()
     error = None
     try:
         with Profiler(model, groups, sites=sites, tau=tau, towers=towers, token_kinds=token_kinds,
-                      special_token_ids=special_token_ids) as prof, torch.no_grad():
+                      special_token_ids=special_token_ids, processor=processor) as prof, torch.no_grad():
             position = {}
             if resume and Path(checkpoint).is_file():
                 position = load_checkpoint(checkpoint, prof.stats, rank=rank, world_size=world)
