@@ -220,9 +220,10 @@ def _linear_count(child: nn.Module) -> int:
     return 0
 
 
-# a functional activation in a forward's source: F.gelu(...), nn.functional.silu(...), torch.tanh(...), ACT2FN[...](...)
-_FUNCTIONAL_ACT = re.compile(r"(?:\b(?:F|functional|torch)\.(?:gelu|silu|relu6?|leaky_relu|elu|selu|celu|mish|hardswish|"
-                             r"softplus|tanh|sigmoid|quick_gelu)\s*\(|\bACT2FN\s*\[)")
+# a functional MLP nonlinearity in a forward's source: F.gelu(...), nn.functional.silu(...), ACT2FN[...](...) (not
+# sigmoid/tanh: attention gates use them)
+_FUNCTIONAL_ACT = r"(?:(?:\w+\.)*(?:F|functional|torch)\.(?:gelu|silu|relu6?|leaky_relu|elu|selu|celu|mish|hardswish|softplus|" \
+                  r"quick_gelu)\s*\(|\bACT2FN\s*\[[^\]]*\]\s*\()"
 _FORWARD_SOURCES: dict[type, str] = {}
 
 
@@ -237,35 +238,55 @@ def _forward_source(module: nn.Module) -> str:
     return _FORWARD_SOURCES[cls]
 
 
-def _functional_layouts(module: nn.Module) -> list[tuple[MLPLayout, str]]:
-    """MLPs written with a functional activation: two Linear children A, B (A gives the N features B takes) that
-    the module's forward calls as ``self.A(...)``, then a functional activation, then ``self.B(...)``
-    (Phi-4-multimodal's ``img_projection_up -> F.gelu -> img_projection_down``). They are patched as MLP parts."""
+def _functional_chains(module: nn.Module) -> list[tuple[str, str]]:
+    """Pairs (A, B) of Linear children that the module's forward chains through a functional activation, read from
+    its source: ``self.B(F.gelu(self.A(x)))``; ``z = F.gelu(self.A(x) ...)``, then ``self.B(z)``; or
+    ``y = self.A(x)``, ``z = F.gelu(y ...)``, then ``self.B(z)`` (Phi-4-multimodal's ``img_projection_up -> F.gelu ->
+    img_projection_down``). Other uses of an activation (on attention scores, a gate) are not chains."""
     source = _forward_source(module)
-    if not source or not _FUNCTIONAL_ACT.search(source):
+    if not source or not re.search(_FUNCTIONAL_ACT, source):
         return []
-    lins = {n: c for n, c in module.named_children() if isinstance(c, nn.Linear)}
-    calls = {n: m.start() for n in lins if (m := re.search(rf"self\.{re.escape(n)}\s*\(", source))}
+    names = [n for n, c in module.named_children() if isinstance(c, nn.Linear)]
+    chains = []
+    for a in names:
+        for b in names:
+            if a != b and re.search(rf"self\.{b}\s*\(\s*{_FUNCTIONAL_ACT}\s*self\.{a}\s*\(", source):
+                chains.append((a, b))
+        hidden = [m for m in re.finditer(rf"(\w+)\s*=\s*{_FUNCTIONAL_ACT}\s*self\.{a}\s*\(", source)]
+        for assign in re.finditer(rf"(\w+)\s*=\s*self\.{a}\s*\(", source):
+            act = re.compile(rf"(\w+)\s*=\s*{_FUNCTIONAL_ACT}\s*{assign.group(1)}\b").search(source, assign.end())
+            hidden += [act] if act is not None else []
+        for act in hidden:
+            for b in names:
+                if b != a and re.compile(rf"self\.{b}\s*\(\s*{act.group(1)}\s*[,)]").search(source, act.end()):
+                    chains.append((a, b))
+    return list(dict.fromkeys(chains))
+
+
+def _functional_layouts(module: nn.Module) -> list[tuple[MLPLayout, str]]:
+    """MLPs written with a functional activation (``_functional_chains``) whose widths chain (A gives the N features
+    B takes). They are patched as MLP parts (hooks on A and B)."""
     found, used = [], set()
-    for a, b in ((a, b) for a in calls for b in calls if a != b):
-        if {a, b} & used or lins[a].out_features != lins[b].in_features or calls[a] >= calls[b]:
+    for a, b in _functional_chains(module):
+        if {a, b} & used or _child(module, a).out_features != _child(module, b).in_features:
             continue
-        between = source[calls[a]:calls[b]]
-        if _FUNCTIONAL_ACT.search(between) and not any(calls[a] < calls[c] < calls[b] for c in calls if c not in (a, b)):
-            used |= {a, b}
-            found.append((MLPLayout((a, b), ()), "plain"))
+        used |= {a, b}
+        found.append((MLPLayout((a, b), ()), "plain"))
     return found
 
 
 def _unrecognised(module: nn.Module) -> str | None:
-    """Why ``module`` looks like an MLP that no layout matched (an activation -- a module or a functional call in
-    its forward -- next to two or more Linear layers, counting those in a ModuleList), else None."""
+    """Why ``module`` looks like an MLP that no layout matched (an activation module next to two or more Linear
+    layers, counting those in a ModuleList; or Linears chained through a functional activation), else None."""
     children = dict(module.named_children())
     linears = {n: _linear_count(c) for n, c in children.items()}
     lins = [n for n, k in linears.items() if k]
     acts = [n for n, c in children.items() if _is_activation(c)]
-    if not acts and (m := _FUNCTIONAL_ACT.search(_forward_source(module))):
-        acts = [f"{m.group(0).rstrip('([ ')} in its forward"]
+    if not acts:
+        chains = _functional_chains(module)
+        listed = any(isinstance(c, (nn.ModuleList, nn.Sequential)) and _linear_count(c) for c in children.values())
+        if chains or (listed and re.search(_FUNCTIONAL_ACT, _forward_source(module))):
+            acts = [f"a functional call in its forward{f' between {chains[0][0]} and {chains[0][1]}' if chains else ''}"]
     if not acts or sum(linears.values()) < 2:
         return None  # one Linear and an activation (a pooler, an LM-head transform) is not an MLP
     return (f"holds Linear layers ({', '.join(lins)}) and an activation ({', '.join(acts)}) but matches no MLP layout "
@@ -346,12 +367,12 @@ _IMAGE_WORDS = ("image", "img", "vision", "visual", "video")
 
 def _rest_tower(path: str, rest: str) -> tuple[str | None, str]:
     """Tower of a module no root covers: by the words of its path (an audio embedding is left out with the audio
-    tower; an image embedding or projector is the projector, even where the rest is the language model), else
+    tower; an image embedding is the projector, even where the rest is the language model), else
     ``rest``."""
     parts = path.lower().split(".")
     if any(w in part for part in parts for w in _AUDIO_WORDS):
         return None, f"audio tower's projector ({path}): manu_fast profiles vision, projector and language towers"
-    if rest == "language" and any(w in part for part in parts for w in _IMAGE_WORDS + _PROJECTOR_WORDS):
+    if rest == "language" and any(w in part for part in parts for w in _IMAGE_WORDS):
         return "projector", ""
     return rest, ""
 
