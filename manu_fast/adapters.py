@@ -7,14 +7,16 @@ features of its output Linear. A module that is exactly an MLP (those Linears an
 else) and computes ``down(act(gate(x)) * up(x))`` or ``fc2(act(fc1(x)))`` -- checked on a probe input when its
 weights are loaded -- is replaced by a fused layer (``manu_fast.layers``). Any other MLP (a projector that also holds
 a norm and a patch merger, a decoder layer that holds fc1/fc2 itself, a fused gate_up projection, an activation the
-fused op lacks) keeps its module and forward and gets an ``MLPPart``: hooks on its Linears that mask and profile the
-neurons. Mixture-of-experts layers are refused (or, on request, left out) with their module named.
+fused op lacks, Linears chained through a functional activation such as ``F.gelu`` read from the forward's source)
+keeps its module and forward and gets an ``MLPPart``: hooks on its Linears that mask and profile the neurons.
+Mixture-of-experts layers are refused (or, on request, left out) with their module named.
 
 **Towers** (vision, projector, language) are inferred from the config's sub-configs: the topmost modules carrying
 ``config.vision_config`` (any ``*vision*`` sub-config) root the vision tower, those carrying ``text_config`` the
 language model, other sub-configs (Q-Former, perceiver, adapter) the projector; audio towers are left out. Inside a
 vision tower, an MLP whose input width differs from its output width (a patch merger) is the projector's. What no
-tower roots is the projector (or the language model, when no module carries a text config). A model without
+tower roots is the projector (or the language model, when no module carries a text config, except modules whose
+path names an image: an image embedding's projection). A model without
 sub-configs is one tower: ``vision`` if it reads ``pixel_values``, else ``language``. ``MODEL_TABLE`` overrides the
 inference for a model type (``register_model``).
 """
@@ -592,7 +594,7 @@ def token_ids(model: nn.Module, processor=None) -> dict[str, tuple[int, ...]]:
         out.setdefault(kind, set()).update(int(v) for v in values if isinstance(v, int) and not isinstance(v, bool))
     placeholders = set().union(*(out.get(k, set()) for k in ("image", "video", "audio")))
     out["special"] = out.get("special", set()) - placeholders
-    return {k: tuple(sorted(v)) for k, v in out.items() if v}
+    return {k: tuple(sorted(out[k])) for k in TOKEN_KINDS if out.get(k)}
 
 
 def video_span_ids(model: nn.Module) -> tuple[int, int] | None:
