@@ -185,7 +185,7 @@ class Profiler:
         self._batch = None  # (split, modality, input_ids, attention_mask, profile_mask, vision_kind) of set_batch
         self._seen: dict[str, torch.Tensor | int] = {}  # stack -> labels of the sequence it ran in this batch
         self._lm_vision: list = []  # counts of language-model positions of this batch that are image/video
-        self._warned_no_image = False
+        self._blind = 0  # batches with pixels whose language model saw no image/video position (end_batch)
         self._cache: dict = {}
 
     def __enter__(self) -> "Profiler":
@@ -196,13 +196,15 @@ class Profiler:
                 lambda mod, args, kwargs, stack=stack: self._stack_input(stack, args, kwargs), with_kwargs=True))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for name in self._recorders:
             self.patch.layers[name].recorder = None
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
         self._cache.clear()
+        if exc_type is None:
+            self._warn_if_blind()
 
     def _gid(self, split: str, modality: str, kind: str) -> int:
         if kind not in self.token_kinds:
@@ -288,8 +290,10 @@ class Profiler:
         if x is None or isinstance(self._lm, int) or x.dim() < 2:
             return  # nothing to compare with: the batch's labels (or none) apply
         batch_ids = self._lm
-        if ids is not None and x is ids and (input_ids is None or ids.shape != input_ids.shape
-                                             or not torch.equal(ids, input_ids)):
+        own = ids is not None and x is ids and (
+            input_ids is None or ids.shape != input_ids.shape
+            or (ids.data_ptr() != input_ids.data_ptr() and not torch.equal(ids, input_ids)))  # no sync when passed on
+        if own:
             # the stack runs ids of its own (an encoder-decoder's decoder_input_ids): label them
             if profile_mask is not None:
                 raise RuntimeError(
@@ -321,14 +325,17 @@ class Profiler:
             "towers=('vision', 'projector') (CLI: --towers vision projector)")
 
     def end_batch(self, has_pixels: bool) -> None:
-        """After a forward: warn (once) when a batch with pixels reached the language model without any position
-        labelled image or video although the model has a vision tower (image token ids unknown?)."""
-        if (has_pixels and self._has_vision and self._stacks and not self._warned_no_image
-                and not any(int(n) for n in self._lm_vision)):
-            self._warned_no_image = True
+        """After a forward: count (on the device, no sync) a batch with pixels whose language model saw no position
+        labelled image or video although the model has a vision tower; leaving the Profiler warns about them."""
+        if has_pixels and self._has_vision and self._stacks:
+            self._blind = self._blind + (sum(self._lm_vision) == 0)
+
+    def _warn_if_blind(self) -> None:
+        blind = int(self._blind)
+        if blind:
             named = {k: list(v.tolist()) for k, v in self._kind_ids.items() if k in ("image", "video")}
-            warnings.warn(f"manu_fast.Profiler: a batch with pixels reached the language model but none of its "
-                          f"positions is an image or video token (ids known: {named or 'none'}); its image "
+            warnings.warn(f"manu_fast.Profiler: {blind} batches with pixels reached the language model but none of "
+                          f"their positions is an image or video token (ids known: {named or 'none'}); their image "
                           "positions are profiled as text. State the ids: profile(..., token_kinds={'image': [...]}) "
                           "(CLI: --image-token-ids)", stacklevel=3)
 

@@ -621,7 +621,7 @@ def test_a_shared_image_and_video_placeholder_is_labelled_by_the_batch_pixels():
 def test_image_ids_stated_by_the_user_and_a_warning_when_the_lm_sees_none():
     model = tm.build("molmo2")
     data = {("forget", "multimodal"): [tm.inputs("molmo2", model)]}
-    with pytest.warns(UserWarning, match=r"none of its positions is an image or video token.*token_kinds=\{'image'"):
+    with pytest.warns(UserWarning, match=r"1 batches with pixels .* none of their positions is an image or video token.*token_kinds=\{'image'"):
         stats = profile(model, data, progress=False, token_kinds={"image": [7], "video": [7]})  # wrong ids
     lm = "model.language_model.layers.0.mlp"
     assert stats.block(lm)[FIELD_INDEX["count"], stats.groups.index("forget/multimodal/image")].sum() == 0
