@@ -246,9 +246,11 @@ class Profiler:
 
     def set_batch(self, split: str, modality: str, input_ids: torch.Tensor | None = None,
                   attention_mask: torch.Tensor | None = None, profile_mask: torch.Tensor | None = None,
-                  vision_kind: str = "image") -> None:
+                  vision_kind: str = "image", vision_positions: torch.Tensor | None = None) -> None:
         """Declare the next forward's data: its (split, modality), the token layout of the language model, and the
-        kind of the vision tower's tokens (``"video"`` for a batch of video frames)."""
+        kind of the vision tower's tokens (``"video"`` for a batch of video frames). ``vision_positions``: a mask of
+        the input ids' shape marking the positions the model fills with image features when its ids do not
+        (Kosmos-2's ``image_embeds_position_mask``); they are labelled ``vision_kind``."""
         if vision_kind not in ("image", "video"):
             raise ValueError(f"vision_kind must be 'image' or 'video', got {vision_kind!r}")
         text = self._gid(split, modality, "text")
@@ -258,7 +260,11 @@ class Profiler:
         else:
             lm = (self._labels(split, modality, input_ids, vision_kind) if input_ids is not None
                   else torch.full(ref.shape, text, dtype=torch.int32, device=ref.device))
-            if attention_mask is not None:
+            if vision_positions is not None:
+                if vision_positions.shape != ref.shape:
+                    raise ValueError(f"vision_positions has shape {tuple(vision_positions.shape)}, input_ids "
+                                     f"{tuple(ref.shape)}")
+                lm[vision_positions.to(device=ref.device, dtype=torch.bool)] = self._gid(split, modality, vision_kind)
                 lm[attention_mask == 0] = -1
             if profile_mask is not None:
                 if profile_mask.shape != ref.shape:
@@ -267,6 +273,8 @@ class Profiler:
             self._lm = lm
         self._batch = (split, modality, input_ids, attention_mask, profile_mask, vision_kind)
         self._lm_vision = self._vision_positions(input_ids) if input_ids is not None else []
+        if vision_positions is not None:
+            self._lm_vision.append(vision_positions.sum())
         self._vision = self._gid(split, modality, vision_kind)
         self._seen.clear()
         self._cache.clear()
@@ -369,6 +377,17 @@ def _forward_kwargs(model: nn.Module) -> dict:
     if "logits_to_keep" in params:
         extra["logits_to_keep"] = 1
     return extra
+
+
+def _vision_positions(batch: dict) -> torch.Tensor | None:
+    """A batch entry marking the language-model positions of image features when the ids do not: named
+    ``*_position_mask`` after an image (Kosmos-2's ``image_embeds_position_mask``), with the input ids' shape."""
+    ids = batch.get("input_ids")
+    for key, value in batch.items():
+        if (key.endswith("position_mask") and any(w in key for w in ("image", "vision", "video"))
+                and isinstance(value, torch.Tensor) and ids is not None and value.shape == ids.shape):
+            return value
+    return None
 
 
 def _vision_kind(batch: dict) -> str:
@@ -495,7 +514,7 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
             batch = dict(batch)
             pm = batch.pop("profile_mask", None)
             prof.set_batch(split, modality, batch.get("input_ids"), batch.get("attention_mask"), pm,
-                           vision_kind=_vision_kind(batch))
+                           vision_kind=_vision_kind(batch), vision_positions=_vision_positions(batch))
             model(**batch, **extra)
             prof.end_batch(has_pixels=any("pixel_values" in k for k in batch))
             position[key] = seen
@@ -533,8 +552,9 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
     A batch is a dict of model kwargs on the model's device, with an optional ``profile_mask`` (B, L) bool
     selecting the language-model positions to profile. Groups: every (split, modality) x token kind
     (``token_kinds``, default ``manu_fast.adapters.default_token_kinds(model)``, or ``{kind: [token ids]}``;
-    ``special_token_ids`` and ``processor`` as in ``Profiler``). A batch with video pixels (``pixel_values_videos``) and no image pixels labels its vision-tower
-    tokens ``video``; give images and videos in separate batches.
+    ``special_token_ids`` and ``processor`` as in ``Profiler``). A batch with video pixels
+    (``pixel_values_videos``) and no image pixels labels its vision-tower tokens ``video``; give images and videos
+    in separate batches. A batch entry ``image_embeds_position_mask`` (Kosmos-2) marks image positions.
 
     Args:
         checkpoint: path of a checkpoint written atomically (temp file + rename) every ``checkpoint_every``

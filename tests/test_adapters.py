@@ -30,7 +30,7 @@ EXPECTED = {
     "qwen2_vl": ((2, 1, 2), 0), "qwen2_5_vl": ((2, 1, 2), 0), "qwen3_vl": ((2, 2, 2), 2), "glm4v": ((2, 1, 2), 3),
     "paligemma": ((3, 0, 2), 0), "gemma3": ((3, 0, 2), 0), "internvl": ((2, 1, 2), 1), "aya_vision": ((3, 1, 2), 1),
     "mistral3": ((2, 1, 2), 1), "llama4": ((2, 1, 2), 1), "lfm2_vl": ((3, 1, 2), 3), "blip2": ((2, 1, 2), 3),
-    "florence2": ((4, 0, 2), 2), "git": ((2, 0, 2), 2), "phi4_multimodal": ((3, 1, 2), 3), "molmo2": ((2, 1, 2), 0),
+    "kosmos2": ((2, 0, 2), 2), "florence2": ((4, 0, 2), 2), "git": ((2, 0, 2), 2), "phi4_multimodal": ((3, 1, 2), 3), "molmo2": ((2, 1, 2), 0),
     "llama": ((0, 0, 2), 0), "mistral": ((0, 0, 2), 0), "qwen2": ((0, 0, 2), 0), "clip": ((2, 0, 0), 0),
     "siglip": ((3, 0, 0), 0),
 }
@@ -100,6 +100,8 @@ def _hook_reference(name, model, data, kinds):
                             inside = (ids == tm.VIDEO_START).cumsum(-1) > (ids == tm.VIDEO_END).cumsum(-1)
                             gid[inside & (ids == tm.IMAGE_TOKEN)] = gid_of(split, modality, "video")
                         gid[kw["decoder_attention_mask" if decoder else "attention_mask"] == 0] = -1
+                        if "image_embeds_position_mask" in kw:  # Kosmos-2: image features at these positions
+                            gid[kw["image_embeds_position_mask"]] = gid_of(split, modality, "image")
                         if tm.ARCHS[name].layout == "prefix" and "pixel_values" in kw:  # GIT: image features first
                             front = torch.full((ids.shape[0], tm.image_tokens(name, model)),
                                                gid_of(split, modality, "image"))
@@ -615,13 +617,15 @@ def test_a_shared_image_and_video_placeholder_is_labelled_by_the_batch_pixels():
     with Profiler(model, groups) as prof:
         for vision_kind, want in (("image", 0), ("video", 1)):
             prof.set_batch("forget", "multimodal", ids, kw["attention_mask"], vision_kind=vision_kind)
-            assert (prof.group_ids("language", ids.numel(), "cpu").reshape(ids.shape)[ids == tm.IMAGE_TOKEN] == want).all()
+            lm = prof.group_ids("language", ids.numel(), "cpu").reshape(ids.shape)
+            assert (lm[ids == tm.IMAGE_TOKEN] == want).all()
 
 
 def test_image_ids_stated_by_the_user_and_a_warning_when_the_lm_sees_none():
     model = tm.build("molmo2")
     data = {("forget", "multimodal"): [tm.inputs("molmo2", model)]}
-    with pytest.warns(UserWarning, match=r"1 batches with pixels .* none of their positions is an image or video token.*token_kinds=\{'image'"):
+    with pytest.warns(UserWarning, match=r"1 batches with pixels .* none of their positions is an image or video "
+                                         r"token.*token_kinds=\{'image'"):
         stats = profile(model, data, progress=False, token_kinds={"image": [7], "video": [7]})  # wrong ids
     lm = "model.language_model.layers.0.mlp"
     assert stats.block(lm)[FIELD_INDEX["count"], stats.groups.index("forget/multimodal/image")].sum() == 0

@@ -235,6 +235,13 @@ def _molmo2():
     return tf.Molmo2ForConditionalGeneration(cfg)
 
 
+def _kosmos2():
+    cfg = tf.Kosmos2Config(text_config=dict(vocab_size=VOCAB, embed_dim=32, layers=2, attention_heads=4, ffn_dim=40,
+                                            max_position_embeddings=64, pad_token_id=0),
+                           vision_config=_vision(), latent_query_num=4)
+    return tf.Kosmos2ForConditionalGeneration(cfg)
+
+
 def _pixels(batch: int, g: torch.Generator):
     return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
 
@@ -298,7 +305,8 @@ class Family:
     moe: bool = False
     notes: str = ""
     # the sequence its language model runs: "ids" (image features at their placeholders), "prefix" (image features
-    # in front of the input ids: GIT), "encdec" (an encoder over the input ids, a decoder over decoder_input_ids)
+    # in front of the input ids: GIT), "encdec" (an encoder over the input ids, a decoder over decoder_input_ids),
+    # "position_mask" (image features at the positions of image_embeds_position_mask: Kosmos-2)
     layout: str = "ids"
     image_tokens: int = 0  # language-model image tokens per sample, when get_image_features cannot tell
     audio: bool = False  # has an audio tower (left out, with a warning)
@@ -353,6 +361,10 @@ ARCHS: dict[str, Family] = {
     "molmo2": Family("Molmo2", _molmo2, pixels=_molmo2_pixels, boundary=True, image_tokens=_MOLMO2_TOKENS,
                      kinds=("image", "video", "special", "text"),
                      notes="none (image placeholder `image_patch_id`)"),
+    "kosmos2": Family("Kosmos-2", _kosmos2, pixels=_pixels, layout="position_mask", image_tokens=4,
+                      text_only=False,
+                      notes="language layers' `ffn` (norm inside); image positions marked by "
+                            "`image_embeds_position_mask`; no text-only forward"),
     "llama": Family("Llama", lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_llama_text())), "text"),
     "mistral": Family("Mistral", lambda: tf.MistralForCausalLM(tf.MistralConfig(**_llama_text())), "text"),
     "qwen2": Family("Qwen2", lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_llama_text())), "text"),
@@ -424,6 +436,8 @@ def inputs(name: str, model, batch: int = 2, text_len: int = 7, pad: int = 2, mu
         att[-1, -pad:] = 0
     if name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "molmo2") and n_img:
         extra["mm_token_type_ids"] = (ids == placeholder).long() * (2 if video else 1)
+    if fam.layout == "position_mask" and n_img:  # Kosmos-2: the positions, not the ids, say where images go
+        extra["image_embeds_position_mask"] = ids == placeholder
     if fam.layout == "encdec":  # decoder inputs of another length, the last sample padded
         dec = torch.randint(3, 80, (batch, 5), generator=g)
         dec_att = torch.ones_like(dec)
