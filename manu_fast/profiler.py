@@ -265,6 +265,7 @@ class Profiler:
                     raise ValueError(f"vision_positions has shape {tuple(vision_positions.shape)}, input_ids "
                                      f"{tuple(ref.shape)}")
                 lm[vision_positions.to(device=ref.device, dtype=torch.bool)] = self._gid(split, modality, vision_kind)
+            if attention_mask is not None:
                 lm[attention_mask == 0] = -1
             if profile_mask is not None:
                 if profile_mask.shape != ref.shape:
