@@ -130,11 +130,14 @@ class Profiler:
     does not name, e.g. Idefics3's ``<fake_token_around_image>``); ``processor``: its token attributes
     (``image_token_id``, ``image_token``) name ids too.
 
-    Use as a context manager around your own forward passes, calling ``set_batch`` before each::
+    Use as a context manager around your own forward passes, calling ``set_batch`` before each (and
+    ``end_batch`` after each, to be warned on leaving about batches with pixels whose language model saw no image
+    token)::
 
         with Profiler(model, groups=["forget/multimodal/image", ...]) as prof:
             prof.set_batch("forget", "multimodal", input_ids=ids, attention_mask=am)
             model(...)
+            prof.end_batch(has_pixels=True)
         stats = prof.stats
     """
 
