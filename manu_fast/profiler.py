@@ -121,6 +121,30 @@ def language_stacks(model: nn.Module, names) -> dict[str, str]:
     return out
 
 
+def _ids_root(model: nn.Module, stack: str) -> str | None:
+    """The module at or above ``stack`` that takes the token ids of its sequence (its forward has ``input_ids``):
+    the stack itself (``LlamaModel``, a BART decoder) or the model around it (a BERT-style decoder's embeddings sit
+    in ``BertModel``, above its ``encoder`` stack; GIT's in ``GitModel``)."""
+    parts = stack.split(".")
+    for i in range(len(parts), 0, -1):
+        path = ".".join(parts[:i])
+        if "input_ids" in inspect.signature(model.get_submodule(path).forward).parameters:
+            return path
+    return None
+
+
+# what a language-model stack attends to when it reads the image by cross-attention (BART/BERT decoders of
+# encoder-decoders, Mllama, Idefics 1)
+_CROSS_ATTENDED = ("encoder_hidden_states", "cross_attention_states", "image_hidden_states")
+
+
+def _first_tensor(args: tuple, kwargs: dict, keys: tuple[str, ...]) -> torch.Tensor | None:
+    for key in keys:
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    return args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+
 class Profiler:
     """Attach statistics recorders to every fused MLP of ``model`` (patching it if needed).
 
@@ -186,7 +210,8 @@ class Profiler:
         self._lm = None
         self._vision = None
         self._batch = None  # (split, modality, input_ids, attention_mask, profile_mask, vision_kind) of set_batch
-        self._seen: dict[str, torch.Tensor | int] = {}  # stack -> labels of the sequence it ran in this batch
+        self._seen: dict[str, torch.Tensor] = {}  # stack -> labels of the sequence it ran in this batch
+        self._own: dict[str, torch.Tensor] = {}  # stack -> labels of token ids of its own (decoder inputs)
         self._lm_vision: list = []  # counts of language-model positions of this batch that are image/video
         self._blind = 0  # batches with pixels whose language model saw no image/video position (end_batch)
         self._cache: dict = {}
@@ -195,6 +220,10 @@ class Profiler:
         for name, rec in self._recorders.items():
             self.patch.layers[name].recorder = rec
         for stack in self._stacks:
+            root = _ids_root(self.model, stack)
+            if root is not None:  # registered first: on the stack itself it runs before the stack's own hook
+                self._hooks.append(self.model.get_submodule(root).register_forward_pre_hook(
+                    lambda mod, args, kwargs, stack=stack: self._ids_input(stack, args, kwargs), with_kwargs=True))
             self._hooks.append(self.model.get_submodule(stack).register_forward_pre_hook(
                 lambda mod, args, kwargs, stack=stack: self._stack_input(stack, args, kwargs), with_kwargs=True))
         return self
@@ -281,60 +310,61 @@ class Profiler:
             self._lm_vision.append(vision_positions.sum())
         self._vision = self._gid(split, modality, vision_kind)
         self._seen.clear()
+        self._own.clear()
         self._cache.clear()
 
-    def _stack_input(self, stack: str, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook of a language-model stack: label the sequence it is about to run: the batch's
-        labels when it runs the input ids' positions, image features then the input ids (GIT), the labels of the ids
-        it is given itself (decoder inputs); anything else is refused."""
+    def _ids_input(self, stack: str, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the module that gives ``stack`` its token ids (``_ids_root``): when they are not the
+        batch's input ids (an encoder-decoder's decoder runs ``decoder_input_ids``), label them for the stack."""
         if self._batch is None:
             return
-        split, modality, input_ids, attention_mask, profile_mask, vision_kind = self._batch
-        ids = kwargs.get("input_ids")
-        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-            ids = args[0]
-        x = ids
-        for key in ("inputs_embeds", "hidden_states"):
-            if x is None and isinstance(kwargs.get(key), torch.Tensor):
-                x = kwargs[key]
-        if x is None and args and isinstance(args[0], torch.Tensor):
-            x = args[0]
-        if x is None or isinstance(self._lm, int) or x.dim() < 2:
-            return  # nothing to compare with: the batch's labels (or none) apply
-        batch_ids = self._lm
-        own = ids is not None and x is ids and (
-            input_ids is None or ids.shape != input_ids.shape
-            or (ids.data_ptr() != input_ids.data_ptr() and not torch.equal(ids, input_ids)))  # no sync when passed on
-        if own:
-            # the stack runs ids of its own (an encoder-decoder's decoder_input_ids): label them
-            if profile_mask is not None:
-                raise RuntimeError(
-                    f"the language-model stack {stack} runs token ids other than input_ids (e.g. decoder_input_ids): "
-                    "profile_mask selects input_ids positions only; profile without it, or with "
-                    "towers=('vision', 'projector')")
-            lm = self._labels(split, modality, ids, vision_kind)
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
-                lm[mask == 0] = -1
-            self._seen[stack] = lm
-            self._lm_vision += self._vision_positions(ids)
+        split, modality, input_ids, _, profile_mask, vision_kind = self._batch
+        ids = _first_tensor(args, kwargs, ("input_ids",))
+        if ids is None or ids.is_floating_point() or ids.dim() != 2 or (
+                input_ids is not None and ids.shape == input_ids.shape
+                and (ids.data_ptr() == input_ids.data_ptr() or torch.equal(ids, input_ids))):  # no sync if passed on
+            self._own.pop(stack, None)
             return
-        b, length = x.shape[0], x.shape[1]
-        rows, cols = batch_ids.shape
+        if profile_mask is not None:
+            raise RuntimeError(
+                f"the language-model stack {stack} runs token ids other than input_ids (e.g. decoder_input_ids): "
+                "profile_mask selects input_ids positions only; profile without it, or with "
+                "towers=('vision', 'projector')")
+        lm = self._labels(split, modality, ids, vision_kind)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+            lm[mask == 0] = -1
+        self._own[stack] = lm
+        self._lm_vision += self._vision_positions(ids)
+
+    def _stack_input(self, stack: str, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of a language-model stack: label the sequence it is about to run from the labels of its
+        token ids (the batch's, or its own: ``_ids_input``): the same positions, or image features in front of them
+        (GIT); anything else is refused."""
+        if self._batch is None:
+            return
+        if any(isinstance(kwargs.get(k), torch.Tensor) for k in _CROSS_ATTENDED):
+            self._lm_vision.append(1)  # it sees the image through cross-attention: no warning about image ids
+        x = _first_tensor(args, kwargs, ("input_ids", "inputs_embeds", "hidden_states"))
+        base = self._own.get(stack, self._lm)
+        if x is None or x.dim() < 2 or isinstance(base, int):
+            return  # no token ids to compare with: every position has the batch's one label
+        (b, length), (rows, cols) = x.shape[:2], base.shape
         if (b, length) == (rows, cols):
+            self._seen[stack] = base
             return
         if b == rows and length > cols and self._has_vision:
             # image features put in front of the text (GIT): those positions are the vision tower's tokens
-            front = torch.full((rows, length - cols), self._vision, dtype=batch_ids.dtype, device=batch_ids.device)
-            self._seen[stack] = torch.cat([front, batch_ids], 1)
+            front = torch.full((rows, length - cols), self._vision, dtype=base.dtype, device=base.device)
+            self._seen[stack] = torch.cat([front, base], 1)
             self._lm_vision.append(front.numel())
             return
         raise RuntimeError(
-            f"the language-model stack {stack} runs {b} x {length} positions but input_ids has {rows} x {cols}: "
-            "manu_fast labels the positions it runs only when they are the input ids (image features merged at their "
-            "placeholders), image features in front of the input ids, or token ids the stack is given (decoder "
-            "inputs). Pass the input_ids of the sequence the model runs, or profile without the language model: "
-            "towers=('vision', 'projector') (CLI: --towers vision projector)")
+            f"the language-model stack {stack} runs {b} x {length} positions but its token ids are {rows} x {cols}: "
+            "manu_fast labels the positions it runs only when they are the token ids' (image features merged at "
+            "their placeholders), or image features in front of them. Pass the input_ids of the sequence the model "
+            "runs, or profile without the language model: towers=('vision', 'projector') (CLI: --towers vision "
+            "projector)")
 
     def end_batch(self, has_pixels: bool) -> None:
         """After a forward: count (on the device, no sync) a batch with pixels whose language model saw no position

@@ -646,8 +646,8 @@ def test_a_language_model_sequence_that_cannot_be_labelled_is_refused_with_the_o
     embeds = model.get_input_embeddings()(kw["input_ids"])[:, :4]  # the LM runs 4 positions, input_ids has 7
     with Profiler(model, ["forget/text/image", "forget/text/text"]) as prof:
         prof.set_batch("forget", "text", kw["input_ids"], kw["attention_mask"])
-        with pytest.raises(RuntimeError, match=r"runs 2 x 4 positions but input_ids has 2 x 7.*towers=\('vision', "
-                                               r"'projector'\)"), torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"runs 2 x 4 positions but its token ids are 2 x 7.*towers=\("
+                                               r"'vision', 'projector'\)"), torch.no_grad():
             model(inputs_embeds=embeds)
     with Profiler(model, ["forget/text/image"], towers=("vision", "projector")) as prof, torch.no_grad():
         prof.set_batch("forget", "text", kw["input_ids"], kw["attention_mask"])
@@ -667,3 +667,25 @@ def test_decoder_positions_are_labelled_from_the_decoder_inputs_and_profile_mask
         prof.set_batch("forget", "multimodal", kw["input_ids"], kw["attention_mask"], pm)
         with pytest.raises(RuntimeError, match="profile_mask selects input_ids positions only"):
             model(**kw)
+
+
+def test_a_decoder_whose_ids_enter_above_its_layer_stack_is_labelled_from_them():
+    """VisionEncoderDecoder with a BERT decoder: the ids enter BertModel, its layers run in BertModel.encoder; no
+    input_ids in the batch at all."""
+    enc = tf.ViTConfig(hidden_size=24, intermediate_size=36, num_hidden_layers=1, num_attention_heads=4, image_size=16,
+                       patch_size=4)
+    dec = tf.BertConfig(vocab_size=tm.VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                        num_attention_heads=4, is_decoder=True, add_cross_attention=True)
+    torch.manual_seed(0)
+    model = tf.VisionEncoderDecoderModel(tf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 80, (2, 5), generator=g)
+    ids[1, 3] = tm.IMAGE_TOKEN  # not an image id for this config: text
+    att = torch.ones_like(ids)
+    att[1, -2:] = 0
+    batch = {"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "decoder_input_ids": ids,
+             "decoder_attention_mask": att}
+    stats = profile(model, {("forget", "multimodal"): [batch]}, progress=False)
+    counts = stats.block("decoder.bert.encoder.layer.0")[FIELD_INDEX["count"], :, 0]
+    assert counts.tolist() == [0, int(att.sum())]  # image, text: every unpadded decoder position, once
+    assert stats.block("encoder.layers.0.mlp")[FIELD_INDEX["count"], 0, 0] == 2 * 17  # ViT: 16 patches + class
