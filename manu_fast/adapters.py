@@ -7,14 +7,16 @@ features of its output Linear. A module that is exactly an MLP (those Linears an
 else) and computes ``down(act(gate(x)) * up(x))`` or ``fc2(act(fc1(x)))`` -- checked on a probe input when its
 weights are loaded -- is replaced by a fused layer (``manu_fast.layers``). Any other MLP (a projector that also holds
 a norm and a patch merger, a decoder layer that holds fc1/fc2 itself, a fused gate_up projection, an activation the
-fused op lacks) keeps its module and forward and gets an ``MLPPart``: hooks on its Linears that mask and profile the
-neurons. Mixture-of-experts layers are refused (or, on request, left out) with their module named.
+fused op lacks, Linears chained through a functional activation such as ``F.gelu`` read from the forward's source)
+keeps its module and forward and gets an ``MLPPart``: hooks on its Linears that mask and profile the neurons.
+Mixture-of-experts layers are refused (or, on request, left out) with their module named.
 
 **Towers** (vision, projector, language) are inferred from the config's sub-configs: the topmost modules carrying
 ``config.vision_config`` (any ``*vision*`` sub-config) root the vision tower, those carrying ``text_config`` the
 language model, other sub-configs (Q-Former, perceiver, adapter) the projector; audio towers are left out. Inside a
 vision tower, an MLP whose input width differs from its output width (a patch merger) is the projector's. What no
-tower roots is the projector (or the language model, when no module carries a text config). A model without
+tower roots is the projector (or the language model, when no module carries a text config, except modules whose
+path names an image: an image embedding's projection). A model without
 sub-configs is one tower: ``vision`` if it reads ``pixel_values``, else ``language``. ``MODEL_TABLE`` overrides the
 inference for a model type (``register_model``).
 """
@@ -220,12 +222,73 @@ def _linear_count(child: nn.Module) -> int:
     return 0
 
 
+# a functional MLP nonlinearity in a forward's source: F.gelu(...), nn.functional.silu(...), ACT2FN[...](...) (not
+# sigmoid/tanh: attention gates use them)
+_FUNCTIONAL_ACT = r"(?:(?:\w+\.)*(?:F|functional|torch)\.(?:gelu|silu|relu6?|leaky_relu|elu|selu|celu|mish|hardswish|softplus|" \
+                  r"quick_gelu)\s*\(|\bACT2FN\s*\[[^\]]*\]\s*\()"
+_FORWARD_SOURCES: dict[type, str] = {}
+
+
+def _forward_source(module: nn.Module) -> str:
+    """The source of ``type(module).forward`` ('' when it cannot be read), read once per class."""
+    cls = type(module)
+    if cls not in _FORWARD_SOURCES:
+        try:
+            _FORWARD_SOURCES[cls] = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            _FORWARD_SOURCES[cls] = ""
+    return _FORWARD_SOURCES[cls]
+
+
+def _functional_chains(module: nn.Module) -> list[tuple[str, str]]:
+    """Pairs (A, B) of Linear children that the module's forward chains through a functional activation, read from
+    its source: ``self.B(F.gelu(self.A(x)))``; ``z = F.gelu(self.A(x) ...)``, then ``self.B(z)``; or
+    ``y = self.A(x)``, ``z = F.gelu(y ...)``, then ``self.B(z)`` (Phi-4-multimodal's ``img_projection_up -> F.gelu ->
+    img_projection_down``). Other uses of an activation (on attention scores, a gate) are not chains."""
+    source = _forward_source(module)
+    if not source or not re.search(_FUNCTIONAL_ACT, source):
+        return []
+    names = [n for n, c in module.named_children() if isinstance(c, nn.Linear)]
+    chains = []
+    for a in names:
+        for b in names:
+            if a != b and re.search(rf"self\.{b}\s*\(\s*{_FUNCTIONAL_ACT}\s*self\.{a}\s*\(", source):
+                chains.append((a, b))
+        hidden = [m for m in re.finditer(rf"(\w+)\s*=\s*{_FUNCTIONAL_ACT}\s*self\.{a}\s*\(", source)]
+        for assign in re.finditer(rf"(\w+)\s*=\s*self\.{a}\s*\(", source):
+            act = re.compile(rf"(\w+)\s*=\s*{_FUNCTIONAL_ACT}\s*{assign.group(1)}\b").search(source, assign.end())
+            hidden += [act] if act is not None else []
+        for act in hidden:
+            for b in names:
+                if b != a and re.compile(rf"self\.{b}\s*\(\s*{act.group(1)}\s*[,)]").search(source, act.end()):
+                    chains.append((a, b))
+    return list(dict.fromkeys(chains))
+
+
+def _functional_layouts(module: nn.Module) -> list[tuple[MLPLayout, str]]:
+    """MLPs written with a functional activation (``_functional_chains``) whose widths chain (A gives the N features
+    B takes). They are patched as MLP parts (hooks on A and B)."""
+    found, used = [], set()
+    for a, b in _functional_chains(module):
+        if {a, b} & used or _child(module, a).out_features != _child(module, b).in_features:
+            continue
+        used |= {a, b}
+        found.append((MLPLayout((a, b), ()), "plain"))
+    return found
+
+
 def _unrecognised(module: nn.Module) -> str | None:
-    """Why ``module`` looks like an MLP that no layout matched (an activation next to Linear layers), else None."""
+    """Why ``module`` looks like an MLP that no layout matched (an activation module next to two or more Linear
+    layers, counting those in a ModuleList; or Linears chained through a functional activation), else None."""
     children = dict(module.named_children())
     linears = {n: _linear_count(c) for n, c in children.items()}
     lins = [n for n, k in linears.items() if k]
     acts = [n for n, c in children.items() if _is_activation(c)]
+    if not acts:
+        chains = _functional_chains(module)
+        listed = any(isinstance(c, (nn.ModuleList, nn.Sequential)) and _linear_count(c) for c in children.values())
+        if chains or (listed and re.search(_FUNCTIONAL_ACT, _forward_source(module))):
+            acts = [f"a functional call in its forward{f' between {chains[0][0]} and {chains[0][1]}' if chains else ''}"]
     if not acts or sum(linears.values()) < 2:
         return None  # one Linear and an activation (a pooler, an LM-head transform) is not an MLP
     return (f"holds Linear layers ({', '.join(lins)}) and an activation ({', '.join(acts)}) but matches no MLP layout "
@@ -300,16 +363,32 @@ def _register_call(mt: str) -> str:
             "('projector', '<projector path>'), ('language', '<language path>'))))")
 
 
-def _resolver(roots: list[tuple[str, str | None, str]], rest: str | None, rest_reason: str = ""):
+_AUDIO_WORDS = ("audio", "speech", "sound")
+_IMAGE_WORDS = ("image", "img", "vision", "visual", "video")
+
+
+def _rest_tower(path: str, rest: str) -> tuple[str | None, str]:
+    """Tower of a module no root covers: by the words of its path (an audio embedding is left out with the audio
+    tower; an image embedding is the projector, even where the rest is the language model), else
+    ``rest``."""
+    parts = path.lower().split(".")
+    if any(w in part for part in parts for w in _AUDIO_WORDS):
+        return None, f"audio tower's projector ({path}): manu_fast profiles vision, projector and language towers"
+    if rest == "language" and any(w in part for part in parts for w in _IMAGE_WORDS):
+        return "projector", ""
+    return rest, ""
+
+
+def _resolver(roots: list[tuple[str, str | None, str]], rest: str | None):
     """Tower of a module path: (tower or None, reason when None, the root's path or None); the longest matching root
-    wins and what no root covers goes to ``rest``."""
+    wins and what no root covers goes to ``rest`` (``_rest_tower``)."""
     roots = sorted(roots, key=lambda r: -len(r[0]))  # (path, tower or None, reason when None)
 
     def tower_of(path: str) -> tuple[str | None, str, str | None]:
         for root, tower, reason in roots:
             if root == "" or path == root or path.startswith(root + "."):
                 return tower, reason, root
-        return rest, rest_reason, None
+        return (*_rest_tower(path, rest), None)
     return tower_of
 
 
@@ -383,7 +462,7 @@ def inspect_model(model: nn.Module) -> ModelMLPs:
         if why:
             skipped.append(Skipped(path, why, moe=True))
             continue
-        layouts = _match_layouts(m)
+        layouts = _match_layouts(m) or _functional_layouts(m)
         if layouts:
             candidates.append((path, m, layouts))
         elif (why := _unrecognised(m)) is not None:
@@ -458,25 +537,64 @@ def fingerprint(model: nn.Module) -> dict:
     return {"model_type": model_type(model), "layers": layers}
 
 
-_PLACEHOLDER = re.compile(r"^(image|video|audio)_token_(id|index)$")
+_PLACEHOLDER = re.compile(r"^(image|video|audio)_(token|patch)_(id|index)$")
+_TOKEN_KEY = re.compile(r"_(token|patch)_(id|index|ids)$")
 _SPECIAL_WORDS = ("vision", "image", "video", "img", "boi", "eoi", "frame", "visual", "audio", "boa", "eoa")
 
 
-def token_ids(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Language-model token ids of each non-text kind the config names: the ``image``/``video``/``audio``
-    placeholders (``image_token_id`` ...) and ``special`` boundary tokens (``vision_start_token_id``,
-    ``boi_token_index``, ``image_end_token_id`` ...). Every other token is ``text``."""
+def _config_token_entries(config, seen: set[int]):
+    """(attribute, value) of every token-id attribute of ``config``, its ``attribute_map`` aliases (Molmo2's
+    ``image_token_id`` -> ``image_patch_id``) and its sub-configs (Phi-4-multimodal's ``vision_config.image_token_id``)."""
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    for key, value in vars(config).items():
+        if not key.startswith("_") and _TOKEN_KEY.search(key):
+            yield key, value
+    for alias, target in getattr(config, "attribute_map", {}).items():
+        if _TOKEN_KEY.search(alias):
+            yield alias, getattr(config, target, None)
+    for _, sub in _sub_configs(config):
+        yield from _config_token_entries(sub, seen)
+
+
+def _processor_token_entries(processor):
+    """(attribute, id) of a processor's token attributes: ``image_token_id`` ..., and token strings
+    (``image_token = "<image>"``) looked up in its tokenizer."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for key, value in vars(processor).items():
+        if key.startswith("_") or not re.search(r"_token(_id|_ids|_index)?$", key):
+            continue
+        if isinstance(value, str) and hasattr(tokenizer, "convert_tokens_to_ids"):
+            value = tokenizer.convert_tokens_to_ids(value)
+            if not isinstance(value, int) or value == unk:
+                continue
+        yield (key if _TOKEN_KEY.search(key) else f"{key}_id"), value
+
+
+def token_ids(model: nn.Module, processor=None) -> dict[str, tuple[int, ...]]:
+    """Language-model token ids of each non-text kind the config (and its sub-configs, and ``processor`` when given)
+    names: the ``image``/``video``/``audio`` placeholders (``image_token_id``, ``image_token_index``,
+    ``image_patch_id`` ...) and ``special`` boundary tokens (``vision_start_token_id``, ``boi_token_index``,
+    ``image_end_token_id`` ...). Every other token is ``text``. A placeholder is never also ``special``; image and
+    video may share one (Molmo2): the profiler labels it by the batch's pixels."""
+    entries = list(_config_token_entries(model.config, set()))
+    if processor is not None:
+        entries += list(_processor_token_entries(processor))
     out: dict[str, set[int]] = {}
-    for key, value in vars(model.config).items():
-        if key.startswith("_") or not re.search(r"_token_(id|index|ids)$", key) or value is None:
+    for key, value in entries:
+        if value is None:
             continue
         m = _PLACEHOLDER.match(key)
         kind = m.group(1) if m else "special" if any(w in key for w in _SPECIAL_WORDS) else None
         if kind is None:
             continue
         values = value if isinstance(value, (list, tuple)) else [value]
-        out.setdefault(kind, set()).update(int(v) for v in values if isinstance(v, int))
-    return {k: tuple(sorted(v)) for k, v in out.items() if v}
+        out.setdefault(kind, set()).update(int(v) for v in values if isinstance(v, int) and not isinstance(v, bool))
+    placeholders = set().union(*(out.get(k, set()) for k in ("image", "video", "audio")))
+    out["special"] = out.get("special", set()) - placeholders
+    return {k: tuple(sorted(out[k])) for k in TOKEN_KINDS if out.get(k)}
 
 
 def video_span_ids(model: nn.Module) -> tuple[int, int] | None:

@@ -298,9 +298,11 @@ def cmd_profile(args) -> None:
     if args.moe == "skip":
         from .adapters import patch_model
         patch_model(model, moe="skip")
+    stated = {k: v for k, v in (("image", args.image_token_ids), ("video", args.video_token_ids)) if v}
     stats = profile(model, data, sites=tuple(args.sites), tau=args.tau, towers=args.towers,
-                    progress=not args.no_progress, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                    resume=args.resume, on_nonfinite=args.on_nonfinite, distributed=args.distributed)
+                    token_kinds=stated or None, processor=processor, progress=not args.no_progress,
+                    checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                    on_nonfinite=args.on_nonfinite, distributed=args.distributed)
     if args.distributed:
         mdist.save_stats(stats, args.out)
         if mdist.rank_and_world()[0] != 0:
@@ -692,6 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tau", type=float, default=DEFAULT_TAU, help="activity threshold of the frequency metric (default: %(default)s)")
     s.add_argument("--towers", nargs="+", choices=TOWERS,
                    help="profile only these towers (default: all)")
+    s.add_argument("--image-token-ids", nargs="+", type=int, metavar="ID",
+                   help="language-model token ids of image positions (default: those the config and processor "
+                        "name, e.g. image_token_id, vision_config.image_token_id, image_patch_id)")
+    s.add_argument("--video-token-ids", nargs="+", type=int, metavar="ID",
+                   help="language-model token ids of video positions (default: those the config and processor name)")
     s.add_argument("--moe", default="refuse", choices=MOE_POLICIES,
                    help="mixture-of-experts layers: refuse the model (default) or profile every other MLP")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -4,9 +4,12 @@ Each batch is homogeneous in (split, modality); within it, language-model tokens
 ``image`` / ``video`` / ``audio`` at the placeholder tokens the model's config names (``image_token_id`` ...;
 image placeholders between ``video_start_token_id`` and ``video_end_token_id`` are ``video``),
 ``special`` at the boundary tokens it names (``vision_start_token_id``, ``boi_token_index`` ...), ``text``
-elsewhere, padding ignored (``manu_fast.adapters.token_ids``). Vision-tower and projector tokens are ``image``, or
-``video`` in a batch that has video pixels only. A token whose kind is not profiled is ignored, never counted as
-another kind. Group labels are ``f"{split}/{modality}/{kind}"``. Statistics live in
+elsewhere, padding ignored (``manu_fast.adapters.token_ids``; ``token_kinds={"image": [ids], ...}`` states them).
+The labels follow the sequence each language-model stack really runs (``Profiler._stack_input``): the input ids (image
+features merged at their placeholders), the input ids after image features put in front (GIT), or the ids the
+stack is given itself (an encoder-decoder's decoder runs ``decoder_input_ids``); any other sequence is refused.
+Vision-tower and projector tokens are ``image``, or ``video`` in a batch that has video pixels only. A token whose
+kind is not profiled is ignored, never counted as another kind. Group labels are ``f"{split}/{modality}/{kind}"``. Statistics live in
 float64 accumulators of O(neurons) per layer on that layer's (execution) device, so memory does not grow
 with tokens and a model split over devices (accelerate ``device_map``, CPU/disk offload) keeps every
 layer's statistics next to it until they are saved.
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import default_token_kinds, fingerprint, forward_kwargs, patch_model, token_ids, video_span_ids
+from .adapters import default_token_kinds, fingerprint, forward_kwargs, get_patch, patch_model, token_ids, video_span_ids
 from .digests import BatchDigests, weights_digest
 from .io import parse_json
 from .layers import MLPPart
@@ -47,13 +50,14 @@ class _LayerRecorder:
     """The ``layers.Recorder`` attached to one FusedMLP while profiling: hands the op its group ids and
     accumulators."""
 
-    def __init__(self, profiler: "Profiler", tower: str, accs: dict[str, torch.Tensor], device: torch.device):
-        self.profiler, self.tower, self.accs, self.device = profiler, tower, accs, device
+    def __init__(self, profiler: "Profiler", tower: str, accs: dict[str, torch.Tensor], device: torch.device,
+                 stack: str | None = None):
+        self.profiler, self.tower, self.accs, self.device, self.stack = profiler, tower, accs, device, stack
 
     def op_kwargs(self, layer, num_tokens: int) -> dict:
         # the accumulators' device, not out_proj.weight.device: under accelerate offload that weight is on
         # "meta" until down_proj's own pre-forward hook loads it, which is after this call
-        gid = self.profiler.group_ids(self.tower, num_tokens, self.device)
+        gid = self.profiler.group_ids(self.tower, num_tokens, self.device, self.stack)
         if gid is None:
             return {}
         if isinstance(layer, MLPPart):  # its pre/up sites come from hooks on its input Linears (record_input)
@@ -72,28 +76,101 @@ class _LayerRecorder:
         acc = self.accs.get(site)
         if acc is None:
             return
-        gid = self.profiler.group_ids(self.tower, a.shape[:-1].numel(), a.device)
+        gid = self.profiler.group_ids(self.tower, a.shape[:-1].numel(), a.device, self.stack)
         if gid is not None:
             act_stats(a.detach(), act="identity", group_ids=gid, stats=acc, tau=self.profiler.tau, write_out=False)
+
+
+def resolve_token_kinds(model: nn.Module, token_kinds=None, special_token_ids=(), processor=None):
+    """(kinds profiled, {kind: token ids}) from the model's config (``token_ids``), the user's choices and ids.
+
+    ``token_kinds``: None (``default_token_kinds``), kind names, or ``{kind: [token ids]}``: those kinds are
+    profiled as well as the default ones and their ids replace the config's (``{"image": [151938]}``);
+    ``special_token_ids`` add ``special`` ids."""
+    ids = token_ids(model, processor)
+    if isinstance(token_kinds, dict):
+        stated = {k: tuple(sorted({int(i) for i in ([v] if isinstance(v, int) else v)})) for k, v in token_kinds.items()}
+        bad = [k for k in stated if k not in TOKEN_KINDS or k == "text"]
+        if bad:
+            raise ValueError(f"token_kinds states ids of {bad}; state ids of {[k for k in TOKEN_KINDS if k != 'text']} "
+                             "(every other token is text)")
+        if any(not v for v in stated.values()):
+            raise ValueError(f"token_kinds states no id for {[k for k, v in stated.items() if not v]}")
+        for kind, values in stated.items():
+            for other in list(ids):
+                ids[other] = tuple(i for i in ids[other] if i not in values)
+            ids[kind] = values
+        ids = {k: v for k, v in ids.items() if v}
+        kinds = tuple(k for k in TOKEN_KINDS if k in ("image", "text") or k in ids)
+    else:
+        kinds = default_token_kinds(model) if token_kinds is None else tuple(token_kinds)
+    bad = [k for k in kinds if k not in TOKEN_KINDS]
+    if bad:
+        raise ValueError(f"unknown token kinds {bad}; choose from {TOKEN_KINDS}")
+    if special_token_ids:
+        ids["special"] = tuple(sorted({*ids.get("special", ()), *map(int, special_token_ids)}))
+    return kinds, ids
+
+
+def language_stacks(model: nn.Module, names) -> dict[str, str]:
+    """{MLP name: its stack}: the module holding the ModuleList of layers the MLP is in (``model.language_model``,
+    an encoder-decoder's ``...encoder`` and ``...decoder``); the sequence that stack runs is what the MLP sees."""
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            if parts[i].isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
+                out[name] = ".".join(parts[:i - 1])
+                break
+    return out
+
+
+def _ids_root(model: nn.Module, stack: str) -> str | None:
+    """The module at or above ``stack`` that takes the token ids of its sequence (its forward has ``input_ids``):
+    the stack itself (``LlamaModel``, a BART decoder) or the model around it (a BERT-style decoder's embeddings sit
+    in ``BertModel``, above its ``encoder`` stack; GIT's in ``GitModel``)."""
+    parts = stack.split(".")
+    for i in range(len(parts), 0, -1):
+        path = ".".join(parts[:i])
+        if "input_ids" in inspect.signature(model.get_submodule(path).forward).parameters:
+            return path
+    return None
+
+
+# what a language-model stack attends to when it reads the image by cross-attention (BART/BERT decoders of
+# encoder-decoders, Mllama, Idefics 1)
+_CROSS_ATTENDED = ("encoder_hidden_states", "cross_attention_states", "image_hidden_states")
+
+
+def _first_tensor(args: tuple, kwargs: dict, keys: tuple[str, ...]) -> torch.Tensor | None:
+    for key in keys:
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    return args[0] if args and isinstance(args[0], torch.Tensor) else None
 
 
 class Profiler:
     """Attach statistics recorders to every fused MLP of ``model`` (patching it if needed).
 
     ``token_kinds``: the language-model token kinds to profile (default: ``default_token_kinds(model)``, image
-    and text plus every kind the config names tokens of); ``special_token_ids``: more ids to label ``special``
-    (boundary tokens the config does not name, e.g. Idefics3's ``<fake_token_around_image>``).
+    and text plus every kind the config names tokens of), or ``{kind: [token ids]}`` stating the ids of kinds
+    (``resolve_token_kinds``); ``special_token_ids``: more ids to label ``special`` (boundary tokens the config
+    does not name, e.g. Idefics3's ``<fake_token_around_image>``); ``processor``: its token attributes
+    (``image_token_id``, ``image_token``) name ids too.
 
-    Use as a context manager around your own forward passes, calling ``set_batch`` before each::
+    Use as a context manager around your own forward passes, calling ``set_batch`` before each (and
+    ``end_batch`` after each, to be warned on leaving about batches with pixels whose language model saw no image
+    token)::
 
         with Profiler(model, groups=["forget/multimodal/image", ...]) as prof:
             prof.set_batch("forget", "multimodal", input_ids=ids, attention_mask=am)
             model(...)
+            prof.end_batch(has_pixels=True)
         stats = prof.stats
     """
 
     def __init__(self, model: nn.Module, groups: list[str], *, sites=("hidden",), tau: float = DEFAULT_TAU,
-                 towers=None, token_kinds=None, special_token_ids=()):
+                 towers=None, token_kinds=None, special_token_ids=(), processor=None):
         bad = [s for s in sites if s not in SITES]
         if bad or not sites:
             raise ValueError(f"unknown sites {bad}; choose from {SITES}")
@@ -105,19 +182,18 @@ class Profiler:
         if bad:
             raise ValueError(f"group labels must be split/modality/kind, got {bad[0]!r}")
         self.patch = patch_model(model)
-        self.token_kinds = default_token_kinds(model) if token_kinds is None else tuple(token_kinds)
-        bad = [k for k in self.token_kinds if k not in TOKEN_KINDS]
-        if bad:
-            raise ValueError(f"unknown token kinds {bad}; choose from {TOKEN_KINDS}")
+        self.token_kinds, ids = resolve_token_kinds(model, token_kinds, special_token_ids, processor)
         self.model, self.tau = model, float(tau)
-        ids = token_ids(model)
-        if special_token_ids:
-            ids["special"] = tuple(sorted({*ids.get("special", ()), *map(int, special_token_ids)}))
         self._kind_ids = {k: torch.tensor(v) for k, v in ids.items()}
         self._kind_ids_on: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._video_span = video_span_ids(model) if "image" in ids else None
         self.stats = NeuronStats(list(groups), fingerprint(model), self.tau)
         self._recorders = {}
+        stacks = language_stacks(model, [n for n, t in self.patch.towers.items() if t == "language"
+                                          and (towers is None or t in towers)])
+        self._stacks = sorted(set(stacks.values()))
+        self._has_vision = any(t == "vision" for t in self.patch.towers.values())
+        self._hooks = []
         no_input_sites = []
         for name, layer in self.patch.layers.items():
             tower = self.patch.towers[name]
@@ -132,13 +208,18 @@ class Profiler:
                     continue
                 width = layer.hidden_size if site == "out" else layer.num_neurons
                 accs[site] = self.stats.blocks[NeuronStats.key(name, site)] = empty_stats(len(groups), width, dev)
-            self._recorders[name] = _LayerRecorder(self, tower, accs, dev)
+            self._recorders[name] = _LayerRecorder(self, tower, accs, dev, stacks.get(name))
         if no_input_sites:
             warnings.warn(f"manu_fast.Profiler: {len(set(no_input_sites))} MLPs compute gate and up in one Linear "
                           f"({no_input_sites[0]} ...): their 'pre'/'up' sites are not profiled (their 'hidden' and "
                           "'out' sites are)", stacklevel=2)
         self._lm = None
         self._vision = None
+        self._batch = None  # (split, modality, input_ids, attention_mask, profile_mask, vision_kind) of set_batch
+        self._seen: dict[str, torch.Tensor] = {}  # stack -> labels of the sequence it ran in this batch
+        self._own: dict[str, torch.Tensor] = {}  # stack -> labels of token ids of its own (decoder inputs)
+        self._lm_vision: list = []  # counts of language-model positions of this batch that are image/video
+        self._blind = 0  # batches with pixels whose language model saw no image/video position (end_batch)
         self._cache: dict = {}
 
     def __enter__(self) -> "Profiler":
@@ -149,12 +230,24 @@ class Profiler:
             self.patch.active_profiler = self
         for name, rec in self._recorders.items():
             self.patch.layers[name].recorder = rec
+        for stack in self._stacks:
+            root = _ids_root(self.model, stack)
+            if root is not None:  # registered first: on the stack itself it runs before the stack's own hook
+                self._hooks.append(self.model.get_submodule(root).register_forward_pre_hook(
+                    lambda mod, args, kwargs, stack=stack: self._ids_input(stack, args, kwargs), with_kwargs=True))
+            self._hooks.append(self.model.get_submodule(stack).register_forward_pre_hook(
+                lambda mod, args, kwargs, stack=stack: self._stack_input(stack, args, kwargs), with_kwargs=True))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for name in self._recorders:
             self.patch.layers[name].recorder = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
         self._cache.clear()
+        if exc_type is None:
+            self._warn_if_blind()
         with _ACTIVE_LOCK:
             if getattr(self.patch, "active_profiler", None) is self:
                 self.patch.active_profiler = None
@@ -175,11 +268,35 @@ class Profiler:
             self._kind_ids_on[device] = {k: v.to(device) for k, v in self._kind_ids.items()}
         return self._kind_ids_on[device]
 
+    def _labels(self, split: str, modality: str, ids: torch.Tensor, vision_kind: str) -> torch.Tensor:
+        """Group id of every position of the token ids ``ids`` (padding not yet applied)."""
+        lm = torch.full(ids.shape, self._gid(split, modality, "text"), dtype=torch.int32, device=ids.device)
+        kind_ids = self._kind_ids_here(ids.device)
+        # a placeholder that image and video share (Molmo2) is labelled by the batch's pixels: later kinds win
+        order = [k for k in ("special", "audio", "video", "image") if k in kind_ids]
+        if vision_kind == "video" and "video" in order:
+            order.remove("video")
+            order.append("video")
+        for kind in order:
+            lm[torch.isin(ids, kind_ids[kind])] = self._gid(split, modality, kind)
+        if self._video_span is not None:  # image placeholders inside a video_start ... video_end span
+            start, end = self._video_span
+            depth = (ids == start).cumsum(-1) - (ids == end).cumsum(-1)
+            frames = (depth > 0) & torch.isin(ids, kind_ids["image"])
+            lm[frames] = self._gid(split, modality, "video")
+        return lm
+
+    def _vision_positions(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Image/video placeholders in ``ids`` (counted only when ``end_batch`` needs them: no sync per batch)."""
+        return [torch.isin(ids, v).sum() for k, v in self._kind_ids_here(ids.device).items() if k in ("image", "video")]
+
     def set_batch(self, split: str, modality: str, input_ids: torch.Tensor | None = None,
                   attention_mask: torch.Tensor | None = None, profile_mask: torch.Tensor | None = None,
-                  vision_kind: str = "image") -> None:
+                  vision_kind: str = "image", vision_positions: torch.Tensor | None = None) -> None:
         """Declare the next forward's data: its (split, modality), the token layout of the language model, and the
-        kind of the vision tower's tokens (``"video"`` for a batch of video frames)."""
+        kind of the vision tower's tokens (``"video"`` for a batch of video frames). ``vision_positions``: a mask of
+        the input ids' shape marking the positions the model fills with image features when its ids do not
+        (Kosmos-2's ``image_embeds_position_mask``); they are labelled ``vision_kind``."""
         if vision_kind not in ("image", "video"):
             raise ValueError(f"vision_kind must be 'image' or 'video', got {vision_kind!r}")
         text = self._gid(split, modality, "text")
@@ -187,43 +304,127 @@ class Profiler:
         if ref is None:
             self._lm = text
         else:
-            lm = torch.full(ref.shape, text, dtype=torch.int32, device=ref.device)
-            if input_ids is not None:
-                kind_ids = self._kind_ids_here(input_ids.device)
-                for kind, ids in kind_ids.items():
-                    lm[torch.isin(input_ids, ids)] = self._gid(split, modality, kind)
-                if self._video_span is not None:  # image placeholders inside a video_start ... video_end span
-                    start, end = self._video_span
-                    depth = (input_ids == start).cumsum(-1) - (input_ids == end).cumsum(-1)
-                    frames = (depth > 0) & torch.isin(input_ids, kind_ids["image"])
-                    lm[frames] = self._gid(split, modality, "video")
+            lm = (self._labels(split, modality, input_ids, vision_kind) if input_ids is not None
+                  else torch.full(ref.shape, text, dtype=torch.int32, device=ref.device))
+            if vision_positions is not None:
+                if vision_positions.shape != ref.shape:
+                    raise ValueError(f"vision_positions has shape {tuple(vision_positions.shape)}, input_ids "
+                                     f"{tuple(ref.shape)}")
+                lm[vision_positions.to(device=ref.device, dtype=torch.bool)] = self._gid(split, modality, vision_kind)
             if attention_mask is not None:
                 lm[attention_mask == 0] = -1
             if profile_mask is not None:
                 if profile_mask.shape != ref.shape:
                     raise ValueError(f"profile_mask has shape {tuple(profile_mask.shape)}, input_ids {tuple(ref.shape)}")
                 lm[~profile_mask.to(device=ref.device, dtype=torch.bool)] = -1
-            self._lm = lm.reshape(-1)
+            self._lm = lm
+        self._batch = (split, modality, input_ids, attention_mask, profile_mask, vision_kind)
+        self._lm_vision = self._vision_positions(input_ids) if input_ids is not None else []
+        if vision_positions is not None:
+            self._lm_vision.append(vision_positions.sum())
         self._vision = self._gid(split, modality, vision_kind)
+        self._seen.clear()
+        self._own.clear()
         self._cache.clear()
 
-    def group_ids(self, tower: str, num_tokens: int, device) -> torch.Tensor | None:
-        """Group id per token for an MLP call of ``tower`` with ``num_tokens`` tokens; None: nothing to record."""
-        key = (tower, num_tokens, str(device))
+    def _ids_input(self, stack: str, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the module that gives ``stack`` its token ids (``_ids_root``): when they are not the
+        batch's input ids (an encoder-decoder's decoder runs ``decoder_input_ids``), label them for the stack."""
+        if self._batch is None:
+            return
+        split, modality, input_ids, _, profile_mask, vision_kind = self._batch
+        ids = _first_tensor(args, kwargs, ("input_ids",))
+        if ids is None or ids.is_floating_point() or ids.dim() != 2 or (
+                input_ids is not None and ids.shape == input_ids.shape
+                and (ids.data_ptr() == input_ids.data_ptr() or torch.equal(ids, input_ids))):  # no sync if passed on
+            self._own.pop(stack, None)
+            return
+        if profile_mask is not None:
+            raise RuntimeError(
+                f"the language-model stack {stack} runs token ids other than input_ids (e.g. decoder_input_ids): "
+                "profile_mask selects input_ids positions only; profile without it, or with "
+                "towers=('vision', 'projector')")
+        lm = self._labels(split, modality, ids, vision_kind)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+            lm[mask == 0] = -1
+        self._own[stack] = lm
+        self._lm_vision += self._vision_positions(ids)
+
+    def _stack_input(self, stack: str, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of a language-model stack: label the sequence it is about to run from the labels of its
+        token ids (the batch's, or its own: ``_ids_input``): the same positions, or image features in front of them
+        (GIT); anything else is refused."""
+        if self._batch is None:
+            return
+        if any(isinstance(kwargs.get(k), torch.Tensor) for k in _CROSS_ATTENDED):
+            self._lm_vision.append(1)  # it sees the image through cross-attention: no warning about image ids
+        x = _first_tensor(args, kwargs, ("input_ids", "inputs_embeds", "hidden_states"))
+        base = self._own.get(stack, self._lm)
+        if x is None or x.dim() < 2 or isinstance(base, int):
+            return  # no token ids to compare with: every position has the batch's one label
+        (b, length), (rows, cols) = x.shape[:2], base.shape
+        if (b, length) == (rows, cols):
+            self._seen[stack] = base
+            return
+        if b == rows and length > cols and self._has_vision:
+            # image features put in front of the text (GIT): those positions are the vision tower's tokens
+            front = torch.full((rows, length - cols), self._vision, dtype=base.dtype, device=base.device)
+            self._seen[stack] = torch.cat([front, base], 1)
+            self._lm_vision.append(front.numel())
+            return
+        raise RuntimeError(
+            f"the language-model stack {stack} runs {b} x {length} positions but its token ids are {rows} x {cols}: "
+            "manu_fast labels the positions it runs only when they are the token ids' (image features merged at "
+            "their placeholders), or image features in front of them. Pass the input_ids of the sequence the model "
+            "runs, or profile without the language model: towers=('vision', 'projector') (CLI: --towers vision "
+            "projector)")
+
+    def end_batch(self, has_pixels: bool) -> None:
+        """After a forward: count (on the device, no sync) a batch with pixels whose language model saw no position
+        labelled image or video although the model has a vision tower; leaving the Profiler warns about them."""
+        if has_pixels and self._has_vision and self._stacks:
+            self._blind = self._blind + (sum(self._lm_vision) == 0)
+
+    def _warn_if_blind(self) -> None:
+        blind = int(self._blind)
+        if blind:
+            named = {k: list(v.tolist()) for k, v in self._kind_ids.items() if k in ("image", "video")}
+            warnings.warn(f"manu_fast.Profiler: {blind} batches with pixels reached the language model but none of "
+                          f"their positions is an image or video token (ids known: {named or 'none'}); their image "
+                          "positions are profiled as text. State the ids: profile(..., token_kinds={'image': [...]}) "
+                          "(CLI: --image-token-ids)", stacklevel=3)
+
+    def group_ids(self, tower: str, num_tokens: int, device, stack: str | None = None) -> torch.Tensor | None:
+        """Group id per token for an MLP call of ``tower`` (in the language-model ``stack``) with ``num_tokens``
+        tokens; None: nothing to record."""
+        key = (tower, stack, num_tokens, str(device))
         if key in self._cache:
             return self._cache[key]
-        src = self._lm if tower == "language" else self._vision
+        src = self._seen.get(stack, self._lm) if tower == "language" else self._vision
         if src is None:
             raise RuntimeError("Profiler.set_batch(...) must be called before each forward pass")
         if isinstance(src, int):
             gid = None if src < 0 else torch.full((num_tokens,), src, dtype=torch.int32, device=device)
         else:
+            src = src.reshape(-1)
             if src.numel() != num_tokens:
                 raise RuntimeError(f"a language-model MLP saw {num_tokens} tokens but the batch has {src.numel()} "
                                    "positions; pass input_ids/attention_mask of the sequence the model really runs")
             gid = src.to(device)
         self._cache[key] = gid
         return gid
+
+
+def _vision_positions(batch: dict) -> torch.Tensor | None:
+    """A batch entry marking the language-model positions of image features when the ids do not: named
+    ``*_position_mask`` after an image (Kosmos-2's ``image_embeds_position_mask``), with the input ids' shape."""
+    ids = batch.get("input_ids")
+    for key, value in batch.items():
+        if (key.endswith("position_mask") and any(w in key for w in ("image", "vision", "video"))
+                and isinstance(value, torch.Tensor) and ids is not None and value.shape == ids.shape):
+            return value
+    return None
 
 
 def _vision_kind(batch: dict) -> str:
@@ -429,8 +630,9 @@ def _profile_batches(model, data, prof: Profiler, *, position: dict[str, int], p
             batch = dict(batch)
             pm = batch.pop("profile_mask", None)
             prof.set_batch(split, modality, batch.get("input_ids"), batch.get("attention_mask"), pm,
-                           vision_kind=_vision_kind(batch))
+                           vision_kind=_vision_kind(batch), vision_positions=_vision_positions(batch))
             model(**batch, **extra)
+            prof.end_batch(has_pixels=any("pixel_values" in k for k in batch))
             position[key] = seen
             since_save += 1
             if on_nonfinite == "error":
@@ -474,7 +676,8 @@ def _check_data(data) -> None:
 
 
 def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, sites=("hidden",),
-            tau: float = DEFAULT_TAU, towers=None, token_kinds=None, special_token_ids=(), progress: bool = True,
+            tau: float = DEFAULT_TAU, towers=None, token_kinds=None, special_token_ids=(), processor=None,
+            progress: bool = True,
             checkpoint=None, checkpoint_every: int = 50, resume: bool = False, on_nonfinite: str = "count",
             distributed: bool = False, statistics: str = "exact", official_layers: str = "as-run"):
     """Profile ``model`` over ``data`` ({(split, modality): batches}) and return its NeuronStats.
@@ -487,9 +690,10 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
 
     A batch is a dict of model kwargs on the model's device, with an optional ``profile_mask`` (B, L) bool
     selecting the language-model positions to profile. Groups: every (split, modality) x token kind
-    (``token_kinds``, default ``manu_fast.adapters.default_token_kinds(model)``; ``special_token_ids`` as in
-    ``Profiler``). A batch with video pixels (``pixel_values_videos``) and no image pixels labels its vision-tower
-    tokens ``video``; give images and videos in separate batches.
+    (``token_kinds``, default ``manu_fast.adapters.default_token_kinds(model)``, or ``{kind: [token ids]}``;
+    ``special_token_ids`` and ``processor`` as in ``Profiler``). A batch with video pixels
+    (``pixel_values_videos``) and no image pixels labels its vision-tower tokens ``video``; give images and videos
+    in separate batches. A batch entry ``image_embeds_position_mask`` (Kosmos-2) marks image positions.
 
     Args:
         checkpoint: path of a checkpoint written atomically (temp file + rename) every ``checkpoint_every``
@@ -537,16 +741,16 @@ def profile(model: nn.Module, data: dict[tuple[str, str], Iterable[dict]], *, si
         rank, world = dist_mod.init()
         if checkpoint is not None:
             checkpoint = dist_mod.rank_path(checkpoint, rank, world)
-    if token_kinds is None:
+    if get_patch(model) is None:
         patch_model(model)  # refuses an unsupported model before anything else
-        token_kinds = default_token_kinds(model)
-    groups = [group_label(s, m, k) for (s, m) in data for k in token_kinds]
+    kinds, _ = resolve_token_kinds(model, token_kinds, special_token_ids, processor)
+    groups = [group_label(s, m, k) for (s, m) in data for k in kinds]
     was_training = model.training
     model.eval()
     error = None
     try:
         with Profiler(model, groups, sites=sites, tau=tau, towers=towers, token_kinds=token_kinds,
-                      special_token_ids=special_token_ids) as prof, torch.no_grad():
+                      special_token_ids=special_token_ids, processor=processor) as prof, torch.no_grad():
             run = run_identity(model) if checkpoint is not None or distributed else None
             position, resumed_batches = {}, None
             if resume and Path(checkpoint).is_file():

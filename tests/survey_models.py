@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import transformers as tf
 
-from manu_fast.adapters import TOWERS, UnsupportedModelError, inspect_model
+from manu_fast.adapters import TOWERS, UnsupportedModelError, inspect_model, token_ids
 
 _LAYER_COUNTS = ("num_hidden_layers", "depth", "num_layers", "encoder_layers", "decoder_layers")
 
@@ -24,6 +24,7 @@ class Row:
     mlps: tuple[int, int, int] = (0, 0, 0)  # per tower (vision, projector, language)
     parts: int = 0
     left_out: str = ""
+    kinds: str = ""  # the language-model token kinds the config names ids of (besides text)
 
 
 def _one_layer(config) -> None:
@@ -58,7 +59,8 @@ def survey_one(model_type: str, class_name: str) -> Row:
     except UnsupportedModelError as e:
         return Row(model_type, "refused", left_out=str(e)[:100])
     counts = tuple(sum(i.tower == t for i in found.mlps) for t in TOWERS)
-    return Row(model_type, "inferred", counts, sum(i.patched_as == "part" for i in found.mlps), _left_out(found))
+    return Row(model_type, "inferred", counts, sum(i.patched_as == "part" for i in found.mlps), _left_out(found),
+               ", ".join(token_ids(model)) or "none")
 
 
 def survey() -> list[Row]:
@@ -69,14 +71,16 @@ def survey() -> list[Row]:
 def markdown(rows: list[Row]) -> str:
     lines = [f"transformers {tf.__version__}: {len(rows)} image-text-to-text model types, "
              f"{sum(r.status == 'inferred' for r in rows)} inferred, {sum(r.status == 'refused' for r in rows)} "
-             f"refused, {sum(r.status == 'not built here' for r in rows)} not built here.", "",
+             f"refused, {sum(r.status == 'not built here' for r in rows)} not built here; "
+             f"{sum(r.kinds == 'none' for r in rows)} inferred types name no language-model token id of an image, "
+             "video or boundary token.", "",
              "| model type | towers | MLPs vision / projector / language (one layer per stack) | MLP parts "
-             "| left out |",
-             "| --- | --- | --- | --- | --- |"]
+             "| left out | token ids named |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         mlps = " / ".join(map(str, r.mlps)) if r.status == "inferred" else ""
         lines.append(f"| `{r.model_type}` | {r.status} | {mlps} | {r.parts if r.status == 'inferred' else ''} | "
-                     f"{r.left_out.replace('|', '/')} |")
+                     f"{r.left_out.replace('|', '/')} | {r.kinds} |")
     return "\n".join(lines)
 
 

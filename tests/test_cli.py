@@ -120,6 +120,24 @@ def test_one_line_errors(model_dir, tmp_path, capsys):
     one_line_error(capsys, "demo", "--alphas", "x", match="invalid float value")
 
 
+def test_profile_image_token_ids_option(model_dir, tmp_path, capsys):
+    """--image-token-ids states the language model's image ids: the config's own id gives the default statistics,
+    another id moves the placeholder positions to the text group."""
+    image_id = LlavaForConditionalGeneration.from_pretrained(model_dir).config.image_token_index
+    runs = {}
+    for name, extra in (("default", []), ("same", ["--image-token-ids", image_id]), ("other", ["--image-token-ids", 1])):
+        runs[name] = tmp_path / f"{name}.safetensors"
+        assert run(capsys, "profile", model_dir, runs[name], "--synthetic", "--forget-percent", 20, "--no-progress",
+                   "--profile-positions", "all", *extra)[0] == 0
+    a, b, c = (NeuronStats.load(runs[n]) for n in ("default", "same", "other"))
+    assert all(torch.equal(a.blocks[k], b.blocks[k]) for k in a.blocks)
+    lm = next(k for k in a.blocks if "language_model" in k)
+    image = a.groups.index("forget/multimodal/image")
+    text = a.groups.index("forget/multimodal/text")
+    moved = a.blocks[lm][0, image] - c.blocks[lm][0, image]  # image positions counted as text (and id 1 as image)
+    assert (moved > 0).all() and torch.equal(c.blocks[lm][0, text] - a.blocks[lm][0, text], moved)
+
+
 @pytest.mark.parametrize("command", [[], ["profile"], ["select"], ["prune"], ["report"], ["evaluate"], ["demo"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:

@@ -15,6 +15,7 @@ VOCAB = 96
 IMAGE_TOKEN = 90
 START, END, VIDEO_TOKEN = 91, 92, 93  # boundary tokens around an image, and the video placeholder
 VIDEO_START, VIDEO_END = 94, 95  # GLM-4.1V: a video's frames are image tokens between these
+AUDIO_TOKEN = 89  # Phi-4-multimodal's audio placeholder (its audio tower is left out)
 
 
 def _llama_text(**kw):
@@ -194,6 +195,53 @@ def _blip2():
     return tf.Blip2ForConditionalGeneration(cfg)
 
 
+def _florence2():
+    cfg = tf.Florence2Config(
+        vision_config=dict(depths=[1, 1], embed_dim=[16, 32], num_heads=[2, 4], num_groups=[2, 4], patch_size=[7, 3],
+                           patch_stride=[4, 2], patch_padding=[3, 1], patch_prenorm=[False, True], window_size=2,
+                           projection_dim=32, max_position_embeddings=8, max_temporal_embeddings=4),
+        text_config=dict(model_type="bart", vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40,
+                         max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         decoder_start_token_id=2),
+        image_token_id=IMAGE_TOKEN)
+    return tf.Florence2ForConditionalGeneration(cfg)
+
+
+def _git():
+    cfg = tf.GitConfig(vision_config=_vision(), vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=40, max_position_embeddings=64, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+    return tf.GitForCausalLM(cfg)
+
+
+def _phi4_multimodal():
+    cfg = tf.Phi4MultimodalConfig(
+        **_llama_text(), bos_token_id=1, eos_token_id=2,
+        vision_config=dict(_vision(), crop_size=16, image_token_id=IMAGE_TOKEN),
+        audio_config=dict(num_blocks=1, hidden_size=32, num_attention_heads=4, intermediate_size=48,
+                          depthwise_separable_out_channel=32, nemo_conv_channels=32, audio_token_id=AUDIO_TOKEN))
+    return tf.Phi4MultimodalForCausalLM(cfg)
+
+
+def _molmo2():
+    cfg = tf.Molmo2Config(
+        text_config=dict(_llama_text(head_dim=8), additional_vocab_size=8),
+        vision_config=dict(_vision(num_key_value_heads=4, head_dim=6), image_size=[16, 16]),
+        adapter_config=dict(vision_feature_layer=[-1], hidden_size=24, num_attention_heads=4, num_key_value_heads=4,
+                            head_dim=6, intermediate_size=36, text_hidden_size=32),
+        image_start_token_id=START, image_end_token_id=END, image_patch_id=IMAGE_TOKEN, low_res_image_start_token_id=88,
+        frame_start_token_id=VIDEO_START, frame_end_token_id=VIDEO_END)
+    return tf.Molmo2ForConditionalGeneration(cfg)
+
+
+def _kosmos2():
+    cfg = tf.Kosmos2Config(text_config=dict(vocab_size=VOCAB, embed_dim=32, layers=2, attention_heads=4, ffn_dim=40,
+                                            max_position_embeddings=64, pad_token_id=0),
+                           vision_config=_vision(), latent_query_num=4)
+    return tf.Kosmos2ForConditionalGeneration(cfg)
+
+
 def _pixels(batch: int, g: torch.Generator):
     return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
 
@@ -224,6 +272,22 @@ def _siglip2_pixels(batch, g):
             "spatial_shapes": torch.tensor([[4, 4]] * batch)}
 
 
+def _phi4_pixels(batch, g):
+    """One 16x16 image per sample: its global crop and one 16x16 sub-crop (13 language-model tokens)."""
+    return {"image_pixel_values": torch.randn(batch, 2, 3, 16, 16, generator=g),
+            "image_attention_mask": torch.ones(batch, 2, 4, 4), "image_sizes": torch.tensor([[16, 16]] * batch)}
+
+
+_MOLMO2_TOKENS = 8  # pooled image tokens per sample (image_grids [2, 2, 2, 2])
+
+
+def _molmo2_pixels(batch, g):
+    """16 patches of 4x4x3 values per sample, pooled 4 at a time into _MOLMO2_TOKENS tokens."""
+    pool = torch.randint(0, 16, (batch, _MOLMO2_TOKENS, 4), generator=g) + (torch.arange(batch) * 16).view(-1, 1, 1)
+    return {"pixel_values": torch.randn(batch, 16, 48, generator=g), "image_token_pooling": pool.view(-1, 4),
+            "image_grids": torch.tensor([[2, 2, 2, 2]] * batch), "image_num_crops": torch.ones(batch, dtype=torch.long)}
+
+
 @dataclass(frozen=True)
 class Family:
     """A tested architecture: README title, builder, kind ('mm' | 'text' | 'vision'), pixel kwargs (batch, generator),
@@ -240,6 +304,15 @@ class Family:
     text_only: bool = True  # runs without pixels (BLIP-2's forward needs them)
     moe: bool = False
     notes: str = ""
+    # the sequence its language model runs: "ids" (image features at their placeholders), "prefix" (image features
+    # in front of the input ids: GIT), "encdec" (an encoder over the input ids, a decoder over decoder_input_ids),
+    # "position_mask" (image features at the positions of image_embeds_position_mask: Kosmos-2)
+    layout: str = "ids"
+    image_tokens: int = 0  # language-model image tokens per sample, when get_image_features cannot tell
+    audio: bool = False  # has an audio tower (left out, with a warning)
+    # statistics vs the stock model's hooks: a profiling forward's activations differ from the stock modules' by
+    # float32 rounding, and a deep vision stack ending in an attention-pooling head can amplify it
+    stats_tol: tuple[float, float] = (1e-5, 1e-6)  # (rtol, atol)
 
     def __getitem__(self, i):  # (builder, kind) like the tuples this table replaced
         return (self.build, self.kind)[i]
@@ -276,6 +349,22 @@ ARCHS: dict[str, Family] = {
                       notes="projector (norm + MLP), language MLPs (w1/w3/w2, no activation module)"),
     "blip2": Family("BLIP-2", _blip2, pixels=_pixels, text_only=False,
                     notes="Q-Former and OPT decoder layers (they hold their MLP Linears); no text-only forward"),
+    "florence2": Family("Florence-2", _florence2, pixels=_pixels, layout="encdec",
+                        notes="BART encoder and decoder layers (they hold fc1/fc2); the decoder runs "
+                              "decoder_input_ids"),
+    "git": Family("GIT", _git, pixels=_pixels, layout="prefix", image_tokens=17,  # CLIP: 4x4 patches + class token
+                  notes="BERT-style layers; image features put in front of the text"),
+    "phi4_multimodal": Family("Phi-4-multimodal", _phi4_multimodal, pixels=_phi4_pixels, image_tokens=13,
+                              kinds=("image", "audio", "text"), audio=True, stats_tol=(1e-4, 1e-5),
+                              notes="language MLPs (one gate_up Linear), image projection (Linears around "
+                                    "F.gelu); audio tower left out"),
+    "molmo2": Family("Molmo2", _molmo2, pixels=_molmo2_pixels, boundary=True, image_tokens=_MOLMO2_TOKENS,
+                     kinds=("image", "video", "special", "text"),
+                     notes="none (image placeholder `image_patch_id`)"),
+    "kosmos2": Family("Kosmos-2", _kosmos2, pixels=_pixels, layout="position_mask", image_tokens=4,
+                      text_only=False,
+                      notes="language layers' `ffn` (norm inside); image positions marked by "
+                            "`image_embeds_position_mask`; no text-only forward"),
     "llama": Family("Llama", lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_llama_text())), "text"),
     "mistral": Family("Mistral", lambda: tf.MistralForCausalLM(tf.MistralConfig(**_llama_text())), "text"),
     "qwen2": Family("Qwen2", lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_llama_text())), "text"),
@@ -315,6 +404,8 @@ def image_tokens(name: str, model) -> int:
     fam = ARCHS[name]
     if name == "blip2":  # the Q-Former's query tokens
         return model.config.num_query_tokens
+    if fam.image_tokens:
+        return fam.image_tokens
     return _image_features(model, fam.pixels(1, torch.Generator().manual_seed(0)))
 
 
@@ -329,7 +420,7 @@ def inputs(name: str, model, batch: int = 2, text_len: int = 7, pad: int = 2, mu
         return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
     n_img, extra, placeholder, start, end = 0, {}, IMAGE_TOKEN, START, END
     if fam.kind == "mm" and multimodal:
-        n_img = image_tokens(name, model)
+        n_img = image_tokens(name, model) if fam.layout != "prefix" else 0  # GIT: no placeholders
         extra = _qwen_pixels(batch, g, video=True) if video else fam.pixels(batch, g)
         if video:
             # GLM-4.1V writes a video's frames with the image token, between its video boundary tokens
@@ -343,8 +434,15 @@ def inputs(name: str, model, batch: int = 2, text_len: int = 7, pad: int = 2, mu
     if pad:
         ids[-1, -pad:] = 0
         att[-1, -pad:] = 0
-    if name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v") and n_img:
+    if name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "molmo2") and n_img:
         extra["mm_token_type_ids"] = (ids == placeholder).long() * (2 if video else 1)
+    if fam.layout == "position_mask" and n_img:  # Kosmos-2: the positions, not the ids, say where images go
+        extra["image_embeds_position_mask"] = ids == placeholder
+    if fam.layout == "encdec":  # decoder inputs of another length, the last sample padded
+        dec = torch.randint(3, 80, (batch, 5), generator=g)
+        dec_att = torch.ones_like(dec)
+        dec[-1, -1], dec_att[-1, -1] = 0, 0
+        extra.update(decoder_input_ids=dec, decoder_attention_mask=dec_att)
     return {"input_ids": ids, "attention_mask": att, **extra}
 
 
