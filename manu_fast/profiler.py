@@ -20,6 +20,7 @@ activations, and run data-parallel on ``torch.distributed`` (see ``manu_fast.dis
 """
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 import warnings
