@@ -281,3 +281,15 @@ def test_cli_profile_official_select_report_prune(tmp_path, capsys):
     assert main(["profile", str(tmp_path / "model"), str(stats), "--synthetic", "--official"]) == 2
     assert main(["profile", str(tmp_path / "model"), str(stats), *map(str, common), "--official", "--sites", "pre"]) == 2
     assert "apply to the exact statistics only" in capsys.readouterr().err
+
+
+def test_demo_official_inputs_and_options():
+    from manu_fast import demo
+    inputs = {("forget", "text"): ["f1", "f2"], ("retain", "text"): [f"r{i}" for i in range(9)],
+              ("forget", "multimodal"): ["F1"], ("retain", "multimodal"): ["R1", "R2", "R3"]}
+    chosen = demo.official_inputs(inputs, seed=0)
+    assert chosen[("forget", "text")] == ["f1", "f2"] and len(chosen[("retain", "text")]) == 2
+    assert set(chosen[("retain", "text")]) <= set(inputs[("retain", "text")]) and len(chosen[("retain", "multimodal")]) == 1
+    assert chosen == demo.official_inputs(inputs, seed=0) and chosen != demo.official_inputs(inputs, seed=1)
+    with pytest.raises(ValueError, match="official code's selection"):
+        demo._check_experiment(demo.ExperimentConfig(calibrated=("manu-official",)))
