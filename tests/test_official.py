@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers as tf
 
-from manu_fast.masks import Masks, apply_masks, prune_weights, remove_masks
+from manu_fast.masks import Masks, apply_masks, compact_model, prune_weights, remove_masks
 from manu_fast.official import OfficialStats, official_batches, official_prompt
 from manu_fast.profiler import profile
 from manu_fast.schema import StatsFileError
@@ -175,6 +175,9 @@ def test_apply_masks_is_prune_weights_reversibly():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         remove_masks(masked)
         torch.testing.assert_close(masked(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+        apply_masks(masked, masks)  # compacting drops the hidden neurons and keeps the output-channel masks
+        assert compact_model(masked) > 0
+        torch.testing.assert_close(masked(**batch).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_k_zero_prunes_nothing_with_a_warning():
