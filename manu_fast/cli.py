@@ -502,9 +502,12 @@ def _table(header: list[str], rows: list[list]) -> str:
 def format_masks(masks) -> str:
     d = masks.description
     what = ", ".join(f"{k}={d[k]}" for k in ("strategy", "alpha", "per_layer", "metric", "modality") if d.get(k) is not None)
-    rows = [[t, f"{len([n for n in masks.keep if masks.tower(n) == t])}", p, n, f"{100 * p / n:.2f}"]
-            for t, (p, n) in masks.by_tower().items()]
-    rows.append(["total", len(masks.keep), masks.num_pruned(), masks.num_total(), f"{100 * masks.fraction():.2f}"])
+    layers = {}  # a "linear" mask has one entry per Linear of a layer (layer::site)
+    for name in masks.keep:
+        layers.setdefault(masks.tower(name), set()).add(name.partition("::")[0])
+    rows = [[t, len(layers[t]), p, n, f"{100 * p / n:.2f}"] for t, (p, n) in masks.by_tower().items()]
+    rows.append(["total", sum(map(len, layers.values())), masks.num_pruned(), masks.num_total(),
+                 f"{100 * masks.fraction():.2f}"])
     return (f"masks of model type {masks.fingerprint.get('model_type')!r}, site {masks.site!r}"
             + (f" ({what})" if what else "") + "\n" + _table(["tower", "layers", "pruned", "of", "%"], rows))
 

@@ -18,10 +18,12 @@ Over the seeds every row is reported as mean +- sd (sample standard deviation): 
 run as parallel one-thread processes (``--jobs``), so the numbers do not depend on the number of cores or the
 machine's load.
 
-Methods: ``manu-code`` (the official MANU code's score), ``manu-paper`` (experimental, see docs/SELECTION.md),
+Methods: ``manu-code`` (the official score formula on exact token statistics, per layer), ``manu-official`` and
+``manu-official-per-layer`` (the official code's own selection, as run and with one hook name per layer: its
+statistics, one percentage for both towers, docs/SELECTION.md), ``manu-paper`` (experimental, see docs/SELECTION.md),
 ``selective-pruning`` (text-only data, the text-only ancestor), ``multimodal-only`` (the same ratio on multimodal
 data only), ``power-ratio`` (ours, docs/SELECTION.md) and ``random`` (the neuron counts of ``manu-code`` per layer,
-uniformly chosen).
+uniformly chosen; and those of each manu-official row).
 """
 from __future__ import annotations
 
@@ -49,7 +51,10 @@ from .evaluate import evaluate
 from .pipeline import calibrate_budget, drop_points
 
 OURS = "power-ratio"
-METHODS = ("manu-code", "manu-paper", "selective-pruning", "multimodal-only", OURS, "random")
+# the official code's selection (manu_fast.official): method -> official_layers; single-shot only, never calibrated
+OFFICIAL = {"manu-official": "as-run", "manu-official-per-layer": "per-layer"}
+METHODS = ("manu-code", *OFFICIAL, "manu-paper", "selective-pruning", "multimodal-only", OURS, "random")
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in OFFICIAL)  # the README's table; --methods adds the official
 EXPERIMENTAL = ("manu-paper",)
 DEFAULT_METHOD = "manu-code"
 SCHEDULES = ("single-shot", "iterative")
@@ -138,7 +143,7 @@ class ExperimentConfig:
     plus per-layer budgets chosen on the profiling questions for the methods in ``calibrated``."""
 
     forget_percent: float = 10
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     alphas: tuple[float, ...] = (15.0, 30.0, 45.0)
     default_alpha: float = 30.0
     # alpha is the language model's fraction; the vision tower and projector prune this share of it. The image
@@ -325,9 +330,10 @@ def _check_experiment(exp: ExperimentConfig) -> None:
     unknown = [m for m in exp.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; expected among {METHODS}")
-    bad = [m for m in exp.calibrated if m not in exp.methods or m == "random"]
+    bad = [m for m in exp.calibrated if m not in exp.methods or m == "random" or m in OFFICIAL]
     if bad:
-        raise ValueError(f"calibrated methods {bad} must be among the methods run ({exp.methods}), random excluded")
+        raise ValueError(f"calibrated methods {bad} must be among the methods run ({exp.methods}), random and the "
+                         "official code's selection (one percentage) excluded")
     bad = [s for s in exp.schedules if s not in SCHEDULES]
     if bad or not exp.schedules:
         raise ValueError(f"schedules must be among {SCHEDULES}, got {list(exp.schedules)}")
@@ -335,6 +341,19 @@ def _check_experiment(exp: ExperimentConfig) -> None:
         raise ValueError(f"iterative_rounds must be >= 1, got {exp.iterative_rounds}")
     if exp.default_alpha not in exp.alphas:
         raise ValueError(f"default_alpha {exp.default_alpha} is not among the alphas {list(exp.alphas)}")
+
+
+def official_inputs(inputs: dict, seed: int) -> dict:
+    """The official driver's data from the profiling batches: every forget batch, and as many retain batches of each
+    modality, drawn at random (seeded); the official statistics take every position (profile_mask is not used)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for (split, modality), batches in inputs.items():
+        if split == "retain":
+            order = torch.randperm(len(batches), generator=g)[:len(inputs[("forget", modality)])].tolist()
+            batches = [batches[i] for i in order]
+        out[split, modality] = batches
+    return out
 
 
 def run_experiment(model, data: SyntheticProfiles, exp: ExperimentConfig, progress: bool = True) -> dict:
@@ -354,6 +373,8 @@ def run_experiment(model, data: SyntheticProfiles, exp: ExperimentConfig, progre
     t0 = time.perf_counter()
     stats = {pos: profile(model, inputs[pos], progress=progress) for pos in inputs}
     profile_seconds = time.perf_counter() - t0
+    official = {m: profile(model, official_inputs(inputs[exp.profile_positions], exp.seed), statistics="official",
+                           official_layers=layers, progress=progress) for m, layers in OFFICIAL.items() if m in exp.methods}
 
     rows = []
 
@@ -368,6 +389,13 @@ def run_experiment(model, data: SyntheticProfiles, exp: ExperimentConfig, progre
     chosen = [m for m in exp.methods if m != "random"]
     runs = [(m, a, s) for a in exp.alphas for s in exp.schedules for m in chosen]
     for method, alpha, schedule in tqdm(runs, desc="prune + evaluate", disable=not progress, leave=False):
+        if method in OFFICIAL:  # one percentage for both towers, as the official prune_percent
+            if schedule == "single-shot":
+                masks = select_neurons(official[method], "manu-official", alpha=alpha)
+                report(method, alpha, schedule, masks)
+                if "random" in exp.methods:
+                    report("random", alpha, schedule, random_like(masks, seed=exp.seed, per_layer=True), like=method)
+            continue
         kwargs = _select_kwargs(method, exp.per_layer)
         if schedule == "single-shot":
             masks = select_neurons(stats[exp.profile_positions], alpha=tower_alphas(exp, alpha), seed=exp.seed, **kwargs)
@@ -540,21 +568,24 @@ def _alpha_label(alpha) -> str:
 def format_table(summary: dict) -> str:
     keys = [f"{s}/{m}" for s in SPLITS for m in MODALITIES]
     short = {"forget/multimodal": "F-mm", "forget/text": "F-txt", "retain/multimodal": "R-mm", "retain/text": "R-txt"}
-    head = f"{'method':<24} {'alpha%':>10} {'schedule':<11} {'pruned':>6} " + " ".join(f"{short[k]:>11}" for k in keys)
+    width = max([24] + [len(_label(r)) for r in summary["rows"]])
+    head = f"{'method':<{width}} {'alpha%':>10} {'schedule':<11} {'pruned':>6} " + " ".join(f"{short[k]:>11}" for k in keys)
     lines = [head, "-" * len(head)]
 
     def cells(acc):
         return " ".join(f"{acc[k][0]:5.1f} ±{acc[k][1]:4.1f}" for k in keys)
 
-    lines.append(f"{'unpruned':<24} {'-':>10} {'-':<11} {0:>6} {cells(summary['baseline']['accuracy'])}")
+    lines.append(f"{'unpruned':<{width}} {'-':>10} {'-':<11} {0:>6} {cells(summary['baseline']['accuracy'])}")
     for r in summary["rows"]:
-        lines.append(f"{_label(r):<24} {_alpha_label(r['alpha']):>10} {r['schedule']:<11} {r['pruned'][0]:>6.0f} "
+        lines.append(f"{_label(r):<{width}} {_alpha_label(r['alpha']):>10} {r['schedule']:<11} {r['pruned'][0]:>6.0f} "
                      f"{cells(r['accuracy'])}")
     n = len(summary["seeds"])
     lines.append(f"accuracy in %, mean ± sd over {n} seed{'s' if n > 1 else ''} ({', '.join(map(str, summary['seeds']))});"
                  " F = forget, R = retain; mm = image + question, txt = name + question")
-    lines.append("alpha% = share of the language model's neurons (image towers: --image-tower-ratio of it); calibrated "
-                 "= per-layer budgets chosen on the profiling questions")
+    official = any(r["method"] in OFFICIAL for r in summary["rows"])
+    lines.append("alpha% = share of the language model's neurons (image towers: --image-tower-ratio of it"
+                 + ("; manu-official: of each tower's Linear rows, the official prune_percent" if official else "")
+                 + "); calibrated = per-layer budgets chosen on the profiling questions")
     lines.append("random like X = the neuron counts of X in every layer, chosen uniformly; * experimental, see "
                  "docs/SELECTION.md")
     return "\n".join(lines)
@@ -582,8 +613,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forget-percent", type=float, default=e.forget_percent, choices=(5.0, 10.0, 15.0),
                         help="forget split, %% of the people (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=list(e.methods), choices=METHODS,
-                        help="selection methods (random: the control of manu-code and of each calibrated method; "
-                             "default: all)")
+                        help="selection methods (random: the control of manu-code, of the manu-official rows and of "
+                             "each calibrated method; default: all but the manu-official ones)")
     parser.add_argument("--alphas", nargs="+", type=float, default=list(e.alphas),
                         help="fixed pruning fractions, %% of the language model's neurons (the image towers: see "
                              "--image-tower-ratio) (default: %(default)s)")
@@ -599,7 +630,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-positions", default=e.profile_positions, choices=PROFILE_MODES,
                         help="language-model positions profiled for the fixed-alpha rows (default: %(default)s)")
     parser.add_argument("--per-layer", action="store_true", help="fixed-alpha rows: top-k per layer instead of per tower")
-    parser.add_argument("--calibrated", nargs="*", default=list(e.calibrated), choices=[m for m in METHODS if m != "random"],
+    parser.add_argument("--calibrated", nargs="*", default=list(e.calibrated),
+                        choices=[m for m in METHODS if m != "random" and m not in OFFICIAL],
                         help="methods that also get per-layer budgets chosen on the profiling questions (nothing "
                              "after the flag: none) (default: %(default)s)")
     parser.add_argument("--calibrated-positions", default=e.calibrated_positions, choices=PROFILE_MODES,
@@ -634,7 +666,7 @@ def main(args: argparse.Namespace) -> dict:
     jobs = args.jobs if args.jobs is not None else min(len(args.seeds), usable)
     reports = run_worlds(args.seeds, model_options, experiment_options, args.cache_dir, jobs, progress)
     summary = summarize(reports)
-    # judged against the targets: MANU as published at the default fraction, and every calibrated method
+    # judged against the targets: manu-code at the default fraction, and every calibrated method
     judged = ([(DEFAULT_METHOD, "fixed")] if DEFAULT_METHOD in args.methods else []) + \
         [(m, "calibrated") for m in args.calibrated]
     headlines = [acceptance(reports, m, kind) for m, kind in judged] if "random" in args.methods else []

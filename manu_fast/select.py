@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .masks import Masks
+from .official import OfficialStats, select_official
 from .schema import IMAGE_TOWERS, METRICS, MODALITIES, STRATEGIES, TOWERS
 from .stats import FIELD_INDEX, NeuronStats, metrics, pool_groups
 
@@ -263,7 +264,6 @@ def select_neurons(stats: NeuronStats, strategy: str = "manu-code", alpha: float
     ``"manu-official"`` takes the OfficialStats of ``profile(..., statistics="official")`` and one percentage, and
     returns masks of site ``"linear"`` (``manu_fast.official.select_official``); the other options do not apply.
     """
-    from .official import OfficialStats, select_official
     if strategy == "manu-official" or isinstance(stats, OfficialStats):
         if strategy != "manu-official" or not isinstance(stats, OfficialStats):
             raise ValueError("manu-official selects from the official statistics (profile(..., statistics='official'), "

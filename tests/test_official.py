@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers as tf
 
-from manu_fast.masks import Masks, apply_masks, prune_weights, remove_masks
+from manu_fast.masks import Masks, apply_masks, compact_model, prune_weights, remove_masks
 from manu_fast.official import OfficialStats, official_batches, official_prompt
 from manu_fast.profiler import profile
 from manu_fast.schema import StatsFileError
@@ -175,6 +175,9 @@ def test_apply_masks_is_prune_weights_reversibly():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         remove_masks(masked)
         torch.testing.assert_close(masked(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+        apply_masks(masked, masks)  # compacting drops the hidden neurons and keeps the output-channel masks
+        assert compact_model(masked) > 0
+        torch.testing.assert_close(masked(**batch).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_k_zero_prunes_nothing_with_a_warning():
@@ -281,3 +284,15 @@ def test_cli_profile_official_select_report_prune(tmp_path, capsys):
     assert main(["profile", str(tmp_path / "model"), str(stats), "--synthetic", "--official"]) == 2
     assert main(["profile", str(tmp_path / "model"), str(stats), *map(str, common), "--official", "--sites", "pre"]) == 2
     assert "apply to the exact statistics only" in capsys.readouterr().err
+
+
+def test_demo_official_inputs_and_options():
+    from manu_fast import demo
+    inputs = {("forget", "text"): ["f1", "f2"], ("retain", "text"): [f"r{i}" for i in range(9)],
+              ("forget", "multimodal"): ["F1"], ("retain", "multimodal"): ["R1", "R2", "R3"]}
+    chosen = demo.official_inputs(inputs, seed=0)
+    assert chosen[("forget", "text")] == ["f1", "f2"] and len(chosen[("retain", "text")]) == 2
+    assert set(chosen[("retain", "text")]) <= set(inputs[("retain", "text")]) and len(chosen[("retain", "multimodal")]) == 1
+    assert chosen == demo.official_inputs(inputs, seed=0) and chosen != demo.official_inputs(inputs, seed=1)
+    with pytest.raises(ValueError, match="official code's selection"):
+        demo._check_experiment(demo.ExperimentConfig(calibrated=("manu-official",)))
