@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .activations import activation_name
-from .layers import FusedGatedMLP, FusedMLP, FusedPlainMLP, MLPPart, compact_identity
+from .layers import FusedGatedMLP, FusedMLP, FusedPlainMLP, MLPPart, NeuronLayer, compact_identity
 from .schema import MOE_POLICIES, TOKEN_KINDS, TOWERS  # noqa: F401  (TOWERS, TOKEN_KINDS: public names here too)
 
 
@@ -529,7 +529,7 @@ def fingerprint(model: nn.Module) -> dict:
     """What a statistics/mask file must match: model type and every MLP's name, kind, tower and sizes."""
     patch = get_patch(model)
     if patch is not None:
-        layers = {n: {"kind": l.kind, "tower": patch.towers[n], "neurons": l.num_neurons, "hidden": l.hidden_size,
+        layers = {n: {"kind": l.kind, "tower": patch.towers[n], "neurons": l.neurons, "hidden": l.hidden,
                       **compact_identity(l)} for n, l in patch.layers.items()}
     else:
         layers = {i.name: {"kind": i.kind, "tower": i.tower, "neurons": i.neurons, "hidden": i.hidden}
@@ -616,13 +616,15 @@ class Patch:
     """The fused layers and MLP parts installed in a model, and what they replaced (for an exact undo)."""
 
     model: nn.Module
-    layers: dict[str, FusedMLP] = field(default_factory=dict)
+    layers: dict[str, NeuronLayer] = field(default_factory=dict)  # fused layers and MLP parts (``layer.part``)
     towers: dict[str, str] = field(default_factory=dict)
-    originals: dict[str, nn.Module] = field(default_factory=dict)
+    originals: dict[str, nn.Module] = field(default_factory=dict)  # the HF modules the fused layers replaced
 
     def replace(self, name: str, layer: FusedMLP) -> None:
         """Install ``layer`` in place of the fused layer ``name`` (unpatch still restores the original HF module)."""
-        if name not in self.originals:
+        if name not in self.layers:
+            raise KeyError(f"no patched MLP named {name!r}")
+        if self.layers[name].part:
             raise ValueError(f"{name!r} is an MLP part (hooks in a larger module), not a fused layer: it cannot be "
                              "replaced")
         _set_submodule(self.model, name, layer)
@@ -632,7 +634,7 @@ class Patch:
         for name, orig in self.originals.items():
             _set_submodule(self.model, name, orig)
         for layer in self.layers.values():
-            if isinstance(layer, MLPPart):
+            if layer.part:
                 layer.remove_hooks()
         self.layers.clear()
         self.originals.clear()
@@ -706,10 +708,10 @@ def _computes_the_same(original: nn.Module, fused: FusedMLP, info: MLPInfo) -> b
 def _probe(original: nn.Module, fused: FusedMLP) -> bool | None:
     """Whether ``original`` computes what the fused layer does, on a 2-token probe input run with forward hooks
     suspended (None when it cannot be run: weights on 'meta', or not floating point)."""
-    w = fused.out_proj.weight
+    w = fused.out_linear.weight
     if w.device.type == "meta" or not w.is_floating_point():
         return None
-    x = torch.randn(2, fused.in_proj[0].in_features, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, fused.in_linears[0].in_features, generator=torch.Generator().manual_seed(0))
     x = x.to(device=w.device, dtype=w.dtype)
     try:
         with _hooks_suspended(original):

@@ -31,40 +31,42 @@ class Recorder(Protocol):
         """Statistics of an MLP part's input Linear output (site 'pre' or 'up')."""
 
 
-class FusedMLP(nn.Module):
-    """Common part of the gated and plain fused MLPs: masks and the profiler hook point."""
+class NeuronLayer:
+    """What every patched MLP is: ``neurons`` hidden units between its input Linears (``in_linears``, whose output
+    row j feeds neuron j) and its output Linear (``out_linear``, whose input column j is neuron j), with named
+    reversible masks and a profiler hook point (``recorder``). Two kinds share it: ``FusedMLP``, a drop-in module
+    that replaces the HF MLP, and ``MLPPart``, hooks on the Linears of an MLP that stays inside its own module
+    (``part`` tells them apart)."""
 
     kind: str
+    part: bool
 
-    def _init_common(self, act_module: nn.Module, act_attr: str):
-        self.act_name = activation_name(act_module)
-        self.act_attr = act_attr
-        self.add_module(act_attr, act_module)
+    def _init_masks(self, act_name: str) -> None:
+        self.act_name = act_name
         self._masks: dict[str, torch.Tensor] = {}
         self._out_masks: dict[str, torch.Tensor] = {}  # masks of the MLP's output channels (down_proj/fc2 rows)
         self._enabled: set[str] = set()
-        self.register_buffer("keep", None, persistent=False)
-        self.register_buffer("out_keep", None, persistent=False)
         self.recorder: Recorder | None = None  # set by manu_fast.profiler.Profiler while profiling
         self.origin: torch.Tensor | None = None  # a compact copy's map to the original numbering (compact_identity)
         self.origin_neurons: int | None = None  # ... and the original layer's width
 
     @property
-    def num_neurons(self) -> int:
-        return self.out_proj.in_features
+    def neurons(self) -> int:
+        return self.out_linear.in_features
 
     @property
-    def hidden_size(self) -> int:
-        return self.out_proj.out_features
+    def hidden(self) -> int:
+        """The MLP's input/output width (the residual stream)."""
+        return self.out_linear.out_features
 
     @property
     def execution_device(self) -> torch.device:
         """Where the layer computes: its weights' device or, for weights offloaded by accelerate (on "meta"
         until a hook loads them), the hook's execution device."""
-        dev = self.out_proj.weight.device
+        dev = self.out_linear.weight.device
         if dev.type != "meta":
             return dev
-        for module in (self.out_proj, self, *self.in_proj):
+        for module in (self.out_linear, self, *self.in_linears):
             hook_dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
             if hook_dev is not None:
                 return torch.device(f"cuda:{hook_dev}" if isinstance(hook_dev, int) else hook_dev)
@@ -74,11 +76,11 @@ class FusedMLP(nn.Module):
     # ---- reversible masks (O(N), no weight copy) ----
     def set_mask(self, name: str, keep: torch.Tensor | None, enabled: bool = True, *,
                  out_keep: torch.Tensor | None = None) -> None:
-        """Mask ``name``: ``keep`` (num_neurons,) over the neurons h and/or ``out_keep`` (hidden_size,) over the
-        output channels (zeroed after out_proj, as if its rows were zero); True = kept."""
+        """Mask ``name``: ``keep`` (neurons,) over the neurons h and/or ``out_keep`` (hidden,) over the
+        output channels (zeroed after out_linear, as if its rows were zero); True = kept."""
         if keep is None and out_keep is None:
             raise ValueError(f"mask {name!r} needs keep and/or out_keep")
-        for what, vec, n in (("neurons", keep, self.num_neurons), ("output channels", out_keep, self.hidden_size)):
+        for what, vec, n in (("neurons", keep, self.neurons), ("output channels", out_keep, self.hidden)):
             if vec is not None and torch.as_tensor(vec).shape != (n,):
                 raise ValueError(f"mask {name!r} has shape {tuple(torch.as_tensor(vec).shape)}, this layer has {n} {what}")
         self._masks.pop(name, None)
@@ -100,11 +102,6 @@ class FusedMLP(nn.Module):
             raise KeyError(f"no mask named {name!r} on this layer (have: {self.mask_names()})")
         (self._enabled.add if enabled else self._enabled.discard)(name)
         self._refresh_keep()
-
-    def compact(self) -> "FusedMLP":
-        """A smaller copy without the masked neurons (same outputs, less work), its width rounded up to a multiple
-        of COMPACT_MULTIPLE with zero neurons (``compact_width``); see docs/OPS.md, section 5."""
-        return _compact(self)
 
     def mask_names(self) -> list[str]:
         return sorted({*self._masks, *self._out_masks})
@@ -136,6 +133,25 @@ class FusedMLP(nn.Module):
         return y
 
 
+class FusedMLP(NeuronLayer, nn.Module):
+    """Common part of the gated and plain fused MLPs: a module that replaces the HF MLP, reusing its Linears and
+    activation module as children (state_dict keys unchanged); masks live in non-persistent buffers."""
+
+    part = False
+
+    def _init_common(self, act_module: nn.Module, act_attr: str):
+        self.act_attr = act_attr
+        self.add_module(act_attr, act_module)
+        self.register_buffer("keep", None, persistent=False)
+        self.register_buffer("out_keep", None, persistent=False)
+        self._init_masks(activation_name(act_module))
+
+    def compact(self) -> "FusedMLP":
+        """A smaller copy without the masked neurons (same outputs, less work), its width rounded up to a multiple
+        of COMPACT_MULTIPLE with zero neurons (``compact_width``); see docs/OPS.md, section 5."""
+        return _compact(self)
+
+
 class FusedGatedMLP(FusedMLP):
     """``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama, Mistral, Qwen2, Idefics2 connector, Qwen2.5-VL vision)."""
 
@@ -148,11 +164,11 @@ class FusedGatedMLP(FusedMLP):
         self._init_common(act_module, act_attr)
 
     @property
-    def in_proj(self) -> list[nn.Linear]:
+    def in_linears(self) -> list[nn.Linear]:
         return [self.gate_proj, self.up_proj]
 
     @property
-    def out_proj(self) -> nn.Linear:
+    def out_linear(self) -> nn.Linear:
         return self.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,18 +197,18 @@ class FusedPlainMLP(FusedMLP):
         self._init_common(act_module, act_attr)
 
     @property
-    def in_proj(self) -> list[nn.Linear]:
+    def in_linears(self) -> list[nn.Linear]:
         return [getattr(self, self.fc1_name)]
 
     @property
-    def out_proj(self) -> nn.Linear:
+    def out_linear(self) -> nn.Linear:
         return getattr(self, self.fc2_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.in_proj[0](x)
+        f = self.in_linears[0](x)
         kw = self._op_kwargs(x)
         h = getattr(self, self.act_attr)(f) if kw is None else act_stats(f, **kw)
-        return self._output(self.out_proj(h))
+        return self._output(self.out_linear(h))
 
 
 def _plain_linear(m: nn.Module) -> bool:
@@ -236,22 +252,22 @@ def _compact(layer: FusedMLP) -> FusedMLP:
     if layer.keep is None:
         raise ValueError("layer has no active mask to compact")
     idx = layer.keep.nonzero().flatten()
-    width = compact_width(idx.numel(), layer.num_neurons)
+    width = compact_width(idx.numel(), layer.neurons)
     act_module = getattr(layer, layer.act_attr)
     if layer.kind == "gated":
         new = FusedGatedMLP(_compact_linear(layer.gate_proj, idx, 0, width),
                             _compact_linear(layer.up_proj, idx, 0, width),
                             _compact_linear(layer.down_proj, idx, 1, width), act_module, layer.act_attr)
     else:
-        new = FusedPlainMLP(_compact_linear(layer.in_proj[0], idx, 0, width),
-                            _compact_linear(layer.out_proj, idx, 1, width), act_module, layer.fc1_name,
+        new = FusedPlainMLP(_compact_linear(layer.in_linears[0], idx, 0, width),
+                            _compact_linear(layer.out_linear, idx, 1, width), act_module, layer.fc1_name,
                             layer.fc2_name, layer.act_attr)
     if layer.out_keep is not None:  # output channels are not dropped: their mask stays
         new.set_mask("output", None, out_keep=layer.out_keep)
-    base = layer.origin if layer.origin is not None else torch.arange(layer.num_neurons)
+    base = layer.origin if layer.origin is not None else torch.arange(layer.neurons)
     new.origin = torch.full((width,), -1, dtype=torch.int64)
     new.origin[: idx.numel()] = base[idx.cpu()]
-    new.origin_neurons = layer.origin_neurons or layer.num_neurons
+    new.origin_neurons = layer.origin_neurons or layer.neurons
     return new
 
 
@@ -266,37 +282,40 @@ def compact_identity(layer: FusedMLP) -> dict:
     return {"compacted": {"of": int(layer.origin_neurons), "kept_sha256": digest}}
 
 
-class MLPPart(FusedMLP):
+class MLPPart(NeuronLayer):
     """An MLP that stays inside its own module, patched by hooks instead of replaced.
 
     For MLPs the fused layers cannot stand in for: the MLP part of a larger module (a projector that also holds a
     norm and a patch merger, a decoder layer holding fc1/fc2 itself), one Linear computing gate and up together
     (``kind == "gate_up"``), or an activation the fused op lacks. The neurons are the input features of the output
-    Linear ``out_proj``: a forward pre-hook there masks and profiles them (the op with the identity activation: the
+    Linear ``out_linear``: a forward pre-hook there masks and profiles them (the op with the identity activation: the
     owner has computed ``h`` already), a forward hook profiles the output ('out' site), and forward hooks on
     the input Linears profile the 'pre'/'up' sites (none for "gate_up"). The owner's forward runs unchanged; the
     object is not a module of the model, so parameters and state_dict keys do not change.
     """
 
-    def __init__(self, kind: str, in_proj: list[nn.Linear], out_proj: nn.Linear):
-        super().__init__()
+    part = True
+
+    def __init__(self, kind: str, in_linears: list[nn.Linear], out_linear: nn.Linear):
         self.kind = kind
-        self._init_common(nn.Identity(), "act")
-        self.__dict__["_linears"] = (tuple(in_proj), out_proj)  # the model's modules, not children of this object
-        self._handles = [out_proj.register_forward_pre_hook(self._on_hidden),
-                         out_proj.register_forward_hook(self._on_output)]
+        self.keep: torch.Tensor | None = None
+        self.out_keep: torch.Tensor | None = None
+        self._init_masks("identity")  # the owner computes h itself: the op only masks and profiles it
+        self._linears = (tuple(in_linears), out_linear)  # the model's modules (this object is not a module)
+        self._handles = [out_linear.register_forward_pre_hook(self._on_hidden),
+                         out_linear.register_forward_hook(self._on_output)]
         if kind != "gate_up":
-            for site, lin in zip(("pre", "up"), in_proj):
+            for site, lin in zip(("pre", "up"), in_linears):
                 self._handles.append(lin.register_forward_hook(
                     lambda module, args, out, site=site: self._on_input(site, out)))
 
     @property
-    def in_proj(self) -> list[nn.Linear]:
+    def in_linears(self) -> list[nn.Linear]:
         """Input Linears whose output row j feeds neuron j (none for a fused gate_up Linear)."""
         return [] if self.kind == "gate_up" else list(self._linears[0])
 
     @property
-    def out_proj(self) -> nn.Linear:
+    def out_linear(self) -> nn.Linear:
         return self._linears[1]
 
     def _on_hidden(self, linear, args):

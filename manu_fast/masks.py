@@ -222,14 +222,14 @@ def prune_weights(model, masks: Masks) -> None:
             fused = patch.layers[layer]
             idx = (~keep).nonzero().flatten()
             if site == "hidden":
-                for lin in fused.in_proj:
+                for lin in fused.in_linears:
                     _zero_rows(lin, idx)
-                _check_materialised(fused.out_proj)
-                fused.out_proj.weight[:, idx.to(fused.out_proj.weight.device)] = 0
+                _check_materialised(fused.out_linear)
+                fused.out_linear.weight[:, idx.to(fused.out_linear.weight.device)] = 0
             elif site == "out":
-                _zero_rows(fused.out_proj, idx)
+                _zero_rows(fused.out_linear, idx)
             else:
-                _zero_rows(fused.in_proj[0 if site == "pre" else 1], idx)
+                _zero_rows(fused.in_linears[0 if site == "pre" else 1], idx)
     finally:
         if owned:
             patch.unpatch()
@@ -285,7 +285,7 @@ def compact_model(model) -> int:
         raise ValueError("the model has no fused layers: apply_masks(model, masks) first, then compact")
     dropped, parts = 0, []
     for name, layer in list(patch.layers.items()):
-        if layer.keep is not None and name not in patch.originals:  # an MLP part: hooks inside a larger module
+        if layer.keep is not None and layer.part:  # an MLP part: hooks inside a larger module
             parts.append(name)
         elif layer.keep is not None:
             dropped += int((~layer.keep).sum())

@@ -212,7 +212,7 @@ def _sources(patch, official_layers: str) -> tuple[dict[str, dict], dict[str, tu
 
 
 def _linear_of(layer, site: str) -> nn.Module:
-    return layer.out_proj if site == "out" else layer.in_proj[0 if site == "pre" else 1]
+    return layer.out_linear if site == "out" else layer.in_linears[0 if site == "pre" else 1]
 
 
 def profile_official(model: nn.Module, data: Mapping[tuple[str, str], Iterable[dict]], *,

@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 from .adapters import default_token_kinds, fingerprint, forward_kwargs, get_patch, patch_model, token_ids, video_span_ids
 from .digests import BatchDigests, weights_digest
 from .io import parse_json
-from .layers import MLPPart
 from .ops import act_stats
 from .schema import KIND_SITES, NONFINITE_POLICIES, SITES, STATISTICS, TOKEN_KINDS, data_key
 from .stats import DEFAULT_TAU, FIELD_INDEX, NeuronStats, StatsFileError, empty_stats, group_label
@@ -56,12 +55,12 @@ class _LayerRecorder:
         self.profiler, self.tower, self.accs, self.device, self.stack = profiler, tower, accs, device, stack
 
     def op_kwargs(self, layer, num_tokens: int) -> dict:
-        # the accumulators' device, not out_proj.weight.device: under accelerate offload that weight is on
+        # the accumulators' device, not out_linear.weight.device: under accelerate offload that weight is on
         # "meta" until down_proj's own pre-forward hook loads it, which is after this call
         gid = self.profiler.group_ids(self.tower, num_tokens, self.device, self.stack)
         if gid is None:
             return {}
-        if isinstance(layer, MLPPart):  # its pre/up sites come from hooks on its input Linears (record_input)
+        if layer.part:  # its pre/up sites come from hooks on its input Linears (record_input)
             return {"group_ids": gid, "stats": self.accs.get("hidden"), "tau": self.profiler.tau}
         return {"group_ids": gid, "stats": self.accs.get("hidden"), "pre_stats": self.accs.get("pre"),
                 "up_stats": self.accs.get("up"), "tau": self.profiler.tau}
@@ -207,7 +206,7 @@ class Profiler:
                     if layer.kind == "gate_up" and site in ("pre", "up"):  # one Linear gives gate and up: no own site
                         no_input_sites.append(name)
                     continue
-                width = layer.hidden_size if site == "out" else layer.num_neurons
+                width = layer.hidden if site == "out" else layer.neurons
                 accs[site] = self.stats.blocks[NeuronStats.key(name, site)] = empty_stats(len(groups), width, dev)
             self._recorders[name] = _LayerRecorder(self, tower, accs, dev, stacks.get(name))
         if no_input_sites:

@@ -120,11 +120,11 @@ def _check_masks(model, patch, kw):
     """Mask neurons 0, 2 and the last of every layer: exactly those inputs of every output Linear are zero."""
     seen, handles = {}, []
     for name, layer in patch.layers.items():
-        n = layer.num_neurons
+        n = layer.neurons
         keep = torch.ones(n, dtype=torch.bool)
         keep[[0, 2, n - 1]] = False
         layer.set_mask("m", keep)
-        handles.append(layer.out_proj.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(
+        handles.append(layer.out_linear.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(
             name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))))
     try:
         _out(model, kw)
@@ -136,7 +136,7 @@ def _check_masks(model, patch, kw):
         if name not in seen:
             continue
         h = torch.cat(seen[name])
-        assert (h[:, [0, 2, layer.num_neurons - 1]] == 0).all(), name
+        assert (h[:, [0, 2, layer.neurons - 1]] == 0).all(), name
         assert (h[:, 1] != 0).any(), name
 
 
@@ -169,7 +169,7 @@ def test_family_patch_unpatch_stats_and_masks(name):
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == weights  # same keys, no copy
     torch.testing.assert_close(_out(model, kw), before, rtol=0, atol=1e-5)
     for layer in patch.layers.values():  # all-keep mask routes through the fused op: still equal
-        layer.set_mask("all", torch.ones(layer.num_neurons, dtype=torch.bool))
+        layer.set_mask("all", torch.ones(layer.neurons, dtype=torch.bool))
     torch.testing.assert_close(_out(model, kw), before, rtol=0, atol=1e-5)
     for layer in patch.layers.values():
         layer.remove_mask("all")
@@ -199,9 +199,9 @@ def test_mask_zeroes_exactly_the_masked_neurons_and_composes():
     name, layer = next(iter(patch.layers.items()))
     seen = []
     hd = layer.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
-    a = torch.ones(layer.num_neurons, dtype=torch.bool)
+    a = torch.ones(layer.neurons, dtype=torch.bool)
     a[[1, 5]] = False
-    b = torch.ones(layer.num_neurons, dtype=torch.bool)
+    b = torch.ones(layer.neurons, dtype=torch.bool)
     b[[5, 7]] = False
     layer.set_mask("a", a)
     layer.set_mask("b", b)
@@ -221,11 +221,11 @@ def test_compact_layer_matches_masked_layer():
     model = tm.build("llava")
     patch = patch_model(model)
     for layer in patch.layers.values():
-        keep = torch.rand(layer.num_neurons, generator=torch.Generator().manual_seed(3)) > 0.3
+        keep = torch.rand(layer.neurons, generator=torch.Generator().manual_seed(3)) > 0.3
         layer.set_mask("m", keep)
-        x = torch.randn(5, layer.in_proj[0].in_features)
+        x = torch.randn(5, layer.in_linears[0].in_features)
         small = layer.compact()
-        assert small.num_neurons == compact_width(int(keep.sum()), layer.num_neurons)
+        assert small.neurons == compact_width(int(keep.sum()), layer.neurons)
         torch.testing.assert_close(small(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
@@ -244,7 +244,7 @@ def test_compact_widths_are_multiples_of_64_and_padding_is_exact():
     layer.set_mask("m", keep)
     small = layer.compact()
     k = int(keep.sum())
-    assert small.num_neurons == 128 and k < 128
+    assert small.neurons == 128 and k < 128
     assert (small.gate_proj.weight[k:] == 0).all() and (small.gate_proj.bias[k:] == 0).all()
     assert (small.down_proj.weight[:, k:] == 0).all()
     x = torch.randn(7, 8, generator=g)
@@ -301,7 +301,7 @@ def test_gradients_flow_through_masked_and_profiled_layers():
     kw = tm.inputs("llama", model, pad=0)
     patch = patch_model(model)
     layer = next(iter(patch.layers.values()))
-    keep = torch.ones(layer.num_neurons, dtype=torch.bool)
+    keep = torch.ones(layer.neurons, dtype=torch.bool)
     keep[[0, 3]] = False
     layer.set_mask("m", keep)
     with Profiler(model, ["forget/text/image", "forget/text/text"]) as prof:
@@ -331,7 +331,7 @@ def test_cuda_patch_and_stats_match_hooks(name):
     ref = _hook_reference(name, model, data, tm.ARCHS[name].kinds)
     patch = patch_model(model)
     for layer in patch.layers.values():
-        layer.set_mask("all", torch.ones(layer.num_neurons, dtype=torch.bool))
+        layer.set_mask("all", torch.ones(layer.neurons, dtype=torch.bool))
     torch.testing.assert_close(_out(model, kw), before, rtol=1e-4, atol=1e-4)  # TF32/fused GEMM on GPU
     for layer in patch.layers.values():
         layer.remove_mask("all")

@@ -33,7 +33,7 @@ def test_tiny_llava_profile_select_prune():
     # reversible: pruned neurons are exactly zero at the input of down_proj / fc2, the others are untouched
     patch = patch_model(model)
     seen = {}
-    hooks = [layer.out_proj.register_forward_pre_hook(lambda m, a, n=name: seen.__setitem__(n, a[0].detach().clone()))
+    hooks = [layer.out_linear.register_forward_pre_hook(lambda m, a, n=name: seen.__setitem__(n, a[0].detach().clone()))
              for name, layer in patch.layers.items()]
     _logits(model, kw)
     unmasked = dict(seen)
