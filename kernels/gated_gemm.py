@@ -35,12 +35,11 @@ def prefer_fused_gemm(num_tokens: int, d_model: int, n_inter: int) -> bool:
     """Use the fused GEMM for this shape? ``MANU_FAST_GATED_PATH=fused|unfused`` forces a path; ``auto`` (default)
     fuses when ``d_model <= MANU_FAST_FUSED_MAX_D`` and ``num_tokens >= FUSED_MIN_TOKENS``.
 
-    The default bound is 0, i.e. auto never fuses, because the one measurement so far says it loses: on an H200
-    (bf16, LLaVA-7B's 4096 -> 11008 MLP) the profiling MLP took 2.02x the plain MLP with the fused GEMM and
-    1.57x with cuBLAS + the elementwise kernel (docs/BENCHMARKS.md). The roofline argument for small D (fusing
-    saves writing and re-reading g and u, 8*T*N bytes, which outweighs a Triton GEMM's ~15 % deficit to cuBLAS
-    only for D below ~2400) is unmeasured; ``benchmarks/gated_paths.py`` times both paths at D = 1024, 2048 and
-    4096, and the crossover it finds on the target GPU is the value to set here (or in the environment).
+    The default bound is 0 (auto never fuses) until the rebuilt kernels are measured on a GPU: the only measurement,
+    of the kernels before the rework (H200, bf16, LLaVA-7B's 4096 -> 11008 MLP: fused GEMM 2.02x the plain MLP,
+    cuBLAS + the elementwise kernel 1.57x, docs/BENCHMARKS.md), says nothing about the current ones.
+    ``benchmarks/gated_paths.py`` (run by ``benchmarks/gpu_check.sh``) times both paths at D = 1024, 2048 and 4096;
+    the crossover it finds on the target GPU is the value to set here (or in the environment).
     Below FUSED_MIN_TOKENS tokens the GEMMs are weight-bandwidth bound and cuBLAS's small-M kernels win.
     """
     mode = os.environ.get(GATED_PATH_ENV, "auto")
