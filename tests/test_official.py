@@ -272,6 +272,8 @@ def test_cli_profile_official_select_report_prune(tmp_path, capsys):
                                                     "--official", "--official-layers", "per-layer")
     report = cli("report", stats)
     assert "official MANU statistics (per-layer)" in report and "pre, up, out" in report
+    assert main(["report", str(stats), "--plot", str(tmp_path / "o.png")]) == 2  # was ignored without a word
+    assert "plot the masks" in capsys.readouterr().err and not (tmp_path / "o.png").exists()
     cli("select", stats, masks, "--strategy", "manu-official", "--alpha", 10)
     assert Masks.load(masks).site == "linear" and Masks.load(masks).num_pruned() > 0
     cli("prune", tmp_path / "model", masks, out)
