@@ -224,3 +224,24 @@ def test_demo_plot_draws_every_method_beside_its_control(tmp_path):
     path = tmp_path / "plot.png"
     demo.plot_report({"seeds": [0, 1], "rows": rows}, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout table lists every module of the package and nothing that is gone (merges added
+    official.py, pipeline.py and backends/ without a row)."""
+    import re
+    text = (REPO / "README.md").read_text()
+    table = text.split("## Layout", 1)[1].strip().split("\n\n", 1)[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    named = set()
+    for cell in rows:
+        names = re.findall(r"`([^`]+)`", cell)
+        folder = names[0].rsplit("/", 1)[0] + "/" if "/" in names[0].rstrip("/") else ""
+        for n in names:
+            n = n.split(" ")[0]
+            named.add(n if "/" in n else folder + n)
+    modules = {str(p.relative_to(REPO)) for p in (REPO / "manu_fast").rglob("*.py") if p.name != "__init__.py"}
+    covered = {m for m in modules if m in named or any(m.startswith(n) for n in named if n.endswith("/"))}
+    assert covered == modules, f"modules without a layout row: {sorted(modules - covered)}"
+    missing = {n for n in named if n.startswith("manu_fast/") and not (REPO / n).exists()}
+    assert not missing, f"layout rows naming no file: {sorted(missing)}"
