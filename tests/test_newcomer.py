@@ -88,15 +88,7 @@ def test_fingerprint_refusals_name_both_sides_and_the_fix():
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("newcomer")
-    (root / "mllmu").mkdir()
-    (root / "clear").mkdir()
-    processor = bf.processor()
-    bf.model(processor).save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    bf.model(processor).save_pretrained(root / "bare")  # weights only, no processor
-    return {"root": root, "model": root / "model", "bare": root / "bare",
-            "mllmu": bf.write_mllmu(root / "mllmu"), "clear": bf.write_clear(root / "clear")}
+    return bf.write_all(tmp_path_factory.mktemp("newcomer"))
 
 
 def cli(capsys, *argv):

@@ -248,11 +248,7 @@ def test_zeroed_rows_equal_the_reference_at_llava_depth(variant):
 def test_cli_profile_official_select_report_prune(tmp_path, capsys):
     import bench_files as bf
     from manu_fast.cli import main
-    processor = bf.processor()
-    bf.model(processor).save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    (tmp_path / "mllmu").mkdir()
-    files = bf.write_mllmu(tmp_path / "mllmu")
+    files = bf.write_all(tmp_path)["mllmu"]
     stats, masks, out = tmp_path / "o.safetensors", tmp_path / "m.safetensors", tmp_path / "pruned"
 
     def cli(*argv):
