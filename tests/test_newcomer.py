@@ -2,7 +2,6 @@
 naming the backend, refusals that name both sides and the fix, hints that follow the data, evaluate --masks saying
 what it applied, report --plot, a missing optional package as one install line, and MODEL as a hub id read offline
 from a cache laid out as the hub's."""
-import json
 import os
 import subprocess
 import sys
