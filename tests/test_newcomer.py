@@ -236,3 +236,13 @@ def test_readme_layout_names_every_module():
     assert covered == modules, f"modules without a layout row: {sorted(modules - covered)}"
     missing = {n for n in named if n.startswith("manu_fast/") and not (REPO / n).exists()}
     assert not missing, f"layout rows naming no file: {sorted(missing)}"
+
+
+def test_plot_labels_tell_a_layers_linears_apart():
+    """A manu-official masks file holds each layer's Linears (``layer::pre``, ``::up``, ``::out``): their bars
+    were all labelled with the layer's number."""
+    from manu_fast.plots import layer_label
+    assert layer_label("model.language_model.layers.12.mlp") == "12"
+    assert layer_label("model.multi_modal_projector") == "multi_modal_projector"
+    names = [f"model.language_model.layers.{i}.mlp::{s}" for i in (0, 1) for s in ("pre", "up", "out")]
+    assert [layer_label(n) for n in names] == ["0 pre", "0 up", "0 out", "1 pre", "1 up", "1 out"]
