@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .activations import activation_name
-from .layers import FusedGatedMLP, FusedMLP, FusedPlainMLP, MLPPart, NeuronLayer, compact_identity
+from .layers import FusedGatedMLP, FusedMLP, FusedPlainMLP, MLPPart, NeuronLayer, Widths, compact_identity
 from .schema import MOE_POLICIES, TOKEN_KINDS, TOWERS  # noqa: F401  (TOWERS, TOKEN_KINDS: public names here too)
 
 
@@ -100,7 +100,7 @@ def register_model(model_type: str, spec: ModelSpec) -> None:
 
 
 @dataclass
-class MLPInfo:
+class MLPInfo(Widths):
     """One MLP: ``module`` holds its Linears (child names ``linears``: inputs, then output). ``act_attr`` names its
     activation child when the module is exactly the MLP (fused replacement); None when the MLP is part of a larger
     module (``extra``: the module's other children) or computes its hidden in another way (patched by hooks)."""
@@ -121,14 +121,6 @@ class MLPInfo:
     @property
     def out_linear(self) -> nn.Linear:
         return _child(self.module, self.linears[-1])
-
-    @property
-    def neurons(self) -> int:
-        return self.out_linear.in_features
-
-    @property
-    def hidden(self) -> int:
-        return self.out_linear.out_features
 
     @property
     def patched_as(self) -> str:

@@ -599,6 +599,9 @@ def cmd_report(args) -> None:
             from .plots import plot_masks
             print(f"wrote {plot_masks(masks, args.plot, source=path.name)}")
     elif fmt == OFFICIAL_FORMAT:
+        if args.plot:
+            raise UsageError("report: --plot draws an exact statistics or a masks file; an official statistics file "
+                             "has no per-neuron ratio to draw (select it with manu-official and plot the masks)")
         print(format_official(OfficialStats.load(path)))
     else:
         raise StatsFileError(f"{path}: neither a manu_fast statistics nor a masks file (format {fmt!r})")

@@ -31,7 +31,21 @@ class Recorder(Protocol):
         """Statistics of an MLP part's input Linear output (site 'pre' or 'up')."""
 
 
-class NeuronLayer:
+class Widths:
+    """``neurons`` and ``hidden`` of an MLP read from its output Linear (``out_linear``): shared by the patched
+    layers and ``adapters.MLPInfo``, which describes an MLP before it is patched."""
+
+    @property
+    def neurons(self) -> int:
+        return self.out_linear.in_features
+
+    @property
+    def hidden(self) -> int:
+        """The MLP's input/output width (the residual stream)."""
+        return self.out_linear.out_features
+
+
+class NeuronLayer(Widths):
     """What every patched MLP is: ``neurons`` hidden units between its input Linears (``in_linears``, whose output
     row j feeds neuron j) and its output Linear (``out_linear``, whose input column j is neuron j), with named
     reversible masks and a profiler hook point (``recorder``). Two kinds share it: ``FusedMLP``, a drop-in module
@@ -49,15 +63,6 @@ class NeuronLayer:
         self.recorder: Recorder | None = None  # set by manu_fast.profiler.Profiler while profiling
         self.origin: torch.Tensor | None = None  # a compact copy's map to the original numbering (compact_identity)
         self.origin_neurons: int | None = None  # ... and the original layer's width
-
-    @property
-    def neurons(self) -> int:
-        return self.out_linear.in_features
-
-    @property
-    def hidden(self) -> int:
-        """The MLP's input/output width (the residual stream)."""
-        return self.out_linear.out_features
 
     @property
     def execution_device(self) -> torch.device:

@@ -23,12 +23,13 @@ TOWER_COLOURS = {"vision": "tab:green", "projector": "tab:purple", "language": "
 
 
 def layer_label(name: str) -> str:
-    """A short axis label for a layer: its last index (``...layers.12.mlp`` -> ``12``), else its last name part."""
+    """A short axis label for a layer: its last index (``...layers.12.mlp`` -> ``12``), else its last name part;
+    a Linear's rows of a 'linear' masks file (``...layers.12.mlp::up``) add the Linear (``12 up``)."""
+    name, _, linear = name.partition("::")
     numbers = re.findall(r"\.(\d+)(?:\.|$)", name)
-    if numbers:
-        return numbers[-1]
     parts = [p for p in name.split(".") if p not in ("mlp", "model")]
-    return parts[-1] if parts else name
+    label = numbers[-1] if numbers else parts[-1] if parts else name
+    return f"{label} {linear}" if linear else label
 
 
 def _pyplot(purpose: str = "--plot"):
@@ -70,7 +71,8 @@ def plot_masks(masks, path, source: str = "masks") -> Path:
     towers = _by_tower(masks.keep, masks.tower)
     d = masks.description
     how = ", ".join(f"{k} {d[k]}" for k in ("strategy", "alpha") if d.get(k) is not None)
-    title = (f"{source}: {masks.num_pruned()} of {masks.num_total()} {masks.site} neurons pruned "
+    what = "Linear rows" if masks.site == "linear" else f"{masks.site} neurons"
+    title = (f"{source}: {masks.num_pruned()} of {masks.num_total()} {what} pruned "
              f"({100 * masks.fraction():.2f} %){'; ' + how if how else ''}")
     fig, axes = _panels(plt, towers, title)
     for ax, (tower, layers) in zip(axes, towers.items()):
@@ -83,12 +85,14 @@ def plot_masks(masks, path, source: str = "masks") -> Path:
             if len(layers) <= 40:
                 ax.text(i, s + 0.02 * top, str(p), ha="center", va="bottom", fontsize=7)
         ax.set_ylim(0, top * 1.15 + 1e-9)
-        ax.set_xticks(list(x), [layer_label(n) for n in layers], fontsize=7, rotation=90 if len(layers) > 24 else 0)
+        rotate = len(layers) > 24 or (masks.site == "linear" and len(layers) > 6)
+        ax.set_xticks(list(x), [layer_label(n) for n in layers], fontsize=7, rotation=90 if rotate else 0)
         p, n = masks.by_tower().get(tower, (sum(pruned), 0))
         ax.set_title(f"{tower}: {p} of {n} pruned", fontsize=9)
-        ax.set_xlabel("layer")
+        ax.set_xlabel("layer and Linear (its output rows)" if masks.site == "linear" else "layer")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("% of the layer's neurons pruned\n(number pruned above each bar)")
+    unit = "Linear's rows" if masks.site == "linear" else "layer's neurons"
+    axes[0].set_ylabel(f"% of the {unit} pruned\n(number pruned above each bar)")
     out = _save(fig, path)
     plt.close(fig)
     return out

@@ -272,3 +272,19 @@ def rigged_model(proc):
         m.lm_head.weight[tok.convert_tokens_to_ids("A"), 1] = 1.0
     m.generation_config.eos_token_id = tok.pad_token_id  # after "B" comes <pad> (all logits 0): the reply ends
     return m
+
+
+# ---- a whole folder: what the CLI tests (and a user following the README) run on
+def write_all(root) -> dict:
+    """In ``root``: ``model`` (the tiny LLaVA with its processor), ``rigged`` (``rigged_model``, with it), ``bare``
+    (weights only, no processor), ``mllmu/`` and ``clear/`` (``write_mllmu``, ``write_clear``); returns their paths
+    and the processor."""
+    proc = processor()
+    for name, m in (("model", model(proc)), ("rigged", rigged_model(proc)), ("bare", model(proc))):
+        m.save_pretrained(root / name)
+        if name != "bare":
+            proc.save_pretrained(root / name)
+    (root / "mllmu").mkdir()
+    (root / "clear").mkdir()
+    return {"root": root, "processor": proc, "model": root / "model", "rigged": root / "rigged", "bare": root / "bare",
+            "mllmu": write_mllmu(root / "mllmu"), "clear": write_clear(root / "clear")}

@@ -11,7 +11,7 @@ from manu_fast import act_stats
 from manu_fast.activations import ACT_CODES, ACTIVATIONS
 from manu_fast.backends.reference import act_stats_reference as reference_backend
 from manu_fast.ops import pick_backend
-from manu_fast.stats import FIELD_INDEX, NUM_FIELDS, empty_stats, merge_into, metrics, segment_stats_reference
+from manu_fast.stats import FIELD_INDEX, empty_stats, merge_into, metrics, segment_stats_reference
 
 try:
     from manu_fast.backends.cpp import act_stats_cpp

@@ -2,7 +2,6 @@
 naming the backend, refusals that name both sides and the fix, hints that follow the data, evaluate --masks saying
 what it applied, report --plot, a missing optional package as one install line, and MODEL as a hub id read offline
 from a cache laid out as the hub's."""
-import json
 import os
 import subprocess
 import sys
@@ -88,15 +87,7 @@ def test_fingerprint_refusals_name_both_sides_and_the_fix():
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("newcomer")
-    (root / "mllmu").mkdir()
-    (root / "clear").mkdir()
-    processor = bf.processor()
-    bf.model(processor).save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    bf.model(processor).save_pretrained(root / "bare")  # weights only, no processor
-    return {"root": root, "model": root / "model", "bare": root / "bare",
-            "mllmu": bf.write_mllmu(root / "mllmu"), "clear": bf.write_clear(root / "clear")}
+    return bf.write_all(tmp_path_factory.mktemp("newcomer"))
 
 
 def cli(capsys, *argv):
@@ -224,3 +215,34 @@ def test_demo_plot_draws_every_method_beside_its_control(tmp_path):
     path = tmp_path / "plot.png"
     demo.plot_report({"seeds": [0, 1], "rows": rows}, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout table lists every module of the package and nothing that is gone (merges added
+    official.py, pipeline.py and backends/ without a row)."""
+    import re
+    text = (REPO / "README.md").read_text()
+    table = text.split("## Layout", 1)[1].strip().split("\n\n", 1)[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    named = set()
+    for cell in rows:
+        names = re.findall(r"`([^`]+)`", cell)
+        folder = names[0].rsplit("/", 1)[0] + "/" if "/" in names[0].rstrip("/") else ""
+        for n in names:
+            n = n.split(" ")[0]
+            named.add(n if "/" in n else folder + n)
+    modules = {str(p.relative_to(REPO)) for p in (REPO / "manu_fast").rglob("*.py") if p.name != "__init__.py"}
+    covered = {m for m in modules if m in named or any(m.startswith(n) for n in named if n.endswith("/"))}
+    assert covered == modules, f"modules without a layout row: {sorted(modules - covered)}"
+    missing = {n for n in named if n.startswith("manu_fast/") and not (REPO / n).exists()}
+    assert not missing, f"layout rows naming no file: {sorted(missing)}"
+
+
+def test_plot_labels_tell_a_layers_linears_apart():
+    """A manu-official masks file holds each layer's Linears (``layer::pre``, ``::up``, ``::out``): their bars
+    were all labelled with the layer's number."""
+    from manu_fast.plots import layer_label
+    assert layer_label("model.language_model.layers.12.mlp") == "12"
+    assert layer_label("model.multi_modal_projector") == "multi_modal_projector"
+    names = [f"model.language_model.layers.{i}.mlp::{s}" for i in (0, 1) for s in ("pre", "up", "out")]
+    assert [layer_label(n) for n in names] == ["0 pre", "0 up", "0 out", "1 pre", "1 up", "1 out"]

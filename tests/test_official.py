@@ -248,11 +248,7 @@ def test_zeroed_rows_equal_the_reference_at_llava_depth(variant):
 def test_cli_profile_official_select_report_prune(tmp_path, capsys):
     import bench_files as bf
     from manu_fast.cli import main
-    processor = bf.processor()
-    bf.model(processor).save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    (tmp_path / "mllmu").mkdir()
-    files = bf.write_mllmu(tmp_path / "mllmu")
+    files = bf.write_all(tmp_path)["mllmu"]
     stats, masks, out = tmp_path / "o.safetensors", tmp_path / "m.safetensors", tmp_path / "pruned"
 
     def cli(*argv):
@@ -272,6 +268,8 @@ def test_cli_profile_official_select_report_prune(tmp_path, capsys):
                                                     "--official", "--official-layers", "per-layer")
     report = cli("report", stats)
     assert "official MANU statistics (per-layer)" in report and "pre, up, out" in report
+    assert main(["report", str(stats), "--plot", str(tmp_path / "o.png")]) == 2  # was ignored without a word
+    assert "plot the masks" in capsys.readouterr().err and not (tmp_path / "o.png").exists()
     cli("select", stats, masks, "--strategy", "manu-official", "--alpha", 10)
     assert Masks.load(masks).site == "linear" and Masks.load(masks).num_pruned() > 0
     cli("prune", tmp_path / "model", masks, out)

@@ -18,16 +18,7 @@ from manu_fast.stats import FIELD_INDEX, NeuronStats
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real_bench")
-    (root / "mllmu").mkdir()
-    (root / "clear").mkdir()
-    processor = bf.processor()
-    bf.model(processor).save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    bf.rigged_model(processor).save_pretrained(root / "rigged")
-    processor.save_pretrained(root / "rigged")
-    return {"root": root, "model": root / "model", "rigged": root / "rigged", "processor": processor,
-            "mllmu": bf.write_mllmu(root / "mllmu"), "clear": bf.write_clear(root / "clear")}
+    return bf.write_all(tmp_path_factory.mktemp("real_bench"))
 
 
 def cli(capsys, *argv):
@@ -305,8 +296,7 @@ def test_missing_rouge_is_one_line_error_before_the_model_loads(bench, tmp_path,
 
 def test_bad_real_inputs_are_one_line_errors(bench, tmp_path, capsys):
     files = bench["mllmu"]
-    bare = tmp_path / "bare"  # weights and config only: no processor to encode the questions with
-    bf.model(bench["processor"]).save_pretrained(bare)
+    bare = bench["bare"]  # weights and config only: no processor to encode the questions with
     no_image = bf.write(tmp_path / "no_image.parquet", [{"image": None, "ID": "1", "metadata": json.dumps(
         [{"Question": "q", "Answer": "a"}])}], bf.PROFILE_SCHEMA)
     evaluate = ["--forget", files["forget_5"], "--retain", files["retain_95"]]

@@ -570,7 +570,6 @@ def test_test_set_as_profiling_data_is_warned_about(files, mllmu, capsys):
 
 def test_a_model_with_an_infinite_weight_is_still_patched(monkeypatch):
     import manu_fast.adapters as ad
-    from manu_fast.layers import MLPPart
     monkeypatch.setattr(ad, "_PROBE_VERDICTS", {})  # the first patch of the class in this process
     model = tm.build("llama")
     with torch.no_grad():
