@@ -130,6 +130,7 @@ def test_manu_code_top_k_per_tower_union_and_ties_by_layer_order():
     assert pruned(m) == {VISION: [0], L2: [2], L10: []}
     assert natural_key(L2) < natural_key(L10) and L10 < L2  # layer order is natural, not alphabetical
     assert m.num_pruned() == 2 and m.by_tower() == {"vision": (1, 3), "language": (1, 6)}
+    assert list(m.by_tower()) == ["vision", "language"]  # the towers' order, not their layer names' (the README's line)
     assert m.description["strategy"] == "manu-code" and m.fingerprint == FINGERPRINT
 
 
