@@ -30,7 +30,7 @@ from .paths import check_outputs
 from .schema import (BENCHMARKS, CLEAR_DS_SIZE, DEFAULT_TAU, DTYPE_NAMES, GENERATION_INPUTS, METRICS, MLLMU_TASKS,
                      MODALITIES, MOE_POLICIES, NONFINITE_POLICIES, OFFICIAL_LAYERS, PROFILE_MODES, PROTOCOLS, SITES,
                      SPLITS, STRATEGIES,
-                     TOKEN_KINDS, TOWERS, StatsFileError)
+                     TOKEN_KINDS, TOWERS, StatsFileError, in_tower_order)
 
 EXIT_USAGE = 2
 DEMO_CONFIG = "manu_fast_demo.json"  # written by manu_fast.demo next to the model it trained
@@ -533,7 +533,7 @@ def format_stats(stats) -> str:
 def format_official(stats) -> str:
     """The sources of official statistics per tower, the layers they prune and the batches profiled."""
     rows = []
-    for tower in dict.fromkeys(i["tower"] for i in stats.sources.values()):
+    for tower in in_tower_order(i["tower"] for i in stats.sources.values()):
         mine = [i for i in stats.sources.values() if i["tower"] == tower]
         rows.append([tower, len(mine), mine[0]["pooled"], ", ".join(mine[0]["sites"]),
                      sum(len(i["targets"]) for i in mine)])

@@ -25,7 +25,7 @@ import torch
 
 from .adapters import fingerprint, get_patch, patch_model
 from .io import check_fingerprint_fields, load_tensors, parse_json, save_tensors
-from .schema import LINEAR_ROW_SITES, MASK_SITES, SITES, TOWERS, StatsFileError, check_fingerprint, layer_sites, site_length  # noqa: F401
+from .schema import LINEAR_ROW_SITES, MASK_SITES, SITES, StatsFileError, check_fingerprint, in_tower_order, layer_sites, site_length  # noqa: F401
 
 FORMAT = "manu_fast.masks/1"
 
@@ -109,9 +109,7 @@ class Masks:
 
     def by_tower(self) -> dict[str, tuple[int, int]]:
         """tower -> (pruned, total), in the model's order (vision, projector, language; others after)."""
-        present = {self.tower(n) for n in self.keep}
-        towers = [t for t in TOWERS if t in present] + sorted(present - set(TOWERS))
-        return {t: (self.num_pruned(t), self.num_total(t)) for t in towers}
+        return {t: (self.num_pruned(t), self.num_total(t)) for t in in_tower_order(map(self.tower, self.keep))}
 
     def pruned_indices(self, layer: str) -> torch.Tensor:
         return (~self.keep[layer]).nonzero().flatten()

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from .install import require
-from .schema import MODALITIES, SPLITS, TOWERS
+from .schema import MODALITIES, SPLITS, in_tower_order
 
 MODALITY_COLOURS = {"multimodal": "tab:blue", "text": "tab:orange"}
 TOWER_COLOURS = {"vision": "tab:green", "projector": "tab:purple", "language": "tab:red"}
@@ -44,8 +44,7 @@ def _by_tower(names, tower_of) -> dict[str, list[str]]:
     out = {}
     for name in sorted(names, key=natural_key):
         out.setdefault(tower_of(name), []).append(name)
-    order = list(TOWERS) + sorted(set(out) - set(TOWERS))
-    return {t: out[t] for t in order if t in out}
+    return {t: out[t] for t in in_tower_order(out)}
 
 
 def _panels(plt, towers: dict[str, list[str]], title: str):
