@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from .install import require
-from .schema import MODALITIES, SPLITS, in_tower_order
+from .schema import MODALITIES, SITES, SPLITS, in_tower_order
 
 MODALITY_COLOURS = {"multimodal": "tab:blue", "text": "tab:orange"}
 TOWER_COLOURS = {"vision": "tab:green", "projector": "tab:purple", "language": "tab:red"}
@@ -97,10 +97,13 @@ def plot_masks(masks, path, source: str = "masks") -> Path:
     return out
 
 
-def plot_stats(stats, path, source: str = "statistics", site: str = "hidden") -> Path:
-    """Per layer, the distribution of the neurons' forget/retain RMS ratio in each modality (module docstring)."""
+def plot_stats(stats, path, source: str = "statistics", site: str | None = None) -> Path:
+    """Per layer, the distribution of the neurons' forget/retain RMS ratio in each modality (module docstring), at
+    ``site``: by default 'hidden', or the first site the file has (one profiled with ``--sites pre up``)."""
     import torch
     from .select import scores
+    if site is None:
+        site = next((s for s in SITES if stats.layers(s)), "hidden")
     plt = _pyplot()
     ratio = {m: scores(stats, "selective-pruning", site=site, metric="rms", modality=m)
              for m in MODALITY_COLOURS if stats.group_ids(None, m)}

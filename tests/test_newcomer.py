@@ -254,3 +254,16 @@ def test_report_names_the_files_it_reads(tmp_path, capsys):
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors", metadata={"format": "someone_else/1"})
     assert "not a manu_fast statistics, official statistics or masks file (format 'someone_else/1')" in last_error(
         capsys, "report", tmp_path / "other.safetensors")
+
+
+def test_plot_of_statistics_without_the_hidden_site(bench, tmp_path, capsys):
+    """A file profiled at --sites pre up has no 'hidden' blocks: report --plot drew nothing and failed with 'no
+    statistics at site hidden for towers []'; it draws the first site the file has."""
+    pytest.importorskip("matplotlib")
+    files, stats = bench["mllmu"], tmp_path / "pre.safetensors"
+    rc, _, err = cli(capsys, "profile", bench["model"], stats, "--forget", files["forget_5"], "--retain",
+                     files["retain_95"], "--qa", files["ft_Data"], "--names", files["names"], "--sites", "pre", "up",
+                     "--no-progress")
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "report", stats, "--plot", tmp_path / "pre.png")
+    assert rc == 0 and (tmp_path / "pre.png").stat().st_size > 0, err
