@@ -211,7 +211,7 @@ def test_option_errors():
         scores(toy_stats(), "selective-pruning", metric="var2")
     with pytest.raises(ValueError, match="unknown metric weights"):
         scores(toy_stats(), "manu-code", weights={"mean": 1})
-    with pytest.raises(ValueError, match="no statistics at site"):
+    with pytest.raises(ValueError, match="no statistics at site 'pre': the file was profiled at sites hidden; select at"):
         scores(toy_stats(), "manu-code", site="pre")
 
 
