@@ -281,9 +281,9 @@ class HookPeer:
             return hook
 
         for info in find_mlps(model):
-            out_proj = info.out_linear
-            stats[info.name] = self.stats_cls(2 * self.num_keys, info.neurons, self.tau, out_proj.weight.device)
-            handles.append(out_proj.register_forward_pre_hook(make_hook(info.name, info.tower)))
+            out_linear = info.out_linear
+            stats[info.name] = self.stats_cls(2 * self.num_keys, info.neurons, self.tau, out_linear.weight.device)
+            handles.append(out_linear.register_forward_pre_hook(make_hook(info.name, info.tower)))
         try:
             with torch.no_grad():
                 for b in batches:

@@ -40,8 +40,8 @@ def test_layer(results, device, sizes, case, dtype):
     tokens = sizes.layer_tokens[case]
     mlp = build_mlp(case, device, dtype)
     host = MLPHost(mlp)
-    out_proj = mlp.fc2 if case == "clip-vit-l-mlp" else mlp.down_proj
-    neurons, hidden = out_proj.in_features, out_proj.out_features
+    out_linear = mlp.fc2 if case == "clip-vit-l-mlp" else mlp.down_proj
+    neurons, hidden = out_linear.in_features, out_linear.out_features
     batches = mlp_batches(case, tokens, hidden, NUM_KEYS, device, dtype)  # one per data key: 8 token groups
     shapes = f"{NUM_KEYS}x{tokens}x{hidden}->{neurons}"
 

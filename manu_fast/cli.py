@@ -30,7 +30,7 @@ from .paths import check_outputs
 from .schema import (BENCHMARKS, CLEAR_DS_SIZE, DEFAULT_TAU, DTYPE_NAMES, GENERATION_INPUTS, METRICS, MLLMU_TASKS,
                      MODALITIES, MOE_POLICIES, NONFINITE_POLICIES, OFFICIAL_LAYERS, PROFILE_MODES, PROTOCOLS, SITES,
                      SPLITS, STRATEGIES,
-                     TOKEN_KINDS, TOWERS, StatsFileError)
+                     TOKEN_KINDS, TOWERS, StatsFileError, in_tower_order)
 
 EXIT_USAGE = 2
 DEMO_CONFIG = "manu_fast_demo.json"  # written by manu_fast.demo next to the model it trained
@@ -533,7 +533,7 @@ def format_stats(stats) -> str:
 def format_official(stats) -> str:
     """The sources of official statistics per tower, the layers they prune and the batches profiled."""
     rows = []
-    for tower in dict.fromkeys(i["tower"] for i in stats.sources.values()):
+    for tower in in_tower_order(i["tower"] for i in stats.sources.values()):
         mine = [i for i in stats.sources.values() if i["tower"] == tower]
         rows.append([tower, len(mine), mine[0]["pooled"], ", ".join(mine[0]["sites"]),
                      sum(len(i["targets"]) for i in mine)])
@@ -564,6 +564,7 @@ def format_model(found) -> str:
 
 
 def cmd_report(args) -> None:
+    from . import plots  # matplotlib is imported only when a plot is drawn
     from .masks import FORMAT as MASKS_FORMAT
     from .masks import Masks
     from .official import FORMAT as OFFICIAL_FORMAT
@@ -586,25 +587,19 @@ def cmd_report(args) -> None:
             fmt = (f.metadata() or {}).get("format")
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise StatsFileError(f"{path}: not a readable safetensors file ({e})") from None
-    if fmt == STATS_FORMAT:
-        stats = NeuronStats.load(path)
-        print(format_stats(stats))
-        if args.plot:
-            from .plots import plot_stats
-            print(f"wrote {plot_stats(stats, args.plot, source=path.name)}")
-    elif fmt == MASKS_FORMAT:
-        masks = Masks.load(path)
-        print(format_masks(masks))
-        if args.plot:
-            from .plots import plot_masks
-            print(f"wrote {plot_masks(masks, args.plot, source=path.name)}")
-    elif fmt == OFFICIAL_FORMAT:
-        if args.plot:
-            raise UsageError("report: --plot draws an exact statistics or a masks file; an official statistics file "
-                             "has no per-neuron ratio to draw (select it with manu-official and plot the masks)")
-        print(format_official(OfficialStats.load(path)))
-    else:
-        raise StatsFileError(f"{path}: neither a manu_fast statistics nor a masks file (format {fmt!r})")
+    kinds = {STATS_FORMAT: (NeuronStats.load, format_stats, plots.plot_stats),
+             MASKS_FORMAT: (Masks.load, format_masks, plots.plot_masks),
+             OFFICIAL_FORMAT: (OfficialStats.load, format_official, None)}
+    if fmt not in kinds:
+        raise StatsFileError(f"{path}: not a manu_fast statistics, official statistics or masks file (format {fmt!r})")
+    load, describe, plot = kinds[fmt]
+    if args.plot and plot is None:
+        raise UsageError("report: --plot draws an exact statistics or a masks file; an official statistics file "
+                         "has no per-neuron ratio to draw (select it with manu-official and plot the masks)")
+    content = load(path)
+    print(describe(content))
+    if args.plot:
+        print(f"wrote {plot(content, args.plot, source=path.name)}")
 
 
 # ---------------------------------------------------------------------------------------------------- demo

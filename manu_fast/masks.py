@@ -25,7 +25,7 @@ import torch
 
 from .adapters import fingerprint, get_patch, patch_model
 from .io import check_fingerprint_fields, load_tensors, parse_json, save_tensors
-from .schema import LINEAR_ROW_SITES, MASK_SITES, SITES, StatsFileError, check_fingerprint, layer_sites, site_length  # noqa: F401
+from .schema import LINEAR_ROW_SITES, MASK_SITES, SITES, StatsFileError, check_fingerprint, in_tower_order, layer_sites, site_length  # noqa: F401
 
 FORMAT = "manu_fast.masks/1"
 
@@ -108,9 +108,8 @@ class Masks:
         return self.num_pruned(tower) / total if total else 0.0
 
     def by_tower(self) -> dict[str, tuple[int, int]]:
-        """tower -> (pruned, total)."""
-        towers = dict.fromkeys(self.tower(n) for n in self.keep)
-        return {t: (self.num_pruned(t), self.num_total(t)) for t in towers}
+        """tower -> (pruned, total), in the model's order (vision, projector, language; others after)."""
+        return {t: (self.num_pruned(t), self.num_total(t)) for t in in_tower_order(map(self.tower, self.keep))}
 
     def pruned_indices(self, layer: str) -> torch.Tensor:
         return (~self.keep[layer]).nonzero().flatten()

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from .install import require
-from .schema import MODALITIES, SPLITS, TOWERS
+from .schema import MODALITIES, SITES, SPLITS, in_tower_order
 
 MODALITY_COLOURS = {"multimodal": "tab:blue", "text": "tab:orange"}
 TOWER_COLOURS = {"vision": "tab:green", "projector": "tab:purple", "language": "tab:red"}
@@ -44,8 +44,7 @@ def _by_tower(names, tower_of) -> dict[str, list[str]]:
     out = {}
     for name in sorted(names, key=natural_key):
         out.setdefault(tower_of(name), []).append(name)
-    order = list(TOWERS) + sorted(set(out) - set(TOWERS))
-    return {t: out[t] for t in order if t in out}
+    return {t: out[t] for t in in_tower_order(out)}
 
 
 def _panels(plt, towers: dict[str, list[str]], title: str):
@@ -98,10 +97,13 @@ def plot_masks(masks, path, source: str = "masks") -> Path:
     return out
 
 
-def plot_stats(stats, path, source: str = "statistics", site: str = "hidden") -> Path:
-    """Per layer, the distribution of the neurons' forget/retain RMS ratio in each modality (module docstring)."""
+def plot_stats(stats, path, source: str = "statistics", site: str | None = None) -> Path:
+    """Per layer, the distribution of the neurons' forget/retain RMS ratio in each modality (module docstring), at
+    ``site``: by default 'hidden', or the first site the file has (one profiled with ``--sites pre up``)."""
     import torch
     from .select import scores
+    if site is None:
+        site = next((s for s in SITES if stats.layers(s)), "hidden")
     plt = _pyplot()
     ratio = {m: scores(stats, "selective-pruning", site=site, metric="rms", modality=m)
              for m in MODALITY_COLOURS if stats.group_ids(None, m)}

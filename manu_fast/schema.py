@@ -61,6 +61,12 @@ def group_label(split: str, modality: str, kind: str) -> str:
     return f"{data_key(split, modality)}/{kind}"
 
 
+def in_tower_order(towers) -> list[str]:
+    """The distinct towers of ``towers`` in the model's order (TOWERS: vision, projector, language), others after."""
+    present = set(towers)
+    return [t for t in TOWERS if t in present] + sorted(present - set(TOWERS))
+
+
 def layer_sites(layer_info: dict) -> tuple[str, ...]:
     """The sites a layer (a fingerprint entry) has, from its kind."""
     kind = layer_info.get("kind")

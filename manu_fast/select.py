@@ -36,7 +36,7 @@ import torch
 
 from .masks import Masks
 from .official import OfficialStats, select_official
-from .schema import IMAGE_TOWERS, METRICS, MODALITIES, STRATEGIES, TOWERS
+from .schema import IMAGE_TOWERS, METRICS, MODALITIES, SITES, STRATEGIES, TOWERS
 from .stats import FIELD_INDEX, NeuronStats, metrics, pool_groups
 
 EPS = 1e-5
@@ -72,6 +72,10 @@ def considered_layers(stats: NeuronStats, site: str, towers: Iterable[str]) -> l
     towers = set(towers)
     layers = sorted((n for n in stats.layers(site) if _tower(stats, n) in towers), key=natural_key)
     if not layers:
+        profiled = [s for s in SITES if stats.layers(s)]
+        if site not in profiled:
+            raise ValueError(f"no statistics at site {site!r}: the file was profiled at sites {', '.join(profiled)}; "
+                             f"select at one of them (site=..., CLI --site)")
         raise ValueError(f"no statistics at site {site!r} for towers {sorted(towers)}; "
                          f"the file has {sorted(stats.blocks)[:4]}...")
     return layers

@@ -246,3 +246,24 @@ def test_plot_labels_tell_a_layers_linears_apart():
     assert layer_label("model.multi_modal_projector") == "multi_modal_projector"
     names = [f"model.language_model.layers.{i}.mlp::{s}" for i in (0, 1) for s in ("pre", "up", "out")]
     assert [layer_label(n) for n in names] == ["0 pre", "0 up", "0 out", "1 pre", "1 up", "1 out"]
+
+
+def test_report_names_the_files_it_reads(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors", metadata={"format": "someone_else/1"})
+    assert "not a manu_fast statistics, official statistics or masks file (format 'someone_else/1')" in last_error(
+        capsys, "report", tmp_path / "other.safetensors")
+
+
+def test_plot_of_statistics_without_the_hidden_site(bench, tmp_path, capsys):
+    """A file profiled at --sites pre up has no 'hidden' blocks: report --plot drew nothing and failed with 'no
+    statistics at site hidden for towers []'; it draws the first site the file has."""
+    pytest.importorskip("matplotlib")
+    files, stats = bench["mllmu"], tmp_path / "pre.safetensors"
+    rc, _, err = cli(capsys, "profile", bench["model"], stats, "--forget", files["forget_5"], "--retain",
+                     files["retain_95"], "--qa", files["ft_Data"], "--names", files["names"], "--sites", "pre", "up",
+                     "--no-progress")
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "report", stats, "--plot", tmp_path / "pre.png")
+    assert rc == 0 and (tmp_path / "pre.png").stat().st_size > 0, err

@@ -130,6 +130,7 @@ def test_manu_code_top_k_per_tower_union_and_ties_by_layer_order():
     assert pruned(m) == {VISION: [0], L2: [2], L10: []}
     assert natural_key(L2) < natural_key(L10) and L10 < L2  # layer order is natural, not alphabetical
     assert m.num_pruned() == 2 and m.by_tower() == {"vision": (1, 3), "language": (1, 6)}
+    assert list(m.by_tower()) == ["vision", "language"]  # the towers' order, not their layer names' (the README's line)
     assert m.description["strategy"] == "manu-code" and m.fingerprint == FINGERPRINT
 
 
@@ -210,7 +211,7 @@ def test_option_errors():
         scores(toy_stats(), "selective-pruning", metric="var2")
     with pytest.raises(ValueError, match="unknown metric weights"):
         scores(toy_stats(), "manu-code", weights={"mean": 1})
-    with pytest.raises(ValueError, match="no statistics at site"):
+    with pytest.raises(ValueError, match="no statistics at site 'pre': the file was profiled at sites hidden; select at"):
         scores(toy_stats(), "manu-code", site="pre")
 
 
