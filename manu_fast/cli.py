@@ -24,7 +24,6 @@ from .schema import (BENCHMARKS, DEFAULT_TAU, DTYPE_NAMES, METRICS, MLLMU_TASKS,
                      NONFINITE_POLICIES, PROFILE_MODES, PROTOCOLS, SITES, STRATEGIES, TOKEN_KINDS, TOWERS, StatsFileError)
 
 EXIT_USAGE = 2
-DEMO_CONFIG = "manu_fast_demo.json"  # written by manu_fast.demo next to the model it trained
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -75,7 +74,7 @@ def model_skeleton(path):
 # ---------------------------------------------------------------------------------------------------- profile
 def _synthetic_data(model, model_dir: Path, args, device) -> dict:
     from . import demo
-    cfg_file = model_dir / DEMO_CONFIG
+    cfg_file = model_dir / demo.DEMO_CONFIG
     if not cfg_file.is_file():
         raise FileNotFoundError(f"--synthetic needs a model trained by `manu-fast demo` ({cfg_file} is missing)")
     data = demo.benchmark(demo.ModelConfig(**json.loads(cfg_file.read_text())))
@@ -397,9 +396,7 @@ def cmd_demo(demo_args: list[str]) -> None:
         from . import demo
     except ImportError as e:
         raise UsageError(f"demo: the demo is not available in this installation ({e})") from None
-    parser = _Parser(prog="manu-fast demo", description=(demo.__doc__ or "").splitlines()[0],
-                     epilog="Each seed trains its own world; the table is mean ± sd over seeds, report.json has every "
-                            "seed's rows. The strategies and the calibrated budgets: docs/SELECTION.md.")
+    parser = _Parser(prog="manu-fast demo", description=(demo.__doc__ or "").splitlines()[0], epilog=demo.EPILOG)
     demo.add_arguments(parser)
     demo.main(parser.parse_args(demo_args))
 
