@@ -124,15 +124,17 @@ def fixed_numerics():
         raise RuntimeError(f"a demo world must run in a process started with {NUMERIC_ENV} (run_worlds starts one); "
                            f"this one has ATen capability {capability} and {wrong}")
     before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), \
-        torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.mkldnn.enabled
     torch.set_num_threads(DEMO_THREADS)
     torch.use_deterministic_algorithms(True)
+    torch.backends.mkldnn.enabled = False  # not mkldnn.flags(): it also sets TF32 options, with a warning
     try:
-        with torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False):
+        with torch.backends.nnpack.flags(enabled=False):
             yield
     finally:
         torch.set_num_threads(before[0])
         torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+        torch.backends.mkldnn.enabled = before[3]
 
 
 def benchmark(cfg: ModelConfig) -> SyntheticProfiles:
