@@ -65,8 +65,8 @@ class ExperimentConfig:
                                                     "later language-model layer")
     image_budgets: tuple[float, ...] = option((0.0, 10.0, 20.0), "calibration grid: %% of the vision tower and of "
                                               "the projector")
-    retain_limit: float = option(4.0, "calibration: largest mean retain drop (points) allowed on the profiling "
-                                 "questions (a margin under the 5-point target)")
+    retain_limit: float = option(4.0, "calibration: largest retain drop (points, in each modality) allowed on the "
+                                 "profiling questions (a margin under the 5-point target)")
     seed: int = 0
 
 
@@ -225,8 +225,7 @@ def run_experiment(model, data: SyntheticProfiles, exp: ExperimentConfig, progre
         budget = calibrate_budget(model, st, kwargs, budget_candidates(st.fingerprint, exp),
                                   profiling[exp.calibrated_positions], exp.retain_limit, progress)
         masks = select_neurons(st, alpha=budget["alpha"], **kwargs)
-        report(method, "calibrated", "single-shot", masks).update(budget={k: v for k, v in budget.items()
-                                                                           if k != "tried"})
+        report(method, "calibrated", "single-shot", masks).update(budget=budget)
         if "random" in exp.methods:
             report("random", "calibrated", "single-shot", random_like(masks, seed=exp.seed, per_layer=True),
                    like=method)
