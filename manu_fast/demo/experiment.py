@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..evaluate import evaluate
 from ..pipeline import calibrate_budget, drop_points
-from ..schema import MODALITIES, PROFILE_MODES, SPLITS, data_key
+from ..schema import MODALITIES, PROFILE_MODES, SPLITS
 from ..synthetic import (EVAL_TEMPLATES, EVAL_VARIANT, PROFILE_TEMPLATES, PROFILE_VARIANT, SyntheticProfiles,
                          num_image_tokens)
 from .options import option
@@ -309,5 +310,4 @@ def run_worlds(model_options: dict, experiment_options: dict, run: RunConfig) ->
 
 
 def usable_cpus() -> int:
-    import os
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
