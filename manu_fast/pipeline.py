@@ -67,7 +67,12 @@ def calibrate_budget(model, stats, select_kwargs: dict, candidates: list[dict], 
         finally:
             remove_masks(model, "calibrate")
         tried.append({"alpha": alpha, "pruned": masks.num_pruned(), "drop": drop})
+    best, met = choose_budget(tried, retain_limit)
+    return {"alpha": best["alpha"], "validation_drop": best["drop"], "met_limit": met, "tried": tried}
 
+
+def choose_budget(tried: list[dict], retain_limit: float) -> tuple[dict, bool]:
+    """(the chosen try, whether it met the limit) among ``tried`` ({"pruned", "drop"}), by calibrate_budget's rule."""
     def forget(t):
         drops = [t["drop"][data_key("forget", m)] for m in MODALITIES]
         return min(drops), sum(drops)
@@ -76,5 +81,6 @@ def calibrate_budget(model, stats, select_kwargs: dict, candidates: list[dict], 
         return max(t["drop"][data_key("retain", m)] for m in MODALITIES)
 
     ok = [t for t in tried if retain(t) <= retain_limit]
-    best = max(ok, key=lambda t: (*forget(t), -t["pruned"])) if ok else min(tried, key=lambda t: (retain(t), t["pruned"]))
-    return {"alpha": best["alpha"], "validation_drop": best["drop"], "met_limit": bool(ok), "tried": tried}
+    if ok:
+        return max(ok, key=lambda t: (*forget(t), -t["pruned"])), True
+    return min(tried, key=lambda t: (retain(t), t["pruned"])), False

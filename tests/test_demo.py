@@ -183,3 +183,18 @@ def test_options_are_generated_from_the_config_fields():
         demo.check_run(demo.RunConfig(seeds=(1, 1)), demo.ModelConfig())
     with pytest.raises(ValueError, match="forget_percent"):
         demo.check_experiment(demo.ExperimentConfig(forget_percent=100))
+
+
+def test_budget_rule_holds_each_modality_to_the_line():
+    from manu_fast.pipeline import choose_budget
+
+    def tried(name, pruned, forget, retain):
+        return {"name": name, "pruned": pruned, "drop": dict(zip(KEYS, (*forget, *retain)))}
+    lopsided = tried("lopsided", 10, (60, 20), (1, 1))  # the larger sum, but text barely forgotten
+    even = tried("even", 10, (35, 32), (3, 3))
+    costly = tried("costly", 5, (70, 70), (6, 1))  # retain-multimodal over the limit (the mean would pass)
+    best, met = choose_budget([lopsided, even, costly], retain_limit=4)
+    assert best["name"] == "even" and met
+    assert choose_budget([even, tried("smaller", 4, (35, 32), (3, 3))], 4)[0]["name"] == "smaller"  # tie: fewer
+    best, met = choose_budget([costly, tried("worse", 1, (1, 1), (7, 7))], retain_limit=4)
+    assert best["name"] == "costly" and not met  # none under the limit: the smallest worst retain drop
