@@ -80,7 +80,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--cache-dir", default=None, help="the demo's model cache (default: as `manu-fast demo`)")
     args = parser.parse_args()
-    with demo.deterministic_torch():
+    demo.exec_with_numeric_env()  # the demo's numerics: the same models as `manu-fast demo` trains and caches
+    with demo.fixed_numerics():
         for seed in args.seeds:
             cfg = demo.ModelConfig(seed=seed)
             model, data, _ = demo.load_or_train(cfg, args.cache_dir, progress=False)

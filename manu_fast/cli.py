@@ -33,7 +33,6 @@ from .schema import (BENCHMARKS, CLEAR_DS_SIZE, DEFAULT_TAU, DTYPE_NAMES, GENERA
                      TOKEN_KINDS, TOWERS, StatsFileError, in_tower_order)
 
 EXIT_USAGE = 2
-DEMO_CONFIG = "manu_fast_demo.json"  # written by manu_fast.demo next to the model it trained
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MODEL_HELP = ("model folder (written by save_pretrained) or hub id such as llava-hf/llava-1.5-7b-hf (downloaded to, "
               "or offline read from, the Hugging Face cache)")
@@ -123,7 +122,7 @@ def _synthetic_benchmark(model_dir):
     folder = local_files(model_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {model_dir}")
-    cfg_file = folder / DEMO_CONFIG
+    cfg_file = folder / demo.DEMO_CONFIG
     if not cfg_file.is_file():
         raise FileNotFoundError(f"--synthetic needs a model trained by `manu-fast demo` ({cfg_file} is missing)")
     try:
@@ -608,9 +607,7 @@ def cmd_demo(demo_args: list[str]) -> None:
         from . import demo
     except ImportError as e:
         raise UsageError(f"demo: the demo is not available in this installation ({e})") from None
-    parser = _Parser(prog="manu-fast demo", description=(demo.__doc__ or "").splitlines()[0],
-                     epilog="Each seed trains its own world; the table is mean ± sd over seeds, report.json has every "
-                            "seed's rows. The strategies and the calibrated budgets: docs/SELECTION.md.")
+    parser = _Parser(prog="manu-fast demo", description=(demo.__doc__ or "").splitlines()[0], epilog=demo.EPILOG)
     demo.add_arguments(parser)
     args = parser.parse_args(demo_args)
     check_outputs("demo", {"--out": args.out, "--cache-dir": args.cache_dir}, {},

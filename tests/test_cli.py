@@ -8,7 +8,8 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from manu_fast import demo
-from manu_fast.cli import DEMO_CONFIG, main
+from manu_fast.cli import main
+from manu_fast.demo import DEMO_CONFIG
 from manu_fast.masks import Masks, apply_masks
 from manu_fast.pipeline import iterative_prune
 from manu_fast.select import top_k_count

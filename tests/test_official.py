@@ -293,4 +293,4 @@ def test_demo_official_inputs_and_options():
     assert set(chosen[("retain", "text")]) <= set(inputs[("retain", "text")]) and len(chosen[("retain", "multimodal")]) == 1
     assert chosen == demo.official_inputs(inputs, seed=0) and chosen != demo.official_inputs(inputs, seed=1)
     with pytest.raises(ValueError, match="official code's selection"):
-        demo._check_experiment(demo.ExperimentConfig(calibrated=("manu-official",)))
+        demo.check_experiment(demo.ExperimentConfig(calibrated=("manu-official",)))
