@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> dict:
     experiment_options = {k: v for k, v in dataclasses.asdict(experiment).items() if k != "seed"}
     reports = run_worlds(model_options, experiment_options, run)
     summary = summarize(reports)
-    # judged against the targets: MANU as published at the default fraction, and every calibrated method
+    # judged against the targets: manu-code at the default fraction, and every calibrated method
     judged = ([(DEFAULT_METHOD, "fixed")] if DEFAULT_METHOD in experiment.methods else []) + \
         [(m, "calibrated") for m in experiment.calibrated]
     headlines = [acceptance(reports, m, kind) for m, kind in judged] if "random" in experiment.methods else []
