@@ -15,7 +15,7 @@ from manu_fast.cli import main
 from manu_fast.schema import StatsFileError, check_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
-HELP_COMMANDS = [[], ["profile"], ["select"], ["prune"], ["evaluate"], ["report"]]
+HELP_COMMANDS = [[], ["profile"], ["select"], ["prune"], ["evaluate"], ["report"], ["demo"]]
 
 
 def _run(*argv, env=None, timeout=120):

@@ -23,17 +23,33 @@ Modules: ``recipe`` (model, training, numerics, cache), ``experiment`` (one worl
 Methods: ``experiment.METHOD_SELECT`` (docs/SELECTION.md), the official code's selection ``experiment.OFFICIAL``
 (opt-in) and ``random``, the control.
 """
-from .cli import EPILOG, add_arguments, main, parser
-from .experiment import (DEFAULT_METHOD, DEFAULT_METHODS, DEFAULT_SCHEDULE, EXPERIMENTAL, METHOD_SELECT, METHODS,
-                         OFFICIAL, OURS, SCHEDULES, official_inputs,
-                         ExperimentConfig, RunConfig, budget_candidates, check_experiment, check_run,
-                         learned_accuracy, question_sets, run_experiment, run_world, run_worlds, tower_alphas,
-                         train_until_learned)
-from .recipe import (CACHE_ENV, CACHE_FORMAT, DEMO_CONFIG, NUMERIC_ENV, ModelConfig, benchmark, build_tiny_llava,
-                     default_cache_dir, exec_with_numeric_env, fixed_numerics, load_or_train, numeric_env, recipe_version, train_tiny_llava,
-                     weights_digest)
-from .summary import (TARGETS, acceptance, format_acceptance, format_learning, format_table, headline_rows,
-                      plot_report, summarize)
+import importlib
+
+# name -> submodule, loaded on first use: `manu-fast demo --help` (cli, config, options) imports no torch
+_LAZY = {
+    "CACHE_ENV": "recipe", "CACHE_FORMAT": "recipe", "DEFAULT_METHOD": "config", "DEFAULT_METHODS": "config",
+    "DEFAULT_SCHEDULE": "config", "DEMO_CONFIG": "recipe", "EPILOG": "cli", "EXPERIMENTAL": "config",
+    "ExperimentConfig": "config", "METHODS": "config", "METHOD_SELECT": "config", "ModelConfig": "config",
+    "NUMERIC_ENV": "recipe", "OFFICIAL": "config", "OURS": "config", "RunConfig": "config",
+    "SCHEDULES": "config", "TARGETS": "summary", "acceptance": "summary", "add_arguments": "cli",
+    "benchmark": "recipe", "budget_candidates": "experiment", "build_tiny_llava": "recipe", "check_experiment": "experiment",
+    "check_run": "experiment", "default_cache_dir": "recipe", "exec_with_numeric_env": "recipe", "fixed_numerics": "recipe",
+    "format_acceptance": "summary", "format_learning": "summary", "format_table": "summary", "headline_rows": "summary",
+    "learned_accuracy": "experiment", "load_or_train": "recipe", "main": "cli", "numeric_env": "recipe",
+    "official_inputs": "experiment", "parser": "cli", "plot_report": "summary", "question_sets": "experiment",
+    "recipe_version": "recipe", "run_experiment": "experiment", "run_world": "experiment", "run_worlds": "experiment",
+    "summarize": "summary", "tower_alphas": "experiment", "train_tiny_llava": "recipe", "train_until_learned": "experiment",
+    "weights_digest": "recipe",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["EPILOG", "add_arguments", "main", "parser", "DEFAULT_METHOD", "DEFAULT_SCHEDULE", "EXPERIMENTAL", "METHOD_SELECT",
            "DEFAULT_METHODS", "OFFICIAL", "official_inputs", "METHODS", "OURS", "SCHEDULES", "ExperimentConfig", "RunConfig", "budget_candidates", "check_experiment",

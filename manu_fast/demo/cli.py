@@ -8,11 +8,8 @@ import json
 import time
 from pathlib import Path
 
-from .experiment import DEFAULT_METHOD, ExperimentConfig, RunConfig, check_experiment, check_run, run_worlds
+from .config import DEFAULT_METHOD, ExperimentConfig, ModelConfig, RunConfig
 from .options import add_dataclass_arguments, from_args
-from .recipe import ModelConfig, recipe_version
-from .summary import (TARGETS, acceptance, format_acceptance, format_learning, format_table, plot_report,
-                      summarize)
 
 EPILOG = ("Each seed trains its own world; the table is mean ± sd over seeds, report.json has every seed's rows. "
           "The strategies and the calibrated budgets: docs/SELECTION.md.")
@@ -26,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     """Run the demo from parsed ``add_arguments`` options; prints the table, writes report.json and plot.png."""
+    from .experiment import check_experiment, check_run, run_worlds  # torch: only when the demo runs
+    from .recipe import recipe_version
+    from .summary import TARGETS, acceptance, format_acceptance, format_learning, format_table, plot_report, summarize
     t0 = time.perf_counter()
     run = from_args(RunConfig, args)
     model = from_args(ModelConfig, args)

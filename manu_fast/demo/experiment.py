@@ -7,7 +7,6 @@ import dataclasses
 import itertools
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -17,83 +16,9 @@ from ..pipeline import calibrate_budget, drop_points
 from ..schema import MODALITIES, PROFILE_MODES, SPLITS
 from ..synthetic import (EVAL_TEMPLATES, EVAL_VARIANT, PROFILE_TEMPLATES, PROFILE_VARIANT, SyntheticProfiles,
                          num_image_tokens)
-from .options import option
-from .recipe import ModelConfig, fixed_numerics, load_or_train, weights_digest
-
-OURS = "power-ratio"
-DEFAULT_METHOD = "manu-code"
-# select_neurons arguments of each selection method; "random" (the control) is not here: it copies another
-# method's neuron counts per layer. A new method is one entry.
-METHOD_SELECT = {"manu-code": {"strategy": "manu-code"},
-                 "manu-paper": {"strategy": "manu-paper"},
-                 "selective-pruning": {"strategy": "selective-pruning", "modality": "text"},
-                 "multimodal-only": {"strategy": "selective-pruning", "modality": "multimodal"},
-                 OURS: {"strategy": OURS}}
-# the official code's selection (manu_fast.official): method -> official_layers; single-shot, one percentage for
-# both towers (the official prune_percent), never calibrated; opt-in (--methods), not in the default table
-OFFICIAL = {"manu-official": "as-run", "manu-official-per-layer": "per-layer"}
-METHODS = (*METHOD_SELECT, *OFFICIAL, "random")
-DEFAULT_METHODS = tuple(m for m in METHODS if m not in OFFICIAL)
-EXPERIMENTAL = ("manu-paper",)
-SCHEDULES = ("single-shot", "iterative")
-# Iterative rounds (re-profiling the pruned model) never did better than one shot on this model (docs/SELECTION.md)
-DEFAULT_SCHEDULE = "single-shot"
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    """What is pruned and how, in one world: methods x fractions x schedules at fixed budgets (the MANU protocol),
-    plus per-layer budgets chosen on the profiling questions for the methods in ``calibrated`` (docs/SELECTION.md
-    says how each default was chosen)."""
-
-    forget_percent: float = option(10.0, "forget split, %% of the people (at least one person)")
-    methods: tuple[str, ...] = option(DEFAULT_METHODS, "selection methods (random: the control of manu-code, of the "
-                                      "manu-official rows and of each calibrated method; manu-official and "
-                                      "manu-official-per-layer: the official code's selection, opt-in)",
-                                      choices=METHODS)
-    alphas: tuple[float, ...] = option((15.0, 30.0, 45.0), "fixed pruning fractions, %% of the language model's "
-                                       "neurons (the image towers: see --image-tower-ratio)")
-    default_alpha: float = option(30.0, "the fraction manu-code's headline line reads (one of --alphas)")
-    image_tower_ratio: float = option(1 / 3, "vision tower and projector prune this share of alpha")
-    schedules: tuple[str, ...] = option((DEFAULT_SCHEDULE,), "single-shot, and/or iterative: --rounds rounds of "
-                                        "profile -> select -> mask", choices=SCHEDULES)
-    iterative_rounds: int = option(2, "rounds of iterative pruning", flag="--rounds")
-    profile_positions: str = option("all", "language-model positions profiled for the fixed-alpha rows",
-                                    choices=PROFILE_MODES)
-    per_layer: bool = option(False, "fixed-alpha rows: top-k per layer instead of per tower")
-    calibrated: tuple[str, ...] = option((OURS, DEFAULT_METHOD), "methods that also get per-layer budgets chosen on "
-                                         "the profiling questions (nothing after the flag: none)",
-                                         choices=tuple(METHOD_SELECT), nargs="*")
-    calibrated_positions: str = option("question", "language-model positions profiled for the calibrated rows",
-                                       choices=PROFILE_MODES)
-    first_layer_budgets: tuple[float, ...] = option((0.0, 10.0), "calibration grid: %% of the first language-model "
-                                                    "layer")
-    later_layer_budgets: tuple[float, ...] = option((30.0, 40.0, 50.0, 60.0, 70.0), "calibration grid: %% of each "
-                                                    "later language-model layer")
-    image_budgets: tuple[float, ...] = option((0.0, 10.0, 20.0), "calibration grid: %% of the vision tower and of "
-                                              "the projector")
-    retain_limit: float = option(4.0, "calibration: largest retain drop (points, in each modality) allowed on the "
-                                 "profiling questions (a margin under the 5-point target)")
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Which worlds run, where, and when a world counts as learned."""
-
-    seeds: tuple[int, ...] = option((0, 1), "one independent world per seed: people, forget split and model (two, so "
-                                    "that a cold `make demo` stays under 3 minutes on 2 cores; README: more seeds and shapes)")
-    jobs: int | None = option(None, "worlds run in parallel, one single-threaded process each (the numbers do not "
-                              "depend on it; default: the CPUs this process may use, at most one per seed)", type=int)
-    out: str = option("runs/demo", "folder for report.json and plot.png")
-    cache_dir: str | None = option(None, "trained-model cache (default: $MANU_FAST_CACHE or ~/.cache/manu_fast)",
-                                   type=str)
-    learned_line: float = option(90.0, "a world is learned when its unpruned model answers at least this %% of the "
-                                 "profiling questions in every split and modality; below it, it is retrained with "
-                                 "twice the steps (up to --max-train-steps), then flagged and left out of the verdicts")
-    max_train_steps: int = option(1600, "most training steps a world is retrained with to reach --learned-line")
-    no_progress: bool = option(False, "no progress bars")
-
+from .config import (DEFAULT_METHOD, DEFAULT_METHODS, DEFAULT_SCHEDULE, EXPERIMENTAL, METHOD_SELECT, METHODS,  # noqa: F401
+                     OFFICIAL, OURS, SCHEDULES, ExperimentConfig, ModelConfig, RunConfig)
+from .recipe import fixed_numerics, load_or_train, weights_digest
 
 def question_sets(data: SyntheticProfiles, model, forget_percent: float, profile_positions: str,
                   batch_size: int = 128) -> tuple[dict, dict]:

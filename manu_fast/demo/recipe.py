@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from ..adapters import find_mlps
 from ..schema import MODALITIES
 from ..synthetic import SyntheticProfiles, num_image_tokens
-from .options import option
+from .config import ModelConfig
 
 CACHE_ENV = "MANU_FAST_CACHE"
 # bump when the layout of the cache or the numerics change (the recipe's code is hashed into the key by itself);
@@ -45,40 +44,6 @@ DEMO_THREADS = 1
 ATTENTION_AND_EMBEDDINGS = ("self_attn", "language_model.embed_tokens")
 TRAINING_RECORD = "manu_fast_training.json"
 DEMO_CONFIG = "manu_fast_demo.json"  # ModelConfig of the weights; written last, so its presence means complete
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The tiny LLaVA and how it is trained (everything that decides the cached weights)."""
-
-    num_people: int = option(40, "fictitious people in a world (the benchmark's size)", flag="--people")
-    num_attributes: int = 6
-    values_per_attribute: int = 8
-    image_size: int = 16
-    patch_size: int = 4
-    vision_hidden: int = 64
-    vision_intermediate: int = 128
-    vision_layers: int = 2
-    text_hidden: int = 64
-    text_intermediate: int = option(512, "language-model MLP width (neurons per layer): the model's capacity")
-    text_layers: int = 2
-    text_act: str = "relu"
-    # Train only the MLPs (and norms, projector, output head): attention and token embeddings stay at their random
-    # initialisation, so the facts are stored in MLP neurons, the memory MANU prunes (docs/SELECTION.md).
-    mlp_memory: bool = True
-    # dropout on the MLP neurons while training: each retain fact is held by more neurons (docs/SELECTION.md)
-    mlp_dropout: float = 0.1
-    heads: int = 4
-    train_steps: int = option(400, "training steps (a world below --learned-line is retrained with twice as many)")
-    batch_size: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-
-    def key(self) -> str:
-        """Cache key: this configuration, the recipe's code and versions (see recipe_version)."""
-        blob = json.dumps({"format": CACHE_FORMAT, **dataclasses.asdict(self), **recipe_version()},
-                          sort_keys=True).encode()
-        return "tiny-llava-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
 def recipe_version() -> dict:
