@@ -18,7 +18,7 @@ Over the seeds every row is reported as mean ± sd (sample standard deviation): 
 ``report.json`` (with every seed's rows) and ``plot.png`` (drops per method and modality, targets shaded). Worlds run as one-thread processes
 (``--jobs`` at a time), so the numbers do not depend on the number of cores or the machine's load.
 
-Modules: ``recipe`` (model, training, numerics, cache), ``experiment`` (one world's protocol; the worlds of a run),
+Modules: ``config`` (methods and the config dataclasses, torch-free), ``recipe`` (model, training, numerics, cache), ``experiment`` (one world's protocol; the worlds of a run),
 ``summary`` (mean ± sd, targets, table, plot), ``cli`` (the options, generated from the config dataclasses).
 Methods: ``experiment.METHOD_SELECT`` (docs/SELECTION.md), the official code's selection ``experiment.OFFICIAL``
 (opt-in) and ``random``, the control.
