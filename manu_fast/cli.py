@@ -276,7 +276,12 @@ def cmd_profile(args) -> None:
     device = args.device
     if args.distributed:
         from . import distributed as mdist
-        rank, _ = mdist.init(timeout_s=60 * args.dist_timeout)
+        rank, world = mdist.init(timeout_s=60 * args.dist_timeout)
+        if args.checkpoint:  # each rank writes its own file beside --checkpoint: checked like every output
+            check_outputs("profile", {"OUT": args.out, "--checkpoint (this rank's file)":
+                                      mdist.rank_path(args.checkpoint, rank, world)},
+                          {"MODEL_DIR": args.model, **_inputs(args, "forget", "retain", "qa", "names")},
+                          folders=("MODEL_DIR",))
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     model_dir = args.model
