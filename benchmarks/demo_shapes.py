@@ -2,6 +2,7 @@
 
     python benchmarks/demo_shapes.py --seeds 10 11 12 13 14          # runs every shape, then prints the table
     python benchmarks/demo_shapes.py --table-only                    # the table from the reports already there
+    python benchmarks/demo_shapes.py --seeds 13 14 --out B --also A  # more seeds; the table over A's and B's seeds
 
 Each shape is one ``manu-fast demo`` run (the same command with other world options, same selection settings,
 the fixed fraction at the default alpha only) writing runs/shapes/<shape>/report.json; the table has, per shape
@@ -30,14 +31,33 @@ def _pair(drop: dict, split: str) -> str:
     return " / ".join(f"{drop[k][0]:.1f} ± {drop[k][1]:.1f}" for k in KEYS[split])
 
 
-def table(out: Path, shapes) -> str:
+def _merged(folders: list[Path], shape: str) -> dict | None:
+    """The shape's report over the seeds of every folder's run (each seed once), with its summary and verdicts
+    computed again from the per-seed rows as ``manu-fast demo`` computes them."""
+    reports = {}
+    for folder in folders:
+        path = _folder(folder, shape) / "report.json"
+        if path.exists():
+            for rep in json.loads(path.read_text())["per_seed"]:
+                reports.setdefault(rep["seed"], rep)
+    if not reports:
+        return None
+    reports = [reports[s] for s in sorted(reports)]
+    exp = reports[0]["experiment"]
+    judged = ([(demo.DEFAULT_METHOD, "fixed")] if demo.DEFAULT_METHOD in exp["methods"] else []) + \
+        [(m, "calibrated") for m in exp["calibrated"]]
+    acceptance = [demo.acceptance(reports, m, kind) for m, kind in judged] if "random" in exp["methods"] else []
+    return {"seeds": [r["seed"] for r in reports], "per_seed": reports, "summary": demo.summarize(reports),
+            "acceptance": acceptance}
+
+
+def table(folders: list[Path], shapes) -> str:
     lines = ["| shape (seeds) | method | forget drop mm / txt (min seed) | retain drop mm / txt | random control "
              "forget drop | unpruned F / R accuracy | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for shape in shapes:
-        path = _folder(out, shape) / "report.json"
-        if not path.exists():
+        result = _merged(folders, shape)
+        if result is None:
             continue
-        result = json.loads(path.read_text())
         reports, summary = result["per_seed"], result["summary"]
         default_alpha = reports[0]["experiment"]["default_alpha"]
         verdicts = {(a["method"], a["kind"]): a for a in result["acceptance"]}
@@ -68,6 +88,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/shapes"))
     parser.add_argument("--jobs", default=None, help="as manu-fast demo --jobs")
     parser.add_argument("--max-train-steps", default=None, help="as manu-fast demo --max-train-steps")
+    parser.add_argument("--also", type=Path, nargs="*", default=[],
+                        help="folders of earlier runs (other seeds) whose worlds the table includes")
     parser.add_argument("--table-only", action="store_true", help="only print the table of the reports there")
     args = parser.parse_args()
     if not args.table_only:
@@ -80,7 +102,7 @@ def main() -> None:
                     argv += ["--" + name.replace("_", "-"), getattr(args, name)]
             print(f"== {shape}: manu-fast demo {' '.join(argv)}", flush=True)
             demo.main(demo_parser.parse_args(argv))
-    print(table(args.out, args.shapes))
+    print(table([args.out, *args.also], args.shapes))
 
 
 if __name__ == "__main__":
