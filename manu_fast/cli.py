@@ -270,8 +270,8 @@ def cmd_profile(args) -> None:
     _check_batch_size(args.batch_size)
     if not args.dist_timeout > 0:
         raise UsageError(f"--dist-timeout must be a positive number of minutes, got {args.dist_timeout}")
-    check_outputs("profile", {"OUT": args.out, "--checkpoint": args.checkpoint},
-                  {"MODEL_DIR": args.model, **_inputs(args, "forget", "retain", "qa", "names")}, folders=("MODEL_DIR",))
+    inputs = {"MODEL_DIR": args.model, **_inputs(args, "forget", "retain", "qa", "names")}
+    check_outputs("profile", {"OUT": args.out, "--checkpoint": args.checkpoint}, inputs, folders=("MODEL_DIR",))
     check_device(args.device)
     device = args.device
     if args.distributed:
@@ -279,9 +279,7 @@ def cmd_profile(args) -> None:
         rank, world = mdist.init(timeout_s=60 * args.dist_timeout)
         if args.checkpoint:  # each rank writes its own file beside --checkpoint: checked like every output
             check_outputs("profile", {"OUT": args.out, "--checkpoint (this rank's file)":
-                                      mdist.rank_path(args.checkpoint, rank, world)},
-                          {"MODEL_DIR": args.model, **_inputs(args, "forget", "retain", "qa", "names")},
-                          folders=("MODEL_DIR",))
+                                      mdist.rank_path(args.checkpoint, rank, world)}, inputs, folders=("MODEL_DIR",))
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     model_dir = args.model

@@ -23,7 +23,7 @@ Modules: ``config`` (methods and the config dataclasses, torch-free), ``recipe``
 Methods: ``experiment.METHOD_SELECT`` (docs/SELECTION.md), the official code's selection ``experiment.OFFICIAL``
 (opt-in) and ``random``, the control.
 """
-import importlib
+from .. import lazy_attributes
 
 # name -> submodule, loaded on first use: `manu-fast demo --help` (cli, config, options) imports no torch
 _LAZY = {
@@ -43,18 +43,5 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["EPILOG", "add_arguments", "main", "parser", "DEFAULT_METHOD", "DEFAULT_SCHEDULE", "EXPERIMENTAL", "METHOD_SELECT",
-           "DEFAULT_METHODS", "OFFICIAL", "official_inputs", "METHODS", "OURS", "SCHEDULES", "ExperimentConfig", "RunConfig", "budget_candidates", "check_experiment",
-           "check_run", "learned_accuracy", "question_sets", "run_experiment", "run_world", "run_worlds",
-           "tower_alphas", "train_until_learned", "CACHE_ENV", "CACHE_FORMAT", "DEMO_CONFIG", "NUMERIC_ENV",
-           "ModelConfig", "benchmark", "build_tiny_llava", "default_cache_dir", "exec_with_numeric_env", "fixed_numerics", "load_or_train",
-           "numeric_env", "recipe_version", "train_tiny_llava", "weights_digest", "TARGETS", "acceptance",
-           "format_acceptance", "format_learning", "format_table", "headline_rows", "plot_report", "summarize"]
+__all__ = sorted(_LAZY)
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -16,8 +16,8 @@ from ..pipeline import calibrate_budget, drop_points
 from ..schema import MODALITIES, PROFILE_MODES, SPLITS
 from ..synthetic import (EVAL_TEMPLATES, EVAL_VARIANT, PROFILE_TEMPLATES, PROFILE_VARIANT, SyntheticProfiles,
                          num_image_tokens)
-from .config import (DEFAULT_METHOD, DEFAULT_METHODS, DEFAULT_SCHEDULE, EXPERIMENTAL, METHOD_SELECT, METHODS,  # noqa: F401
-                     OFFICIAL, OURS, SCHEDULES, ExperimentConfig, ModelConfig, RunConfig)
+from .config import (DEFAULT_METHOD, METHOD_SELECT, METHODS, OFFICIAL, SCHEDULES, ExperimentConfig, ModelConfig,
+                     RunConfig)
 from .recipe import fixed_numerics, load_or_train, weights_digest
 
 def question_sets(data: SyntheticProfiles, model, forget_percent: float, profile_positions: str,

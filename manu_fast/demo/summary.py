@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 
 from ..schema import MODALITIES, SPLITS, data_key
-from .experiment import DEFAULT_SCHEDULE, EXPERIMENTAL, OFFICIAL
+from .config import DEFAULT_SCHEDULE, EXPERIMENTAL, OFFICIAL
 
 
 def _row_key(row: dict) -> tuple:
